@@ -1,0 +1,331 @@
+//! The Kafka consumer loop shared by every service.
+//!
+//! Messages are handled in batches, one database transaction per batch: the inbox row of each
+//! message and its effects commit together, and offsets are stored for commit only after that
+//! transaction has committed. A transient failure rolls the batch back and retries it with
+//! backoff; a permanent one sends the batch through one message at a time, so that only the
+//! message at fault goes to `<topic>.dlq`, with the error in its headers.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt as _;
+use proto::messaging::v1::Envelope;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::envelope::{self, MessageContext};
+use crate::inbox;
+use crate::kafka::KafkaArgs;
+use crate::outbox::{Outbox, OutboxMessage};
+
+/// Why a message could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying: the database or a dependency is unavailable, a conflict, a timeout.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Handling it again would fail again: undecodable, unknown type, invalid content.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            // Constraint violations and the like fail the same way every time; serialization
+            // failures, deadlocks (class 40) and resource or connection errors do not.
+            sqlx::Error::Database(db)
+                if !db.code().is_some_and(|c| {
+                    ["40", "53", "57", "08"].iter().any(|class| c.starts_with(class))
+                }) =>
+            {
+                HandlerError::Permanent(format!("database: {e}"))
+            }
+            _ => HandlerError::Transient(format!("database: {e}")),
+        }
+    }
+}
+
+/// A message read from Kafka.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub envelope: Envelope,
+    pub payload: Vec<u8>,
+}
+
+impl Incoming {
+    fn from_kafka(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            envelope: message
+                .headers()
+                .map(envelope::from_headers)
+                .unwrap_or_default(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }
+    }
+
+    pub fn message_id(&self) -> Result<Uuid, HandlerError> {
+        Uuid::parse_str(&self.envelope.message_id).map_err(|_| {
+            HandlerError::Permanent(format!(
+                "missing or invalid message-id header {:?}",
+                self.envelope.message_id
+            ))
+        })
+    }
+
+    pub fn message_type(&self) -> &str {
+        &self.envelope.message_type
+    }
+
+    /// The saga (order) id from the envelope.
+    pub fn saga_id(&self) -> Result<Uuid, HandlerError> {
+        Uuid::parse_str(&self.envelope.saga_id).map_err(|_| {
+            HandlerError::Permanent(format!(
+                "missing or invalid saga-id header {:?}",
+                self.envelope.saga_id
+            ))
+        })
+    }
+
+    /// Decodes the payload as `M`.
+    pub fn decode<M: prost::Message + Default>(&self) -> Result<M, HandlerError> {
+        M::decode(self.payload.as_slice()).map_err(|e| {
+            HandlerError::Permanent(format!(
+                "undecodable {} payload: {e}",
+                self.envelope.message_type
+            ))
+        })
+    }
+
+    /// The context of the messages this one causes.
+    pub fn context(&self) -> MessageContext {
+        MessageContext {
+            correlation_id: self.envelope.correlation_id.clone(),
+            causation_id: self.envelope.message_id.clone(),
+            traceparent: self.envelope.traceparent.clone(),
+            tracestate: self.envelope.tracestate.clone(),
+        }
+    }
+
+    /// The error for a message type this consumer does not handle.
+    pub fn unknown_type(&self) -> HandlerError {
+        HandlerError::Permanent(format!(
+            "unknown message type {:?} on {}",
+            self.envelope.message_type, self.topic
+        ))
+    }
+}
+
+/// What a service does with each message, inside the transaction that records it in the inbox.
+/// Messages it sends go to the outbox through the same connection.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, conn: &mut PgConnection, message: &Incoming)
+        -> Result<(), HandlerError>;
+}
+
+/// Headers added to a dead-lettered message.
+pub mod dead_letter_headers {
+    pub const ERROR: &str = "dlq-error";
+    pub const TOPIC: &str = "dlq-original-topic";
+    pub const PARTITION: &str = "dlq-original-partition";
+    pub const OFFSET: &str = "dlq-original-offset";
+}
+
+/// A consumer group reading some topics into one [`Handler`].
+pub struct Consumer {
+    kafka: KafkaArgs,
+    group: String,
+    topics: Vec<String>,
+    pool: PgPool,
+    outbox: Outbox,
+}
+
+impl Consumer {
+    /// `topics` are names from [`proto::topics`]; the deployment's prefix is applied here.
+    pub fn new(kafka: &KafkaArgs, group: &str, topics: &[&str], pool: PgPool, outbox: Outbox) -> Self {
+        Self {
+            topics: topics.iter().map(|t| kafka.topic(t)).collect(),
+            kafka: kafka.clone(),
+            group: group.to_owned(),
+            pool,
+            outbox,
+        }
+    }
+
+    /// Consumes until `cancel`. Only fails to start (bad configuration); everything after that
+    /// is retried.
+    pub async fn run<H: Handler>(self, handler: H, cancel: CancellationToken) -> anyhow::Result<()> {
+        let consumer: StreamConsumer = self.kafka.consumer(&self.group)?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        tracing::info!(group = %self.group, topics = ?self.topics, "consuming");
+        let batch_max = usize::from(self.kafka.batch_max);
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => break,
+                received = consumer.recv() => received,
+            };
+            let first = match first {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka receive failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![Incoming::from_kafka(&first)];
+            drop(first);
+            // Whatever has already arrived joins the batch, without waiting for more.
+            while batch.len() < batch_max {
+                match consumer.recv().now_or_never() {
+                    Some(Ok(m)) => batch.push(Incoming::from_kafka(&m)),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka receive failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if !self.handle_batch(&handler, &batch, &cancel).await {
+                break;
+            }
+            for m in &batch {
+                // Stores offset + 1 for the next auto-commit: only now that the batch's
+                // transaction has committed.
+                if let Err(e) = consumer.store_offset(&m.topic, m.partition, m.offset) {
+                    tracing::warn!(error = %e, topic = %m.topic, partition = m.partition, "storing offset failed");
+                }
+            }
+        }
+        // Commit what was stored before leaving the group.
+        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(error = %e, "final offset commit");
+        }
+        Ok(())
+    }
+
+    /// Handles a batch until it is committed. Returns false if cancelled first.
+    async fn handle_batch<H: Handler>(&self, handler: &H, batch: &[Incoming], cancel: &CancellationToken) -> bool {
+        let mut backoff = crate::retry::backoff();
+        loop {
+            match self.try_batch(handler, batch).await {
+                Ok(()) => return true,
+                Err(HandlerError::Permanent(_)) if batch.len() > 1 => {
+                    // Find the message at fault: one at a time, each in its own transaction.
+                    for message in batch {
+                        if !self.handle_one(handler, message, cancel).await {
+                            return false;
+                        }
+                    }
+                    return true;
+                }
+                Err(HandlerError::Permanent(_)) => {
+                    return self.handle_one(handler, &batch[0], cancel).await;
+                }
+                Err(HandlerError::Transient(error)) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, ?delay, size = batch.len(), "batch failed, retrying");
+                    if !sleep_unless_cancelled(delay, cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_one<H: Handler>(&self, handler: &H, message: &Incoming, cancel: &CancellationToken) -> bool {
+        let mut backoff = crate::retry::backoff();
+        loop {
+            let result = match self.try_batch(handler, std::slice::from_ref(message)).await {
+                Err(HandlerError::Permanent(error)) => self.dead_letter(message, &error).await,
+                other => other,
+            };
+            match result {
+                Ok(()) => return true,
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, ?delay, message_id = %message.envelope.message_id, "message failed, retrying");
+                    if !sleep_unless_cancelled(delay, cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_batch<H: Handler>(&self, handler: &H, batch: &[Incoming]) -> Result<(), HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        for message in batch {
+            let id = message.message_id()?;
+            let fresh = inbox::record(&mut tx, id, message.message_type(), &message.topic).await?;
+            if fresh {
+                handler.handle(&mut tx, message).await?;
+            } else {
+                tracing::debug!(message_id = %id, "duplicate message skipped");
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sends `message` to `<topic>.dlq` through the outbox, with its inbox row when it has a
+    /// valid id, so that a redelivery is not dead-lettered twice.
+    async fn dead_letter(&self, message: &Incoming, error: &str) -> Result<(), HandlerError> {
+        tracing::error!(
+            %error,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            message_id = %message.envelope.message_id,
+            message_type = %message.envelope.message_type,
+            "message cannot be handled: dead-lettered"
+        );
+        let mut tx = self.pool.begin().await?;
+        if let Ok(id) = message.message_id() {
+            if !inbox::record(&mut tx, id, message.message_type(), &message.topic).await? {
+                return Ok(());
+            }
+        }
+        let mut envelope = message.envelope.clone();
+        if Uuid::parse_str(&envelope.message_id).is_err() {
+            envelope.message_id = Uuid::now_v7().to_string();
+        }
+        let dead = OutboxMessage {
+            topic: proto::topics::dead_letter(&message.topic),
+            key: message.key.clone().unwrap_or_default(),
+            envelope,
+            payload: message.payload.clone(),
+            extra_headers: vec![
+                (dead_letter_headers::ERROR.to_owned(), error.to_owned()),
+                (dead_letter_headers::TOPIC.to_owned(), message.topic.clone()),
+                (dead_letter_headers::PARTITION.to_owned(), message.partition.to_string()),
+                (dead_letter_headers::OFFSET.to_owned(), message.offset.to_string()),
+            ],
+        };
+        self.outbox.enqueue(&mut tx, std::slice::from_ref(&dead)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}

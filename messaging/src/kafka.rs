@@ -1,0 +1,114 @@
+//! Broker settings shared by every service, the clients built from them, and topic creation.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Kafka settings, flattened into every service's command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, comma separated.
+    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+
+    /// Prefix of every topic and consumer group name, to run several platforms on one broker.
+    #[arg(long = "kafka-topic-prefix", env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Partitions of the topics this service creates at start.
+    #[arg(long = "kafka-partitions", env = "KAFKA_PARTITIONS", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub partitions: i32,
+
+    /// Longest time the broker may hold a fetch when there is nothing to return. Small for
+    /// tansu, which holds every fetch this long even when a message arrives; Apache Kafka
+    /// answers as soon as data arrives, so 500 is right there.
+    #[arg(long = "kafka-fetch-wait-max-ms", env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    pub fetch_wait_max_ms: u32,
+
+    /// Producer linger: how long the relay's producer waits to fill a batch.
+    #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 1)]
+    pub linger_ms: u32,
+
+    /// Most messages a consumer handles in one database transaction.
+    #[arg(long = "consumer-batch-max", env = "CONSUMER_BATCH_MAX", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_max: u16,
+}
+
+impl KafkaArgs {
+    /// The deployed name of a topic from [`proto::topics`].
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "4");
+        config
+    }
+
+    /// An idempotent producer: retries never duplicate nor reorder within a partition.
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        self.client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("message.timeout.ms", "30000")
+            .create()
+            .context("creating the Kafka producer")
+    }
+
+    /// A consumer in `group` (prefixed) that stores offsets only when told to: see
+    /// [`crate::Consumer`].
+    pub fn consumer(&self, group: &str) -> anyhow::Result<StreamConsumer> {
+        self.client_config()
+            .set("group.id", format!("{}{}", self.topic_prefix, group))
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "200")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .context("creating the Kafka consumer")
+    }
+
+    /// Creates the platform's topics and their dead-letter topics where missing.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let names: Vec<String> = proto::topics::ALL
+            .iter()
+            .flat_map(|t| [self.topic(t), proto::topics::dead_letter(&self.topic(t))])
+            .collect();
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .context("creating the Kafka admin client")?;
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| NewTopic::new(name, self.partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &options)
+            .await
+            .with_context(|| format!("creating topics on {}", self.brokers))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}

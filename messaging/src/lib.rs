@@ -1,0 +1,27 @@
+//! Reliable messaging, written once and shared by every service.
+//!
+//! - [`envelope`]: the message envelope carried in Kafka headers.
+//! - [`outbox`]: messages recorded in the same transaction as the state change, and the
+//!   [`relay`](outbox::Relay) that publishes them at least once.
+//! - [`inbox`]: deduplication of handled messages in the handler's transaction.
+//! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
+//!   after the commit, transient errors retried with backoff, the rest dead-lettered.
+//! - [`kafka`]: broker settings, clients and topic creation.
+
+pub mod consumer;
+pub mod envelope;
+pub mod inbox;
+pub mod kafka;
+pub mod outbox;
+mod retry;
+
+pub use consumer::{Consumer, Handler, HandlerError, Incoming};
+pub use envelope::MessageContext;
+pub use kafka::KafkaArgs;
+pub use outbox::{Outbox, OutboxMessage, Relay};
+
+/// Migrations of the outbox and inbox tables, run by every service before its own.
+///
+/// Versions below 100 belong to this crate; a service's own migrations start at 100. Both
+/// migrators ignore the other's versions.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,312 @@
+//! The transactional outbox: messages are recorded in the same transaction as the state change
+//! that causes them, and the [`Relay`] publishes them to Kafka at least once, in order.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use futures::future::try_join_all;
+use prost::{Message, Name};
+use proto::messaging::v1::Envelope;
+use rdkafka::message::Header;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::envelope::{self, MessageContext};
+use crate::kafka::KafkaArgs;
+
+/// Channel on which the outbox trigger notifies the relay.
+const CHANNEL: &str = "outbox";
+/// Advisory lock held by the one relay publishing a service's outbox at a time, so that the
+/// rows of one key are published in the order they were written, whatever the replicas.
+const RELAY_LOCK: i64 = 0x6f75_7462_6f78;
+
+/// One message to record in the outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxMessage {
+    pub topic: String,
+    pub key: String,
+    pub envelope: Envelope,
+    pub payload: Vec<u8>,
+    /// Headers sent besides the envelope's (the error of a dead letter, say).
+    pub extra_headers: Vec<(String, String)>,
+}
+
+/// Makes outbox messages for one service and records them.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    source: String,
+    kafka: KafkaArgs,
+}
+
+impl Outbox {
+    pub fn new(source: impl Into<String>, kafka: KafkaArgs) -> Self {
+        Self {
+            source: source.into(),
+            kafka,
+        }
+    }
+
+    /// A message for `topic` (a name from [`proto::topics`]), keyed by the saga (order) id.
+    pub fn message<M: Message + Name>(
+        &self,
+        topic: &str,
+        saga_id: Uuid,
+        payload: &M,
+        context: &MessageContext,
+    ) -> OutboxMessage {
+        let occurred_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        OutboxMessage {
+            topic: self.kafka.topic(topic),
+            key: saga_id.to_string(),
+            envelope: Envelope {
+                message_id: Uuid::now_v7().to_string(),
+                message_type: M::full_name(),
+                saga_id: saga_id.to_string(),
+                correlation_id: context.correlation_id.clone(),
+                causation_id: context.causation_id.clone(),
+                traceparent: context.traceparent.clone(),
+                tracestate: context.tracestate.clone(),
+                source: self.source.clone(),
+                occurred_at_ms,
+            },
+            payload: payload.encode_to_vec(),
+            extra_headers: Vec::new(),
+        }
+    }
+
+    /// Records messages in the caller's transaction. They are published once it commits.
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[OutboxMessage],
+    ) -> Result<(), sqlx::Error> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut topics = Vec::with_capacity(messages.len());
+        let mut keys = Vec::with_capacity(messages.len());
+        let mut types = Vec::with_capacity(messages.len());
+        let mut envelopes = Vec::with_capacity(messages.len());
+        let mut payloads = Vec::with_capacity(messages.len());
+        let mut extra_headers = Vec::with_capacity(messages.len());
+        for m in messages {
+            let id = Uuid::parse_str(&m.envelope.message_id)
+                .map_err(|e| sqlx::Error::Protocol(format!("outbox message id: {e}")))?;
+            ids.push(id);
+            topics.push(m.topic.as_str());
+            keys.push(m.key.as_str());
+            types.push(m.envelope.message_type.as_str());
+            envelopes.push(m.envelope.encode_to_vec());
+            payloads.push(m.payload.as_slice());
+            extra_headers.push(encode_extra_headers(&m.extra_headers));
+        }
+        // One statement for the whole batch; `WITH ORDINALITY` keeps the given order in the ids.
+        sqlx::query(
+            "INSERT INTO outbox (message_id, topic, message_key, message_type, envelope, payload, extra_headers) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::bytea[])",
+        )
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&keys)
+        .bind(&types)
+        .bind(&envelopes)
+        .bind(&payloads)
+        .bind(&extra_headers)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Publishes a service's outbox to Kafka: wakes on `NOTIFY outbox` (sent when a transaction
+/// that wrote to the outbox commits) and polls as a fallback.
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, kafka: &KafkaArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool,
+            producer: kafka.producer()?,
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+        })
+    }
+
+    /// Runs until `cancel`; database and broker failures are retried with backoff.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut listener = None;
+        let mut backoff = crate::retry::backoff();
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            if listener.is_none() {
+                match PgListener::connect_with(&self.pool).await {
+                    Ok(mut l) => match l.listen(CHANNEL).await {
+                        Ok(()) => listener = Some(l),
+                        Err(e) => tracing::warn!(error = %e, "outbox relay: LISTEN failed"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "outbox relay: cannot connect to listen"),
+                }
+            }
+            match self.publish_batch().await {
+                Ok(n) => {
+                    backoff = crate::retry::backoff();
+                    if n as i64 == self.batch_size {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = format!("{e:#}"), ?delay, "outbox relay: publish failed, retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+            // Wait for the next commit that wrote to the outbox, or the fallback poll.
+            let wake = async {
+                match listener.as_mut() {
+                    Some(l) => match l.recv().await {
+                        Ok(_) => {
+                            while l.next_buffered().is_some() {}
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox relay: listener lost");
+                            listener = None;
+                        }
+                    },
+                    None => tokio::time::sleep(self.poll_interval).await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Publishes up to one batch, oldest first, and deletes what the broker acknowledged.
+    /// Returns how many messages were published.
+    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await.context("outbox: begin")?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            // Another relay of this service is publishing; it will see these rows.
+            return Ok(0);
+        }
+        let rows = sqlx::query(
+            "SELECT id, topic, message_key, envelope, payload, extra_headers FROM outbox ORDER BY id LIMIT $1",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.try_get("id")?;
+            let topic: &str = row.try_get("topic")?;
+            let key: &str = row.try_get("message_key")?;
+            let envelope_bytes: &[u8] = row.try_get("envelope")?;
+            let payload: &[u8] = row.try_get("payload")?;
+            let extra: &[u8] = row.try_get("extra_headers")?;
+            let envelope = Envelope::decode(envelope_bytes)
+                .with_context(|| format!("outbox row {id}: undecodable envelope"))?;
+            let mut headers = envelope::to_headers(&envelope);
+            for (key, value) in decode_extra_headers(extra) {
+                headers = headers.insert(Header { key: &key, value: Some(&value) });
+            }
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers);
+            ids.push(id);
+            // Queued here, synchronously and in order; the idempotent producer keeps that order
+            // per partition.
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| anyhow::anyhow!("queueing outbox row {id}: {e}"))?;
+            deliveries.push(async move {
+                match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(anyhow::anyhow!("broker refused outbox row {id}: {e}")),
+                    Err(_) => Err(anyhow::anyhow!("producer dropped outbox row {id}")),
+                }
+            });
+        }
+        try_join_all(deliveries).await?;
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.context("outbox: commit")?;
+        tracing::debug!(count = ids.len(), "outbox: published");
+        Ok(ids.len())
+    }
+}
+
+/// Extra headers are stored as length-prefixed key and value strings (empty for most rows).
+fn encode_extra_headers(headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in headers {
+        for part in [key, value] {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+    out
+}
+
+fn decode_extra_headers(mut bytes: &[u8]) -> Vec<(String, String)> {
+    let mut parts = Vec::new();
+    while bytes.len() >= 4 {
+        let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        let Some(part) = bytes.get(4..4 + len) else { break };
+        parts.push(String::from_utf8_lossy(part).into_owned());
+        bytes = &bytes[4 + len..];
+    }
+    let mut pairs = Vec::with_capacity(parts.len() / 2);
+    let mut iter = parts.into_iter();
+    while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+        pairs.push((k, v));
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_headers_round_trip() {
+        let headers = vec![
+            ("dlq-error".to_owned(), "unknown message type \"x\"".to_owned()),
+            ("dlq-original-offset".to_owned(), "42".to_owned()),
+            ("empty".to_owned(), String::new()),
+        ];
+        assert_eq!(decode_extra_headers(&encode_extra_headers(&headers)), headers);
+        assert!(decode_extra_headers(&[]).is_empty());
+    }
+}

@@ -1,0 +1,80 @@
+//! Connecting a service to its own database and migrating it.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sqlx::migrate::{MigrateDatabase, Migration, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool, Postgres};
+
+/// How long a starting service waits for PostgreSQL before giving up.
+const WAIT_FOR_DATABASE: Duration = Duration::from_secs(60);
+
+/// Connects to the service's database, creating it if missing, and runs `migrators` in order
+/// (the shared messaging tables first, then the service's own). Waits for PostgreSQL to come
+/// up for a while, so that services may start before it.
+pub async fn connect(url: &str, max_connections: u32, migrators: &[&Migrator]) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .with_context(|| format!("invalid database URL {}", crate::redact_url(url)))?;
+    let options = options.log_statements(tracing::log::LevelFilter::Trace);
+    let started = Instant::now();
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build();
+    loop {
+        match try_connect(url, &options, max_connections).await {
+            Ok(pool) => {
+                combine(migrators)
+                    .run(&pool)
+                    .await
+                    .context("running database migrations")?;
+                return Ok(pool);
+            }
+            Err(e) if started.elapsed() < WAIT_FOR_DATABASE => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                tracing::warn!(error = format!("{e:#}"), ?delay, "database not ready, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "PostgreSQL at {} did not answer within {WAIT_FOR_DATABASE:?}",
+                    crate::redact_url(url)
+                )))
+            }
+        }
+    }
+}
+
+/// One migrator holding every migration of `migrators`, by version, so that each service's
+/// history is checked whole (the shared crates' versions are below 100, a service's from 100).
+fn combine(migrators: &[&Migrator]) -> Migrator {
+    let mut migrations: Vec<Migration> = migrators.iter().flat_map(|m| m.iter().cloned()).collect();
+    migrations.sort_by_key(|m| m.version);
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    }
+}
+
+async fn try_connect(url: &str, options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+    if !Postgres::database_exists(url).await? {
+        // Two services starting at once may race to create it; losing that race is fine.
+        if let Err(e) = Postgres::create_database(url).await {
+            if !Postgres::database_exists(url).await? {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await?)
+}
