@@ -1,0 +1,52 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use messaging::KafkaArgs;
+
+/// The saga orchestrator. Every setting can also be given by the environment variable shown.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "orchestrator", version, about)]
+pub struct Config {
+    /// PostgreSQL database of the orchestrator (created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@localhost:5432/orchestrator")]
+    pub database_url: String,
+
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+
+    /// gRPC address (health and reflection; 0 as port picks a free one).
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50054")]
+    pub grpc_addr: SocketAddr,
+
+    /// Time a client has to verify the payment after placing the order; past it the payment is
+    /// voided and the stock released.
+    #[arg(long, env = "PAYMENT_DEADLINE_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400 * 7))]
+    pub payment_deadline_secs: u64,
+
+    /// How often due timers are looked for.
+    #[arg(long, env = "TIMER_POLL_INTERVAL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub timer_poll_interval_ms: u64,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+impl Config {
+    pub fn payment_deadline(&self) -> Duration {
+        Duration::from_secs(self.payment_deadline_secs)
+    }
+
+    /// Logs the settings, with the database password masked.
+    pub fn log(&self) {
+        tracing::info!(
+            database_url = %runtime::redact_url(&self.database_url),
+            grpc_addr = %self.grpc_addr,
+            payment_deadline_secs = self.payment_deadline_secs,
+            timer_poll_interval_ms = self.timer_poll_interval_ms,
+            kafka = ?self.kafka,
+            "configuration"
+        );
+    }
+}

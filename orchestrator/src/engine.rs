@@ -1,0 +1,216 @@
+//! Runs the state machine against the store: load, apply, save with the history, timers and
+//! outgoing commands, all in the caller's transaction.
+
+use messaging::{HandlerError, MessageContext, Outbox, OutboxMessage};
+use proto::inventory::v1 as inventory;
+use proto::order::v1 as order;
+use proto::payment::v1 as payment;
+use proto::topics;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::saga::{self, Command, Input, Outcome, Saga};
+use crate::store::{self, Cause, Origin, StoreError};
+
+/// What caused a step: a message, or a timer.
+#[derive(Clone, Debug)]
+pub struct Trigger {
+    pub message_id: String,
+    pub message_type: String,
+    /// The context of the causing message, if any; a timer has none and sends with the
+    /// saga's own.
+    pub context: Option<MessageContext>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    outbox: Outbox,
+    deadline: chrono::Duration,
+}
+
+impl Engine {
+    pub fn new(outbox: Outbox, deadline: std::time::Duration) -> Self {
+        Self {
+            outbox,
+            deadline: chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::MAX),
+        }
+    }
+
+    /// Applies `input` to the saga of `order_id`. Returns the saga after the step, or `None`
+    /// when the input was ignored.
+    pub async fn step(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+    ) -> Result<Option<Saga>, HandlerError> {
+        let stored = store::load(conn, order_id).await.map_err(store_error)?;
+        let transition = match saga::apply(stored.as_ref().map(|s| &s.saga), order_id, input) {
+            Outcome::Changed(t) => t,
+            Outcome::Ignored(why) => {
+                tracing::debug!(%order_id, input = input.name(), state = ?stored.as_ref().map(|s| s.saga.state), why, "input ignored");
+                return Ok(None);
+            }
+        };
+        let incoming = trigger.context.clone().unwrap_or_default();
+        let origin = match &stored {
+            Some(s) => Origin {
+                correlation_id: s.correlation_id.clone(),
+                traceparent: s.traceparent.clone(),
+                tracestate: s.tracestate.clone(),
+            },
+            None => Origin {
+                correlation_id: incoming.correlation_id.clone(),
+                traceparent: incoming.traceparent.clone(),
+                tracestate: incoming.tracestate.clone(),
+            },
+        };
+        let context = MessageContext {
+            correlation_id: origin.correlation_id.clone(),
+            causation_id: trigger.message_id.clone(),
+            traceparent: non_empty_or(&incoming.traceparent, &origin.traceparent),
+            tracestate: non_empty_or(&incoming.tracestate, &origin.tracestate),
+        };
+        let cause = Cause {
+            input: input.name(),
+            message_id: &trigger.message_id,
+            message_type: &trigger.message_type,
+            correlation_id: &context.correlation_id,
+        };
+        store::save(
+            conn,
+            stored.as_ref(),
+            &transition.saga,
+            &transition.commands,
+            &cause,
+            &origin,
+            self.deadline,
+        )
+        .await
+        .map_err(store_error)?;
+        let messages: Vec<OutboxMessage> = transition
+            .commands
+            .iter()
+            .filter_map(|command| self.message(&transition.saga, command, &context))
+            .collect();
+        self.outbox.enqueue(conn, &messages).await?;
+        tracing::info!(
+            %order_id,
+            from = stored.as_ref().map(|s| s.saga.state.as_str()).unwrap_or("-"),
+            to = transition.saga.state.as_str(),
+            input = input.name(),
+            correlation_id = %context.correlation_id,
+            "saga transition"
+        );
+        Ok(Some(transition.saga))
+    }
+
+    /// The Kafka message of a command; timer commands have none.
+    fn message(&self, saga: &Saga, command: &Command, context: &MessageContext) -> Option<OutboxMessage> {
+        let id = saga.order_id;
+        let order_id = id.to_string();
+        let message = match command {
+            Command::ReserveInventory => self.outbox.message(
+                topics::INVENTORY_COMMANDS,
+                id,
+                &inventory::ReserveInventory {
+                    order_id,
+                    lines: saga
+                        .order
+                        .lines
+                        .iter()
+                        .map(|l| inventory::ReservationLine {
+                            sku: l.sku.clone(),
+                            quantity: l.quantity,
+                        })
+                        .collect(),
+                },
+                context,
+            ),
+            Command::CommitInventory => self.outbox.message(
+                topics::INVENTORY_COMMANDS,
+                id,
+                &inventory::CommitInventory { order_id },
+                context,
+            ),
+            Command::ReleaseInventory { reason } => self.outbox.message(
+                topics::INVENTORY_COMMANDS,
+                id,
+                &inventory::ReleaseInventory {
+                    order_id,
+                    reason: reason.clone(),
+                },
+                context,
+            ),
+            Command::ChargePayment => self.outbox.message(
+                topics::PAYMENT_COMMANDS,
+                id,
+                &payment::ChargePayment {
+                    order_id,
+                    amount_cents: saga.order.total_cents,
+                    currency: saga.order.currency.clone(),
+                    payment_method: saga.order.payment_method.clone(),
+                },
+                context,
+            ),
+            Command::VoidPayment { reason } => self.outbox.message(
+                topics::PAYMENT_COMMANDS,
+                id,
+                &payment::VoidPayment {
+                    order_id,
+                    reason: reason.clone(),
+                },
+                context,
+            ),
+            Command::RefundPayment { reason } => self.outbox.message(
+                topics::PAYMENT_COMMANDS,
+                id,
+                &payment::RefundPayment {
+                    order_id,
+                    reason: reason.clone(),
+                },
+                context,
+            ),
+            Command::MarkPaymentInitiated { payment_id } => self.outbox.message(
+                topics::ORDER_COMMANDS,
+                id,
+                &order::MarkPaymentInitiated {
+                    order_id,
+                    payment_id: payment_id.to_string(),
+                },
+                context,
+            ),
+            Command::CompleteOrder => self.outbox.message(
+                topics::ORDER_COMMANDS,
+                id,
+                &order::CompleteOrder { order_id },
+                context,
+            ),
+            Command::FailOrder { reason } => self.outbox.message(
+                topics::ORDER_COMMANDS,
+                id,
+                &order::FailOrder {
+                    order_id,
+                    reason: reason.clone(),
+                },
+                context,
+            ),
+            Command::StartDeadline | Command::CancelDeadline => return None,
+        };
+        Some(message)
+    }
+}
+
+fn non_empty_or(first: &str, second: &str) -> String {
+    if first.is_empty() { second } else { first }.to_owned()
+}
+
+fn store_error(e: StoreError) -> HandlerError {
+    match e {
+        // Retried from the read, which then sees the other writer's result.
+        StoreError::Conflict(_) => HandlerError::Transient(e.to_string()),
+        StoreError::Corrupt { .. } => HandlerError::Permanent(e.to_string()),
+        StoreError::Database(db) => db.into(),
+    }
+}

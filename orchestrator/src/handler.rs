@@ -1,0 +1,107 @@
+//! The orchestrator's consumer: `OrderCreated` and the services' replies, as saga inputs.
+
+use async_trait::async_trait;
+use messaging::{Handler, HandlerError, Incoming};
+use prost::Name;
+use proto::inventory::v1 as inventory;
+use proto::order::v1 as order;
+use proto::payment::v1 as payment;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::engine::{Engine, Trigger};
+use crate::saga::{Input, Line, OrderDetails};
+
+pub struct SagaHandler {
+    pub engine: Engine,
+}
+
+#[async_trait]
+impl Handler for SagaHandler {
+    async fn handle(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {
+        let (order_id, input) = decode(message)?;
+        let trigger = Trigger {
+            message_id: message.envelope.message_id.clone(),
+            message_type: message.envelope.message_type.clone(),
+            context: Some(message.context()),
+        };
+        self.engine.step(conn, order_id, &input, &trigger).await?;
+        Ok(())
+    }
+}
+
+/// The order id and saga input a message carries.
+pub fn decode(message: &Incoming) -> Result<(Uuid, Input), HandlerError> {
+    let t = message.message_type();
+    let decoded = if t == order::OrderCreated::full_name() {
+        let m: order::OrderCreated = message.decode()?;
+        (m.order_id.clone(), order_created(m)?)
+    } else if t == inventory::InventoryReserved::full_name() {
+        let m: inventory::InventoryReserved = message.decode()?;
+        let reservation_id = uuid_field("reservation_id", &m.reservation_id)?;
+        (m.order_id, Input::InventoryReserved { reservation_id })
+    } else if t == inventory::InventoryReservationFailed::full_name() {
+        let m: inventory::InventoryReservationFailed = message.decode()?;
+        (m.order_id, Input::InventoryReservationFailed { reason: m.reason })
+    } else if t == inventory::InventoryCommitted::full_name() {
+        let m: inventory::InventoryCommitted = message.decode()?;
+        (m.order_id, Input::InventoryCommitted)
+    } else if t == inventory::InventoryCommitFailed::full_name() {
+        let m: inventory::InventoryCommitFailed = message.decode()?;
+        (m.order_id, Input::InventoryCommitFailed { reason: m.reason })
+    } else if t == inventory::InventoryReleased::full_name() {
+        let m: inventory::InventoryReleased = message.decode()?;
+        (m.order_id, Input::InventoryReleased)
+    } else if t == payment::PaymentInitiated::full_name() {
+        let m: payment::PaymentInitiated = message.decode()?;
+        let payment_id = uuid_field("payment_id", &m.payment_id)?;
+        (m.order_id, Input::PaymentInitiated { payment_id })
+    } else if t == payment::PaymentSucceeded::full_name() {
+        let m: payment::PaymentSucceeded = message.decode()?;
+        let payment_id = uuid_field("payment_id", &m.payment_id)?;
+        (m.order_id, Input::PaymentSucceeded { payment_id })
+    } else if t == payment::PaymentFailed::full_name() {
+        let m: payment::PaymentFailed = message.decode()?;
+        (m.order_id, Input::PaymentFailed { reason: m.reason })
+    } else if t == payment::PaymentVoided::full_name() {
+        let m: payment::PaymentVoided = message.decode()?;
+        (m.order_id, Input::PaymentVoided)
+    } else if t == payment::PaymentRefunded::full_name() {
+        let m: payment::PaymentRefunded = message.decode()?;
+        (m.order_id, Input::PaymentRefunded)
+    } else {
+        return Err(message.unknown_type());
+    };
+    let (order_id, input) = decoded;
+    Ok((uuid_field("order_id", &order_id)?, input))
+}
+
+fn order_created(m: order::OrderCreated) -> Result<Input, HandlerError> {
+    if m.lines.is_empty() {
+        return Err(HandlerError::Permanent("OrderCreated without lines".into()));
+    }
+    if let Some(bad) = m.lines.iter().find(|l| l.quantity == 0 || l.sku.is_empty()) {
+        return Err(HandlerError::Permanent(format!("OrderCreated with an invalid line: {bad:?}")));
+    }
+    Ok(Input::OrderCreated {
+        order: OrderDetails {
+            customer_id: m.customer_id,
+            lines: m
+                .lines
+                .into_iter()
+                .map(|l| Line {
+                    sku: l.sku,
+                    quantity: l.quantity,
+                    unit_price_cents: l.unit_price_cents,
+                })
+                .collect(),
+            total_cents: m.total_cents,
+            currency: m.currency,
+            payment_method: m.payment_method,
+        },
+    })
+}
+
+fn uuid_field(field: &str, value: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(value).map_err(|_| HandlerError::Permanent(format!("invalid {field} {value:?}")))
+}

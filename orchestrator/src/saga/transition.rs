@@ -1,0 +1,210 @@
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::state::{Compensation, OrderDetails, Saga, SagaState};
+
+/// What can happen to a saga: the event that starts it, the services' replies, and its timer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Input {
+    OrderCreated { order: OrderDetails },
+    InventoryReserved { reservation_id: Uuid },
+    InventoryReservationFailed { reason: String },
+    PaymentInitiated { payment_id: Uuid },
+    PaymentSucceeded { payment_id: Uuid },
+    PaymentFailed { reason: String },
+    InventoryCommitted,
+    InventoryCommitFailed { reason: String },
+    InventoryReleased,
+    PaymentVoided,
+    PaymentRefunded,
+    /// The payment deadline passed.
+    DeadlineExpired,
+}
+
+impl Input {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Input::OrderCreated { .. } => "OrderCreated",
+            Input::InventoryReserved { .. } => "InventoryReserved",
+            Input::InventoryReservationFailed { .. } => "InventoryReservationFailed",
+            Input::PaymentInitiated { .. } => "PaymentInitiated",
+            Input::PaymentSucceeded { .. } => "PaymentSucceeded",
+            Input::PaymentFailed { .. } => "PaymentFailed",
+            Input::InventoryCommitted => "InventoryCommitted",
+            Input::InventoryCommitFailed { .. } => "InventoryCommitFailed",
+            Input::InventoryReleased => "InventoryReleased",
+            Input::PaymentVoided => "PaymentVoided",
+            Input::PaymentRefunded => "PaymentRefunded",
+            Input::DeadlineExpired => "DeadlineExpired",
+        }
+    }
+}
+
+/// What the saga asks for: commands to the services (sent through the outbox) and its timer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Command {
+    ReserveInventory,
+    ChargePayment,
+    CommitInventory,
+    ReleaseInventory { reason: String },
+    VoidPayment { reason: String },
+    RefundPayment { reason: String },
+    MarkPaymentInitiated { payment_id: Uuid },
+    CompleteOrder,
+    FailOrder { reason: String },
+    StartDeadline,
+    CancelDeadline,
+}
+
+/// The result of applying an input that changes the saga.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub saga: Saga,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Changed(Transition),
+    /// The input means nothing in this state (a late or duplicate reply, a timer that lost a
+    /// race): nothing changes and nothing is sent.
+    Ignored(&'static str),
+}
+
+/// Applies `input` to `saga` (`None` before the saga starts). Pure: no I/O, no clock.
+pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
+    let Some(saga) = saga else {
+        return match input {
+            Input::OrderCreated { order } => Outcome::Changed(Transition {
+                saga: Saga {
+                    order_id,
+                    state: SagaState::Reserving,
+                    order: order.clone(),
+                    reservation_id: None,
+                    payment_id: None,
+                    failure_reason: None,
+                    pending: BTreeSet::new(),
+                },
+                commands: vec![Command::ReserveInventory, Command::StartDeadline],
+            }),
+            _ => Outcome::Ignored("no saga for this order"),
+        };
+    };
+    use SagaState::*;
+    match (saga.state, input) {
+        (_, Input::OrderCreated { .. }) => Outcome::Ignored("saga already started"),
+        (Completed | Failed, _) => Outcome::Ignored("saga already finished"),
+
+        (Reserving, Input::InventoryReserved { reservation_id }) => {
+            let mut next = saga.clone();
+            next.state = Charging;
+            next.reservation_id = Some(*reservation_id);
+            changed(next, vec![Command::ChargePayment])
+        }
+        (Reserving, Input::InventoryReservationFailed { reason }) => {
+            // Nothing is held when a reservation fails: the saga fails at once.
+            let reason = format!("inventory reservation failed: {reason}");
+            let mut next = saga.clone();
+            next.state = Failed;
+            next.failure_reason = Some(reason.clone());
+            changed(next, vec![Command::CancelDeadline, Command::FailOrder { reason }])
+        }
+        (Reserving, Input::DeadlineExpired) => compensate(
+            saga,
+            "payment deadline passed before the stock was reserved",
+            &[Compensation::ReleaseInventory],
+        ),
+
+        (Charging, Input::PaymentInitiated { payment_id }) => {
+            let mut next = saga.clone();
+            next.state = AwaitingVerification;
+            next.payment_id = Some(*payment_id);
+            changed(next, vec![Command::MarkPaymentInitiated { payment_id: *payment_id }])
+        }
+        (Charging | AwaitingVerification, Input::PaymentFailed { reason }) => {
+            let mut transition = compensate(saga, &format!("payment failed: {reason}"), &[Compensation::ReleaseInventory]);
+            if let Outcome::Changed(t) = &mut transition {
+                t.commands.insert(0, Command::CancelDeadline);
+            }
+            transition
+        }
+        (Charging | AwaitingVerification, Input::DeadlineExpired) => compensate(
+            saga,
+            "payment not verified before the deadline",
+            &[Compensation::VoidPayment, Compensation::ReleaseInventory],
+        ),
+
+        (AwaitingVerification, Input::PaymentSucceeded { .. }) => {
+            let mut next = saga.clone();
+            next.state = Committing;
+            changed(next, vec![Command::CancelDeadline, Command::CommitInventory])
+        }
+
+        (Committing, Input::InventoryCommitted) => {
+            let mut next = saga.clone();
+            next.state = Completed;
+            changed(next, vec![Command::CompleteOrder])
+        }
+        (Committing, Input::InventoryCommitFailed { reason }) => compensate(
+            saga,
+            &format!("inventory commit failed: {reason}"),
+            &[Compensation::RefundPayment, Compensation::ReleaseInventory],
+        ),
+
+        (Compensating, Input::InventoryReleased) => confirm(saga, Compensation::ReleaseInventory),
+        (Compensating, Input::PaymentVoided) => confirm(saga, Compensation::VoidPayment),
+        (Compensating, Input::PaymentRefunded) => confirm(saga, Compensation::RefundPayment),
+        (Compensating, Input::PaymentInitiated { payment_id }) if saga.payment_id.is_none() => {
+            // The deadline passed while the charge was in flight; the void sent after it will
+            // cancel this payment. Keep its id for operators.
+            let mut next = saga.clone();
+            next.payment_id = Some(*payment_id);
+            changed(next, vec![])
+        }
+
+        _ => Outcome::Ignored("input does not apply in this state"),
+    }
+}
+
+fn changed(saga: Saga, commands: Vec<Command>) -> Outcome {
+    Outcome::Changed(Transition { saga, commands })
+}
+
+/// Starts compensating: sends each compensation and waits for all of them.
+fn compensate(saga: &Saga, reason: &str, compensations: &[Compensation]) -> Outcome {
+    let mut next = saga.clone();
+    next.state = SagaState::Compensating;
+    next.failure_reason = Some(reason.to_owned());
+    next.pending = compensations.iter().copied().collect();
+    let commands = compensations
+        .iter()
+        .map(|c| match c {
+            Compensation::ReleaseInventory => Command::ReleaseInventory { reason: reason.to_owned() },
+            Compensation::VoidPayment => Command::VoidPayment { reason: reason.to_owned() },
+            Compensation::RefundPayment => Command::RefundPayment { reason: reason.to_owned() },
+        })
+        .collect();
+    changed(next, commands)
+}
+
+/// One compensation confirmed; the saga fails once all are.
+fn confirm(saga: &Saga, compensation: Compensation) -> Outcome {
+    if !saga.pending.contains(&compensation) {
+        return Outcome::Ignored("compensation not pending");
+    }
+    let mut next = saga.clone();
+    next.pending.remove(&compensation);
+    if !next.pending.is_empty() {
+        return changed(next, vec![]);
+    }
+    next.state = SagaState::Failed;
+    let reason = next
+        .failure_reason
+        .clone()
+        .unwrap_or_else(|| "saga failed".to_owned());
+    changed(next, vec![Command::FailOrder { reason }])
+}

@@ -1,0 +1,366 @@
+//! Property test of the pure transition function, against a model of the services.
+//!
+//! The model reacts to commands as the real services do (inventory reserves, commits and
+//! releases; payment charges, voids and refunds; the client verifies), while proptest picks the
+//! order in which everything is delivered, duplicates replies, and fires the deadline at any
+//! moment. Whatever the schedule, once everything in flight has been delivered the saga has
+//! ended, and its end matches the world: a completed order has its stock committed and its
+//! payment taken; a failed one holds no stock and kept no money.
+
+use std::collections::VecDeque;
+
+use orchestrator::saga::{apply, Command, Input, Line, OrderDetails, Outcome, Saga, SagaState};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stock {
+    None,
+    Reserved,
+    Committed,
+    Released,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Money {
+    None,
+    Awaiting,
+    Succeeded,
+    Declined,
+    Voided,
+    Refunded,
+}
+
+/// How the world behaves in one run.
+#[derive(Clone, Debug)]
+struct Scenario {
+    in_stock: bool,
+    approves: bool,
+    reservation_expires: bool,
+    actions: Vec<u8>,
+}
+
+struct World {
+    scenario: Scenario,
+    saga: Option<Saga>,
+    deadline_armed: bool,
+    inventory_commands: VecDeque<Command>,
+    payment_commands: VecDeque<Command>,
+    inventory_replies: VecDeque<Input>,
+    payment_replies: VecDeque<Input>,
+    delivered: Vec<Input>,
+    stock: Stock,
+    money: Money,
+    sent: Vec<Command>,
+    order_status: Vec<&'static str>,
+}
+
+const ORDER: Uuid = Uuid::from_u128(0x1234);
+const RESERVATION: Uuid = Uuid::from_u128(0x5678);
+const PAYMENT: Uuid = Uuid::from_u128(0x9abc);
+
+impl World {
+    fn new(scenario: Scenario) -> Self {
+        let mut world = World {
+            scenario,
+            saga: None,
+            deadline_armed: false,
+            inventory_commands: VecDeque::new(),
+            payment_commands: VecDeque::new(),
+            inventory_replies: VecDeque::new(),
+            payment_replies: VecDeque::new(),
+            delivered: Vec::new(),
+            stock: Stock::None,
+            money: Money::None,
+            sent: Vec::new(),
+            order_status: Vec::new(),
+        };
+        world.deliver(Input::OrderCreated {
+            order: OrderDetails {
+                customer_id: "c-1".into(),
+                lines: vec![Line {
+                    sku: "SKU-MOUSE".into(),
+                    quantity: 2,
+                    unit_price_cents: 2900,
+                }],
+                total_cents: 5800,
+                currency: "USD".into(),
+                payment_method: "pm_card_visa".into(),
+            },
+        });
+        world
+    }
+
+    fn deliver(&mut self, input: Input) {
+        self.delivered.push(input.clone());
+        let before = self.saga.as_ref().map(|s| s.state);
+        match apply(self.saga.as_ref(), ORDER, &input) {
+            Outcome::Ignored(_) => {}
+            Outcome::Changed(t) => {
+                if let Some(before) = before {
+                    assert!(!before.is_terminal(), "a finished saga changed on {input:?}");
+                }
+                for command in &t.commands {
+                    self.route(command.clone());
+                }
+                self.saga = Some(t.saga);
+            }
+        }
+    }
+
+    fn route(&mut self, command: Command) {
+        // Contradictions: never commit after releasing, never charge after voiding, never
+        // complete and fail the same order.
+        match &command {
+            Command::CommitInventory => assert!(
+                !self.sent.iter().any(|c| matches!(c, Command::ReleaseInventory { .. })),
+                "commit after release: {:?}",
+                self.sent
+            ),
+            Command::ChargePayment => assert!(
+                !self.sent.iter().any(|c| matches!(c, Command::VoidPayment { .. } | Command::RefundPayment { .. })),
+                "charge after void or refund: {:?}",
+                self.sent
+            ),
+            _ => {}
+        }
+        self.sent.push(command.clone());
+        match command {
+            Command::ReserveInventory | Command::CommitInventory | Command::ReleaseInventory { .. } => {
+                self.inventory_commands.push_back(command)
+            }
+            Command::ChargePayment | Command::VoidPayment { .. } | Command::RefundPayment { .. } => {
+                self.payment_commands.push_back(command)
+            }
+            Command::MarkPaymentInitiated { .. } => self.order_status.push("PAYMENT_INITIATED"),
+            Command::CompleteOrder => self.order_status.push("COMPLETED"),
+            Command::FailOrder { .. } => self.order_status.push("FAILED"),
+            Command::StartDeadline => self.deadline_armed = true,
+            Command::CancelDeadline => self.deadline_armed = false,
+        }
+    }
+
+    /// The inventory service handling its next command, as inventory-svc does.
+    fn inventory_step(&mut self) {
+        let Some(command) = self.inventory_commands.pop_front() else { return };
+        let reply = match command {
+            Command::ReserveInventory => match self.stock {
+                Stock::None if self.scenario.in_stock => {
+                    self.stock = Stock::Reserved;
+                    Input::InventoryReserved { reservation_id: RESERVATION }
+                }
+                Stock::Reserved | Stock::Committed => Input::InventoryReserved { reservation_id: RESERVATION },
+                _ => Input::InventoryReservationFailed { reason: "out of stock".into() },
+            },
+            Command::CommitInventory => match self.stock {
+                Stock::Reserved if self.scenario.reservation_expires => {
+                    self.stock = Stock::Released;
+                    Input::InventoryCommitFailed { reason: "reservation expired".into() }
+                }
+                Stock::Reserved | Stock::Committed => {
+                    self.stock = Stock::Committed;
+                    Input::InventoryCommitted
+                }
+                _ => Input::InventoryCommitFailed { reason: "no reservation".into() },
+            },
+            Command::ReleaseInventory { .. } => {
+                if matches!(self.stock, Stock::Reserved | Stock::None) {
+                    // No reservation yet leaves a tombstone: a late reserve holds nothing.
+                    self.stock = Stock::Released;
+                }
+                Input::InventoryReleased
+            }
+            other => unreachable!("{other:?} is not an inventory command"),
+        };
+        self.inventory_replies.push_back(reply);
+    }
+
+    /// The payment service handling its next command, as payment-svc does.
+    fn payment_step(&mut self) {
+        let Some(command) = self.payment_commands.pop_front() else { return };
+        let reply = match command {
+            Command::ChargePayment => {
+                if self.money == Money::None {
+                    self.money = Money::Awaiting;
+                }
+                Input::PaymentInitiated { payment_id: PAYMENT }
+            }
+            Command::VoidPayment { .. } => {
+                self.money = match self.money {
+                    Money::Awaiting => Money::Voided,
+                    Money::Succeeded => Money::Refunded,
+                    other => other,
+                };
+                Input::PaymentVoided
+            }
+            Command::RefundPayment { .. } => {
+                if self.money == Money::Succeeded {
+                    self.money = Money::Refunded;
+                }
+                Input::PaymentRefunded
+            }
+            other => unreachable!("{other:?} is not a payment command"),
+        };
+        self.payment_replies.push_back(reply);
+    }
+
+    /// The client's `POST /payment/verify`: only an awaiting payment is decided.
+    fn verify(&mut self) {
+        if self.money != Money::Awaiting {
+            return;
+        }
+        if self.scenario.approves {
+            self.money = Money::Succeeded;
+            self.payment_replies.push_back(Input::PaymentSucceeded { payment_id: PAYMENT });
+        } else {
+            self.money = Money::Declined;
+            self.payment_replies.push_back(Input::PaymentFailed { reason: "card_declined".into() });
+        }
+    }
+
+    fn fire_deadline(&mut self) {
+        if self.deadline_armed {
+            self.deadline_armed = false;
+            self.deliver(Input::DeadlineExpired);
+        }
+    }
+
+    fn act(&mut self, action: u8) {
+        match action % 8 {
+            0 => self.inventory_step(),
+            1 => self.payment_step(),
+            2 => {
+                if let Some(r) = self.inventory_replies.pop_front() {
+                    self.deliver(r)
+                }
+            }
+            3 => {
+                if let Some(r) = self.payment_replies.pop_front() {
+                    self.deliver(r)
+                }
+            }
+            4 | 5 => self.verify(),
+            6 => self.fire_deadline(),
+            _ => {
+                // At-least-once delivery: an earlier reply arrives again.
+                if let Some(again) = self.delivered.get(usize::from(action) % self.delivered.len().max(1)).cloned() {
+                    self.deliver(again)
+                }
+            }
+        }
+    }
+
+    /// Delivers everything in flight; the client may never verify, so the deadline ends it.
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let busy = !(self.inventory_commands.is_empty()
+                && self.payment_commands.is_empty()
+                && self.inventory_replies.is_empty()
+                && self.payment_replies.is_empty());
+            if !busy {
+                if self.deadline_armed {
+                    self.fire_deadline();
+                    continue;
+                }
+                return;
+            }
+            self.inventory_step();
+            self.payment_step();
+            if let Some(r) = self.inventory_replies.pop_front() {
+                self.deliver(r)
+            }
+            if let Some(r) = self.payment_replies.pop_front() {
+                self.deliver(r)
+            }
+        }
+        panic!("the saga did not settle");
+    }
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (any::<bool>(), any::<bool>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..60)).prop_map(
+        |(in_stock, approves, reservation_expires, actions)| Scenario {
+            in_stock,
+            approves,
+            reservation_expires,
+            actions,
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn every_schedule_ends_consistently(scenario in scenario()) {
+        let mut world = World::new(scenario.clone());
+        for action in scenario.actions.clone() {
+            world.act(action);
+        }
+        world.settle();
+        let saga = world.saga.clone().expect("the saga started");
+        prop_assert!(saga.state.is_terminal(), "ended in {:?}", saga.state);
+        let finals: Vec<_> = world.order_status.iter().filter(|s| **s != "PAYMENT_INITIATED").collect();
+        prop_assert_eq!(finals.len(), 1, "one final order status, got {:?}", world.order_status);
+        match saga.state {
+            SagaState::Completed => {
+                prop_assert_eq!(world.stock, Stock::Committed);
+                prop_assert_eq!(world.money, Money::Succeeded);
+                prop_assert_eq!(*finals[0], "COMPLETED");
+            }
+            SagaState::Failed => {
+                prop_assert!(matches!(world.stock, Stock::None | Stock::Released), "stock left {:?}", world.stock);
+                prop_assert!(
+                    matches!(world.money, Money::None | Money::Declined | Money::Voided | Money::Refunded),
+                    "money left {:?}", world.money
+                );
+                prop_assert_eq!(*finals[0], "FAILED");
+                prop_assert!(saga.failure_reason.is_some());
+            }
+            other => prop_assert!(false, "not terminal: {other:?}"),
+        }
+        // A saga that could succeed and was verified in time does succeed.
+        if scenario.in_stock && scenario.approves && !scenario.reservation_expires
+            && world.delivered.iter().any(|i| matches!(i, Input::PaymentSucceeded { .. }))
+            && !world.delivered.iter().any(|i| matches!(i, Input::DeadlineExpired))
+        {
+            prop_assert_eq!(saga.state, SagaState::Completed);
+        }
+    }
+}
+
+#[test]
+fn happy_path_sends_the_commands_in_order() {
+    let mut world = World::new(Scenario {
+        in_stock: true,
+        approves: true,
+        reservation_expires: false,
+        actions: vec![],
+    });
+    world.inventory_step();
+    world.act(2);
+    world.payment_step();
+    world.act(3);
+    world.verify();
+    world.act(3);
+    world.inventory_step();
+    world.act(2);
+    let names: Vec<String> = world
+        .sent
+        .iter()
+        .map(|c| format!("{c:?}").split([' ', '{']).next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ReserveInventory",
+            "StartDeadline",
+            "ChargePayment",
+            "MarkPaymentInitiated",
+            "CancelDeadline",
+            "CommitInventory",
+            "CompleteOrder"
+        ]
+    );
+    assert_eq!(world.saga.map(|s| s.state), Some(SagaState::Completed));
+}
