@@ -40,7 +40,9 @@ impl From<sqlx::Error> for HandlerError {
             // failures, deadlocks (class 40) and resource or connection errors do not.
             sqlx::Error::Database(db)
                 if !db.code().is_some_and(|c| {
-                    ["40", "53", "57", "08"].iter().any(|class| c.starts_with(class))
+                    ["40", "53", "57", "08"]
+                        .iter()
+                        .any(|class| c.starts_with(class))
                 }) =>
             {
                 HandlerError::Permanent(format!("database: {e}"))
@@ -157,7 +159,13 @@ pub struct Consumer {
 
 impl Consumer {
     /// `topics` are names from [`proto::topics`]; the deployment's prefix is applied here.
-    pub fn new(kafka: &KafkaArgs, group: &str, topics: &[&str], pool: PgPool, outbox: Outbox) -> Self {
+    pub fn new(
+        kafka: &KafkaArgs,
+        group: &str,
+        topics: &[&str],
+        pool: PgPool,
+        outbox: Outbox,
+    ) -> Self {
         Self {
             topics: topics.iter().map(|t| kafka.topic(t)).collect(),
             kafka: kafka.clone(),
@@ -169,7 +177,11 @@ impl Consumer {
 
     /// Consumes until `cancel`. Only fails to start (bad configuration); everything after that
     /// is retried.
-    pub async fn run<H: Handler>(self, handler: H, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run<H: Handler>(
+        self,
+        handler: H,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
         let consumer: StreamConsumer = self.kafka.consumer(&self.group)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -220,7 +232,12 @@ impl Consumer {
     }
 
     /// Handles a batch until it is committed. Returns false if cancelled first.
-    async fn handle_batch<H: Handler>(&self, handler: &H, batch: &[Incoming], cancel: &CancellationToken) -> bool {
+    async fn handle_batch<H: Handler>(
+        &self,
+        handler: &H,
+        batch: &[Incoming],
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut backoff = crate::retry::backoff();
         loop {
             match self.try_batch(handler, batch).await {
@@ -248,7 +265,12 @@ impl Consumer {
         }
     }
 
-    async fn handle_one<H: Handler>(&self, handler: &H, message: &Incoming, cancel: &CancellationToken) -> bool {
+    async fn handle_one<H: Handler>(
+        &self,
+        handler: &H,
+        message: &Incoming,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut backoff = crate::retry::backoff();
         loop {
             let result = match self.try_batch(handler, std::slice::from_ref(message)).await {
@@ -268,7 +290,11 @@ impl Consumer {
         }
     }
 
-    async fn try_batch<H: Handler>(&self, handler: &H, batch: &[Incoming]) -> Result<(), HandlerError> {
+    async fn try_batch<H: Handler>(
+        &self,
+        handler: &H,
+        batch: &[Incoming],
+    ) -> Result<(), HandlerError> {
         let mut tx = self.pool.begin().await?;
         for message in batch {
             let id = message.message_id()?;
@@ -313,11 +339,19 @@ impl Consumer {
             extra_headers: vec![
                 (dead_letter_headers::ERROR.to_owned(), error.to_owned()),
                 (dead_letter_headers::TOPIC.to_owned(), message.topic.clone()),
-                (dead_letter_headers::PARTITION.to_owned(), message.partition.to_string()),
-                (dead_letter_headers::OFFSET.to_owned(), message.offset.to_string()),
+                (
+                    dead_letter_headers::PARTITION.to_owned(),
+                    message.partition.to_string(),
+                ),
+                (
+                    dead_letter_headers::OFFSET.to_owned(),
+                    message.offset.to_string(),
+                ),
             ],
         };
-        self.outbox.enqueue(&mut tx, std::slice::from_ref(&dead)).await?;
+        self.outbox
+            .enqueue(&mut tx, std::slice::from_ref(&dead))
+            .await?;
         tx.commit().await?;
         Ok(())
     }

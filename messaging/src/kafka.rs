@@ -14,11 +14,19 @@ use rdkafka::types::RDKafkaErrorCode;
 #[derive(clap::Args, Clone, Debug)]
 pub struct KafkaArgs {
     /// Bootstrap brokers, comma separated.
-    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "KAFKA_BROKERS",
+        default_value = "localhost:9092"
+    )]
     pub brokers: String,
 
     /// Prefix of every topic and consumer group name, to run several platforms on one broker.
-    #[arg(long = "kafka-topic-prefix", env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    #[arg(
+        long = "kafka-topic-prefix",
+        env = "KAFKA_TOPIC_PREFIX",
+        default_value = ""
+    )]
     pub topic_prefix: String,
 
     /// Partitions of the topics this service creates at start.
@@ -29,7 +37,11 @@ pub struct KafkaArgs {
     /// Longest time the broker may hold a fetch when there is nothing to return. Small for
     /// tansu, which holds every fetch this long even when a message arrives; Apache Kafka
     /// answers as soon as data arrives, so 500 is right there.
-    #[arg(long = "kafka-fetch-wait-max-ms", env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    #[arg(
+        long = "kafka-fetch-wait-max-ms",
+        env = "KAFKA_FETCH_WAIT_MAX_MS",
+        default_value_t = 5
+    )]
     pub fetch_wait_max_ms: u32,
 
     /// Producer linger: how long the relay's producer waits to fill a batch.

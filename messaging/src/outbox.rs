@@ -170,7 +170,11 @@ impl Relay {
                 }
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = format!("{e:#}"), ?delay, "outbox relay: publish failed, retrying");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        ?delay,
+                        "outbox relay: publish failed, retrying"
+                    );
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -182,9 +186,7 @@ impl Relay {
             let wake = async {
                 match listener.as_mut() {
                     Some(l) => match l.recv().await {
-                        Ok(_) => {
-                            while l.next_buffered().is_some() {}
-                        }
+                        Ok(_) => while l.next_buffered().is_some() {},
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox relay: listener lost");
                             listener = None;
@@ -235,7 +237,10 @@ impl Relay {
                 .with_context(|| format!("outbox row {id}: undecodable envelope"))?;
             let mut headers = envelope::to_headers(&envelope);
             for (key, value) in decode_extra_headers(extra) {
-                headers = headers.insert(Header { key: &key, value: Some(&value) });
+                headers = headers.insert(Header {
+                    key: &key,
+                    value: Some(&value),
+                });
             }
             let record = FutureRecord::to(topic)
                 .key(key)
@@ -283,7 +288,9 @@ fn decode_extra_headers(mut bytes: &[u8]) -> Vec<(String, String)> {
     let mut parts = Vec::new();
     while bytes.len() >= 4 {
         let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-        let Some(part) = bytes.get(4..4 + len) else { break };
+        let Some(part) = bytes.get(4..4 + len) else {
+            break;
+        };
         parts.push(String::from_utf8_lossy(part).into_owned());
         bytes = &bytes[4 + len..];
     }
@@ -302,11 +309,17 @@ mod tests {
     #[test]
     fn extra_headers_round_trip() {
         let headers = vec![
-            ("dlq-error".to_owned(), "unknown message type \"x\"".to_owned()),
+            (
+                "dlq-error".to_owned(),
+                "unknown message type \"x\"".to_owned(),
+            ),
             ("dlq-original-offset".to_owned(), "42".to_owned()),
             ("empty".to_owned(), String::new()),
         ];
-        assert_eq!(decode_extra_headers(&encode_extra_headers(&headers)), headers);
+        assert_eq!(
+            decode_extra_headers(&encode_extra_headers(&headers)),
+            headers
+        );
         assert!(decode_extra_headers(&[]).is_empty());
     }
 }

@@ -8,7 +8,11 @@ use messaging::KafkaArgs;
 #[command(name = "orchestrator", version, about)]
 pub struct Config {
     /// PostgreSQL database of the orchestrator (created if missing).
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@localhost:5432/orchestrator")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost:5432/orchestrator"
+    )]
     pub database_url: String,
 
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]

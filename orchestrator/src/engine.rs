@@ -107,7 +107,12 @@ impl Engine {
     }
 
     /// The Kafka message of a command; timer commands have none.
-    fn message(&self, saga: &Saga, command: &Command, context: &MessageContext) -> Option<OutboxMessage> {
+    fn message(
+        &self,
+        saga: &Saga,
+        command: &Command,
+        context: &MessageContext,
+    ) -> Option<OutboxMessage> {
         let id = saga.order_id;
         let order_id = id.to_string();
         let message = match command {

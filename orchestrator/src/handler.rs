@@ -18,7 +18,11 @@ pub struct SagaHandler {
 
 #[async_trait]
 impl Handler for SagaHandler {
-    async fn handle(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
         let (order_id, input) = decode(message)?;
         let trigger = Trigger {
             message_id: message.envelope.message_id.clone(),
@@ -42,13 +46,19 @@ pub fn decode(message: &Incoming) -> Result<(Uuid, Input), HandlerError> {
         (m.order_id, Input::InventoryReserved { reservation_id })
     } else if t == inventory::InventoryReservationFailed::full_name() {
         let m: inventory::InventoryReservationFailed = message.decode()?;
-        (m.order_id, Input::InventoryReservationFailed { reason: m.reason })
+        (
+            m.order_id,
+            Input::InventoryReservationFailed { reason: m.reason },
+        )
     } else if t == inventory::InventoryCommitted::full_name() {
         let m: inventory::InventoryCommitted = message.decode()?;
         (m.order_id, Input::InventoryCommitted)
     } else if t == inventory::InventoryCommitFailed::full_name() {
         let m: inventory::InventoryCommitFailed = message.decode()?;
-        (m.order_id, Input::InventoryCommitFailed { reason: m.reason })
+        (
+            m.order_id,
+            Input::InventoryCommitFailed { reason: m.reason },
+        )
     } else if t == inventory::InventoryReleased::full_name() {
         let m: inventory::InventoryReleased = message.decode()?;
         (m.order_id, Input::InventoryReleased)
@@ -81,7 +91,9 @@ fn order_created(m: order::OrderCreated) -> Result<Input, HandlerError> {
         return Err(HandlerError::Permanent("OrderCreated without lines".into()));
     }
     if let Some(bad) = m.lines.iter().find(|l| l.quantity == 0 || l.sku.is_empty()) {
-        return Err(HandlerError::Permanent(format!("OrderCreated with an invalid line: {bad:?}")));
+        return Err(HandlerError::Permanent(format!(
+            "OrderCreated with an invalid line: {bad:?}"
+        )));
     }
     Ok(Input::OrderCreated {
         order: OrderDetails {
@@ -103,5 +115,6 @@ fn order_created(m: order::OrderCreated) -> Result<Input, HandlerError> {
 }
 
 fn uuid_field(field: &str, value: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(value).map_err(|_| HandlerError::Permanent(format!("invalid {field} {value:?}")))
+    Uuid::parse_str(value)
+        .map_err(|_| HandlerError::Permanent(format!("invalid {field} {value:?}")))
 }

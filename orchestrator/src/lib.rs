@@ -100,10 +100,14 @@ impl App {
         let grpc = tonic::transport::Server::builder()
             .add_service(runtime::grpc::health::<tonic_health_marker::Orchestrator>().await)
             .add_service(runtime::grpc::reflection()?)
-            .serve_with_incoming_shutdown(runtime::grpc::incoming(self.listener), cancel.clone().cancelled_owned());
-        tasks.spawn(runtime::shutdown::cancel_when_done(cancel.clone(), async move {
-            grpc.await.context("gRPC server")
-        }));
+            .serve_with_incoming_shutdown(
+                runtime::grpc::incoming(self.listener),
+                cancel.clone().cancelled_owned(),
+            );
+        tasks.spawn(runtime::shutdown::cancel_when_done(
+            cancel.clone(),
+            async move { grpc.await.context("gRPC server") },
+        ));
         tracing::info!(grpc_addr = %addr, "listening");
 
         cancel.cancelled().await;

@@ -33,7 +33,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
-pub async fn load(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<StoredSaga>, StoreError> {
+pub async fn load(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<StoredSaga>, StoreError> {
     let row = sqlx::query(
         "SELECT data, version, correlation_id, traceparent, tracestate FROM sagas WHERE saga_id = $1",
     )
@@ -42,7 +45,8 @@ pub async fn load(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<Store
     .await?;
     let Some(row) = row else { return Ok(None) };
     let data: serde_json::Value = row.try_get("data")?;
-    let saga = serde_json::from_value(data).map_err(|source| StoreError::Corrupt { saga_id, source })?;
+    let saga =
+        serde_json::from_value(data).map_err(|source| StoreError::Corrupt { saga_id, source })?;
     Ok(Some(StoredSaga {
         saga,
         version: row.try_get("version")?,
@@ -170,7 +174,10 @@ pub async fn save(
 }
 
 /// Claims up to `limit` due timers for this transaction; other replicas skip them.
-pub async fn claim_due_timers(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+pub async fn claim_due_timers(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "DELETE FROM saga_timers WHERE (saga_id, kind) IN ( \
              SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() AND kind = $1 \

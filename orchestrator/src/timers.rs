@@ -12,7 +12,12 @@ use crate::store;
 
 const BATCH: i64 = 100;
 
-pub async fn run(pool: PgPool, engine: Engine, interval: Duration, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    pool: PgPool,
+    engine: Engine,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         match fire_due(&pool, &engine).await {
             Ok(n) if n as i64 == BATCH => continue,

@@ -98,7 +98,10 @@ impl World {
             Outcome::Ignored(_) => {}
             Outcome::Changed(t) => {
                 if let Some(before) = before {
-                    assert!(!before.is_terminal(), "a finished saga changed on {input:?}");
+                    assert!(
+                        !before.is_terminal(),
+                        "a finished saga changed on {input:?}"
+                    );
                 }
                 for command in &t.commands {
                     self.route(command.clone());
@@ -113,12 +116,18 @@ impl World {
         // complete and fail the same order.
         match &command {
             Command::CommitInventory => assert!(
-                !self.sent.iter().any(|c| matches!(c, Command::ReleaseInventory { .. })),
+                !self
+                    .sent
+                    .iter()
+                    .any(|c| matches!(c, Command::ReleaseInventory { .. })),
                 "commit after release: {:?}",
                 self.sent
             ),
             Command::ChargePayment => assert!(
-                !self.sent.iter().any(|c| matches!(c, Command::VoidPayment { .. } | Command::RefundPayment { .. })),
+                !self.sent.iter().any(|c| matches!(
+                    c,
+                    Command::VoidPayment { .. } | Command::RefundPayment { .. }
+                )),
                 "charge after void or refund: {:?}",
                 self.sent
             ),
@@ -126,12 +135,12 @@ impl World {
         }
         self.sent.push(command.clone());
         match command {
-            Command::ReserveInventory | Command::CommitInventory | Command::ReleaseInventory { .. } => {
-                self.inventory_commands.push_back(command)
-            }
-            Command::ChargePayment | Command::VoidPayment { .. } | Command::RefundPayment { .. } => {
-                self.payment_commands.push_back(command)
-            }
+            Command::ReserveInventory
+            | Command::CommitInventory
+            | Command::ReleaseInventory { .. } => self.inventory_commands.push_back(command),
+            Command::ChargePayment
+            | Command::VoidPayment { .. }
+            | Command::RefundPayment { .. } => self.payment_commands.push_back(command),
             Command::MarkPaymentInitiated { .. } => self.order_status.push("PAYMENT_INITIATED"),
             Command::CompleteOrder => self.order_status.push("COMPLETED"),
             Command::FailOrder { .. } => self.order_status.push("FAILED"),
@@ -142,26 +151,38 @@ impl World {
 
     /// The inventory service handling its next command, as inventory-svc does.
     fn inventory_step(&mut self) {
-        let Some(command) = self.inventory_commands.pop_front() else { return };
+        let Some(command) = self.inventory_commands.pop_front() else {
+            return;
+        };
         let reply = match command {
             Command::ReserveInventory => match self.stock {
                 Stock::None if self.scenario.in_stock => {
                     self.stock = Stock::Reserved;
-                    Input::InventoryReserved { reservation_id: RESERVATION }
+                    Input::InventoryReserved {
+                        reservation_id: RESERVATION,
+                    }
                 }
-                Stock::Reserved | Stock::Committed => Input::InventoryReserved { reservation_id: RESERVATION },
-                _ => Input::InventoryReservationFailed { reason: "out of stock".into() },
+                Stock::Reserved | Stock::Committed => Input::InventoryReserved {
+                    reservation_id: RESERVATION,
+                },
+                _ => Input::InventoryReservationFailed {
+                    reason: "out of stock".into(),
+                },
             },
             Command::CommitInventory => match self.stock {
                 Stock::Reserved if self.scenario.reservation_expires => {
                     self.stock = Stock::Released;
-                    Input::InventoryCommitFailed { reason: "reservation expired".into() }
+                    Input::InventoryCommitFailed {
+                        reason: "reservation expired".into(),
+                    }
                 }
                 Stock::Reserved | Stock::Committed => {
                     self.stock = Stock::Committed;
                     Input::InventoryCommitted
                 }
-                _ => Input::InventoryCommitFailed { reason: "no reservation".into() },
+                _ => Input::InventoryCommitFailed {
+                    reason: "no reservation".into(),
+                },
             },
             Command::ReleaseInventory { .. } => {
                 if matches!(self.stock, Stock::Reserved | Stock::None) {
@@ -177,13 +198,17 @@ impl World {
 
     /// The payment service handling its next command, as payment-svc does.
     fn payment_step(&mut self) {
-        let Some(command) = self.payment_commands.pop_front() else { return };
+        let Some(command) = self.payment_commands.pop_front() else {
+            return;
+        };
         let reply = match command {
             Command::ChargePayment => {
                 if self.money == Money::None {
                     self.money = Money::Awaiting;
                 }
-                Input::PaymentInitiated { payment_id: PAYMENT }
+                Input::PaymentInitiated {
+                    payment_id: PAYMENT,
+                }
             }
             Command::VoidPayment { .. } => {
                 self.money = match self.money {
@@ -211,10 +236,14 @@ impl World {
         }
         if self.scenario.approves {
             self.money = Money::Succeeded;
-            self.payment_replies.push_back(Input::PaymentSucceeded { payment_id: PAYMENT });
+            self.payment_replies.push_back(Input::PaymentSucceeded {
+                payment_id: PAYMENT,
+            });
         } else {
             self.money = Money::Declined;
-            self.payment_replies.push_back(Input::PaymentFailed { reason: "card_declined".into() });
+            self.payment_replies.push_back(Input::PaymentFailed {
+                reason: "card_declined".into(),
+            });
         }
     }
 
@@ -243,7 +272,11 @@ impl World {
             6 => self.fire_deadline(),
             _ => {
                 // At-least-once delivery: an earlier reply arrives again.
-                if let Some(again) = self.delivered.get(usize::from(action) % self.delivered.len().max(1)).cloned() {
+                if let Some(again) = self
+                    .delivered
+                    .get(usize::from(action) % self.delivered.len().max(1))
+                    .cloned()
+                {
                     self.deliver(again)
                 }
             }
@@ -278,14 +311,20 @@ impl World {
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..60)).prop_map(
-        |(in_stock, approves, reservation_expires, actions)| Scenario {
-            in_stock,
-            approves,
-            reservation_expires,
-            actions,
-        },
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec(any::<u8>(), 0..60),
     )
+        .prop_map(
+            |(in_stock, approves, reservation_expires, actions)| Scenario {
+                in_stock,
+                approves,
+                reservation_expires,
+                actions,
+            },
+        )
 }
 
 proptest! {
@@ -348,7 +387,13 @@ fn happy_path_sends_the_commands_in_order() {
     let names: Vec<String> = world
         .sent
         .iter()
-        .map(|c| format!("{c:?}").split([' ', '{']).next().unwrap_or_default().to_owned())
+        .map(|c| {
+            format!("{c:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     assert_eq!(
         names,

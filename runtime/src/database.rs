@@ -15,7 +15,11 @@ const WAIT_FOR_DATABASE: Duration = Duration::from_secs(60);
 /// Connects to the service's database, creating it if missing, and runs `migrators` in order
 /// (the shared messaging tables first, then the service's own). Waits for PostgreSQL to come
 /// up for a while, so that services may start before it.
-pub async fn connect(url: &str, max_connections: u32, migrators: &[&Migrator]) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    migrators: &[&Migrator],
+) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse()
         .with_context(|| format!("invalid database URL {}", crate::redact_url(url)))?;
@@ -37,7 +41,11 @@ pub async fn connect(url: &str, max_connections: u32, migrators: &[&Migrator]) -
             }
             Err(e) if started.elapsed() < WAIT_FOR_DATABASE => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(2));
-                tracing::warn!(error = format!("{e:#}"), ?delay, "database not ready, retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    ?delay,
+                    "database not ready, retrying"
+                );
                 tokio::time::sleep(delay).await;
             }
             Err(e) => {
@@ -63,7 +71,11 @@ fn combine(migrators: &[&Migrator]) -> Migrator {
     }
 }
 
-async fn try_connect(url: &str, options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+async fn try_connect(
+    url: &str,
+    options: &PgConnectOptions,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
     if !Postgres::database_exists(url).await? {
         // Two services starting at once may race to create it; losing that race is fine.
         if let Err(e) = Postgres::create_database(url).await {

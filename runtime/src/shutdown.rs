@@ -13,15 +13,16 @@ pub fn on_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    cancel.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -37,7 +38,10 @@ pub fn on_signal() -> CancellationToken {
 
 /// Waits for `tasks` to finish after shutdown began, at most `grace`; what is still running
 /// then is aborted (its work is safe to redo: nothing is acknowledged before it commits).
-pub async fn drain(tasks: tokio::task::JoinSet<anyhow::Result<()>>, grace: Duration) -> anyhow::Result<()> {
+pub async fn drain(
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let mut tasks = tasks;
     let mut first_error = None;
     let wait = async {
@@ -56,7 +60,10 @@ pub async fn drain(tasks: tokio::task::JoinSet<anyhow::Result<()>>, grace: Durat
         }
     };
     if tokio::time::timeout(grace, wait).await.is_err() {
-        tracing::warn!(?grace, "tasks still running after the grace period: aborting them");
+        tracing::warn!(
+            ?grace,
+            "tasks still running after the grace period: aborting them"
+        );
         tasks.abort_all();
     }
     first_error.map_or(Ok(()), Err)

@@ -9,14 +9,28 @@ use super::state::{Compensation, OrderDetails, Saga, SagaState};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Input {
-    OrderCreated { order: OrderDetails },
-    InventoryReserved { reservation_id: Uuid },
-    InventoryReservationFailed { reason: String },
-    PaymentInitiated { payment_id: Uuid },
-    PaymentSucceeded { payment_id: Uuid },
-    PaymentFailed { reason: String },
+    OrderCreated {
+        order: OrderDetails,
+    },
+    InventoryReserved {
+        reservation_id: Uuid,
+    },
+    InventoryReservationFailed {
+        reason: String,
+    },
+    PaymentInitiated {
+        payment_id: Uuid,
+    },
+    PaymentSucceeded {
+        payment_id: Uuid,
+    },
+    PaymentFailed {
+        reason: String,
+    },
     InventoryCommitted,
-    InventoryCommitFailed { reason: String },
+    InventoryCommitFailed {
+        reason: String,
+    },
     InventoryReleased,
     PaymentVoided,
     PaymentRefunded,
@@ -111,7 +125,10 @@ pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             let mut next = saga.clone();
             next.state = Failed;
             next.failure_reason = Some(reason.clone());
-            changed(next, vec![Command::CancelDeadline, Command::FailOrder { reason }])
+            changed(
+                next,
+                vec![Command::CancelDeadline, Command::FailOrder { reason }],
+            )
         }
         (Reserving, Input::DeadlineExpired) => compensate(
             saga,
@@ -123,10 +140,19 @@ pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             let mut next = saga.clone();
             next.state = AwaitingVerification;
             next.payment_id = Some(*payment_id);
-            changed(next, vec![Command::MarkPaymentInitiated { payment_id: *payment_id }])
+            changed(
+                next,
+                vec![Command::MarkPaymentInitiated {
+                    payment_id: *payment_id,
+                }],
+            )
         }
         (Charging | AwaitingVerification, Input::PaymentFailed { reason }) => {
-            let mut transition = compensate(saga, &format!("payment failed: {reason}"), &[Compensation::ReleaseInventory]);
+            let mut transition = compensate(
+                saga,
+                &format!("payment failed: {reason}"),
+                &[Compensation::ReleaseInventory],
+            );
             if let Outcome::Changed(t) = &mut transition {
                 t.commands.insert(0, Command::CancelDeadline);
             }
@@ -141,7 +167,10 @@ pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
         (AwaitingVerification, Input::PaymentSucceeded { .. }) => {
             let mut next = saga.clone();
             next.state = Committing;
-            changed(next, vec![Command::CancelDeadline, Command::CommitInventory])
+            changed(
+                next,
+                vec![Command::CancelDeadline, Command::CommitInventory],
+            )
         }
 
         (Committing, Input::InventoryCommitted) => {
@@ -183,9 +212,15 @@ fn compensate(saga: &Saga, reason: &str, compensations: &[Compensation]) -> Outc
     let commands = compensations
         .iter()
         .map(|c| match c {
-            Compensation::ReleaseInventory => Command::ReleaseInventory { reason: reason.to_owned() },
-            Compensation::VoidPayment => Command::VoidPayment { reason: reason.to_owned() },
-            Compensation::RefundPayment => Command::RefundPayment { reason: reason.to_owned() },
+            Compensation::ReleaseInventory => Command::ReleaseInventory {
+                reason: reason.to_owned(),
+            },
+            Compensation::VoidPayment => Command::VoidPayment {
+                reason: reason.to_owned(),
+            },
+            Compensation::RefundPayment => Command::RefundPayment {
+                reason: reason.to_owned(),
+            },
         })
         .collect();
     changed(next, commands)

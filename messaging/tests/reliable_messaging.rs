@@ -1,0 +1,461 @@
+//! The outbox, the relay, the inbox and the consumer against the real PostgreSQL and broker.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use messaging::consumer::dead_letter_headers;
+use messaging::envelope;
+use messaging::{
+    Consumer, Handler, HandlerError, Incoming, KafkaArgs, MessageContext, Outbox, Relay,
+};
+use proto::order::v1::CompleteOrder;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const TOPIC: &str = proto::topics::ORDER_COMMANDS;
+
+struct Setup {
+    pool: PgPool,
+    kafka: KafkaArgs,
+    outbox: Outbox,
+}
+
+async fn setup(label: &str) -> Setup {
+    let url = platform::testing::fresh_database(label).await;
+    let pool = runtime::database::connect(&url, 4, &[&messaging::MIGRATOR])
+        .await
+        .expect("migrate");
+    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL, order_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("effects table");
+    let kafka = KafkaArgs {
+        brokers: platform::testing::kafka_brokers(),
+        topic_prefix: platform::testing::topic_prefix(),
+        partitions: 1,
+        fetch_wait_max_ms: 5,
+        linger_ms: 1,
+        batch_max: 64,
+    };
+    kafka.ensure_topics().await.expect("topics");
+    let outbox = Outbox::new("test", kafka.clone());
+    Setup {
+        pool,
+        kafka,
+        outbox,
+    }
+}
+
+/// Records one effect row per handled message; fails transiently `fail_first` times first,
+/// and permanently for payloads it cannot decode.
+struct Recorder {
+    calls: Arc<AtomicUsize>,
+    fail_first: usize,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if message.message_type() != <CompleteOrder as prost::Name>::full_name() {
+            return Err(message.unknown_type());
+        }
+        let command: CompleteOrder = message.decode()?;
+        // The effect is written before the failure, so a retry that did not roll it back
+        // would show twice.
+        sqlx::query("INSERT INTO effects (message_id, order_id) VALUES ($1, $2)")
+            .bind(message.message_id()?)
+            .bind(&command.order_id)
+            .execute(&mut *conn)
+            .await?;
+        if call < self.fail_first {
+            return Err(HandlerError::Transient(
+                "database briefly unavailable".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn producer(kafka: &KafkaArgs) -> FutureProducer {
+    kafka.producer().expect("producer")
+}
+
+/// Sends a message as another service's relay would, with the given message id and type.
+async fn send(kafka: &KafkaArgs, message_id: Uuid, message_type: &str, payload: &[u8]) {
+    let envelope = proto::messaging::v1::Envelope {
+        message_id: message_id.to_string(),
+        message_type: message_type.to_owned(),
+        saga_id: "saga".into(),
+        ..Default::default()
+    };
+    let topic = kafka.topic(TOPIC);
+    producer(kafka)
+        .send(
+            FutureRecord::to(&topic)
+                .key("k")
+                .payload(payload)
+                .headers(envelope::to_headers(&envelope)),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce");
+}
+
+fn complete(order_id: &str) -> Vec<u8> {
+    prost::Message::encode_to_vec(&CompleteOrder {
+        order_id: order_id.to_owned(),
+    })
+}
+
+async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT message_id, order_id FROM effects ORDER BY order_id")
+                .fetch_all(pool)
+                .await
+                .expect("effects");
+        if rows.len() as i64 >= count || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_consumer(
+    setup: &Setup,
+    group: &str,
+    handler: Recorder,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let cancel = CancellationToken::new();
+    let consumer = Consumer::new(
+        &setup.kafka,
+        group,
+        &[TOPIC],
+        setup.pool.clone(),
+        setup.outbox.clone(),
+    );
+    let task = tokio::spawn(consumer.run(handler, cancel.clone()));
+    (cancel, task)
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_has_one_effect() {
+    let setup = setup("msg_dup").await;
+    let first = Uuid::now_v7();
+    send(
+        &setup.kafka,
+        first,
+        "order.v1.CompleteOrder",
+        &complete("a"),
+    )
+    .await;
+    send(
+        &setup.kafka,
+        first,
+        "order.v1.CompleteOrder",
+        &complete("a"),
+    )
+    .await;
+    send(
+        &setup.kafka,
+        Uuid::now_v7(),
+        "order.v1.CompleteOrder",
+        &complete("b"),
+    )
+    .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (cancel, task) = start_consumer(
+        &setup,
+        "dup",
+        Recorder {
+            calls: calls.clone(),
+            fail_first: 0,
+        },
+    );
+    let effects = wait_for_effects(&setup.pool, 2).await;
+    // "b" was sent after the duplicate on the same partition, so the duplicate was seen.
+    assert_eq!(
+        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the duplicate never reached the handler"
+    );
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_and_rolled_back() {
+    let setup = setup("msg_retry").await;
+    send(
+        &setup.kafka,
+        Uuid::now_v7(),
+        "order.v1.CompleteOrder",
+        &complete("a"),
+    )
+    .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (cancel, task) = start_consumer(
+        &setup,
+        "retry",
+        Recorder {
+            calls: calls.clone(),
+            fail_first: 2,
+        },
+    );
+    let effects = wait_for_effects(&setup.pool, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        effects.len(),
+        1,
+        "one effect after two failed attempts: {effects:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("inbox");
+    assert_eq!(inbox, 1);
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+}
+
+#[tokio::test]
+async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes_on() {
+    let setup = setup("msg_dlq").await;
+    let bad = Uuid::now_v7();
+    send(
+        &setup.kafka,
+        Uuid::now_v7(),
+        "order.v1.CompleteOrder",
+        &complete("a"),
+    )
+    .await;
+    send(&setup.kafka, bad, "order.v1.NoSuchThing", b"\x01\x02").await;
+    send(
+        &setup.kafka,
+        Uuid::now_v7(),
+        "order.v1.CompleteOrder",
+        &complete("b"),
+    )
+    .await;
+    let (cancel, task) = start_consumer(
+        &setup,
+        "dlq",
+        Recorder {
+            calls: Arc::default(),
+            fail_first: 0,
+        },
+    );
+    let effects = wait_for_effects(&setup.pool, 2).await;
+    assert_eq!(
+        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+
+    let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
+    assert_eq!(
+        relay.publish_batch().await.expect("publish"),
+        1,
+        "one dead letter in the outbox"
+    );
+    let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &setup.kafka.brokers)
+        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("reader");
+    reader.subscribe(&[&dlq]).expect("subscribe");
+    let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+        .await
+        .expect("a dead letter within 30 s")
+        .expect("receive");
+    let headers = message.headers().expect("headers");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_else(|| panic!("header {name} missing"))
+    };
+    assert_eq!(header(envelope::MESSAGE_ID), bad.to_string());
+    assert!(
+        header(dead_letter_headers::ERROR).contains("unknown message type"),
+        "{}",
+        header(dead_letter_headers::ERROR)
+    );
+    assert_eq!(header(dead_letter_headers::TOPIC), setup.kafka.topic(TOPIC));
+    assert_eq!(header(dead_letter_headers::OFFSET), "1");
+    assert_eq!(message.payload(), Some(&b"\x01\x02"[..]));
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+}
+
+/// A consumer that stops before its transaction commits leaves the offset uncommitted: the
+/// next member of the group gets the message again.
+#[tokio::test]
+async fn offsets_are_committed_only_after_the_transaction() {
+    struct Stuck;
+    #[async_trait]
+    impl Handler for Stuck {
+        async fn handle(
+            &self,
+            _: &mut sqlx::PgConnection,
+            _: &Incoming,
+        ) -> Result<(), HandlerError> {
+            Err(HandlerError::Transient("never commits".into()))
+        }
+    }
+    let setup = setup("msg_offsets").await;
+    send(
+        &setup.kafka,
+        Uuid::now_v7(),
+        "order.v1.CompleteOrder",
+        &complete("a"),
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let stuck = Consumer::new(
+        &setup.kafka,
+        "offsets",
+        &[TOPIC],
+        setup.pool.clone(),
+        setup.outbox.clone(),
+    );
+    let task = tokio::spawn(stuck.run(Stuck, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (cancel, task) = start_consumer(
+        &setup,
+        "offsets",
+        Recorder {
+            calls,
+            fail_first: 0,
+        },
+    );
+    let effects = wait_for_effects(&setup.pool, 1).await;
+    assert_eq!(
+        effects.len(),
+        1,
+        "the message was redelivered to the next consumer"
+    );
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+}
+
+/// The relay killed in the middle of publishing loses nothing: every message recorded in the
+/// outbox reaches the topic at least once, and the outbox ends empty.
+#[tokio::test]
+async fn a_relay_killed_mid_batch_loses_nothing() {
+    let setup = setup("msg_relay").await;
+    const N: usize = 3000;
+    let mut expected = HashSet::new();
+    let mut tx = setup.pool.begin().await.expect("begin");
+    let messages: Vec<_> = (0..N)
+        .map(|i| {
+            let m = setup.outbox.message(
+                TOPIC,
+                Uuid::now_v7(),
+                &CompleteOrder {
+                    order_id: i.to_string(),
+                },
+                &MessageContext::default(),
+            );
+            expected.insert(m.envelope.message_id.clone());
+            m
+        })
+        .collect();
+    setup
+        .outbox
+        .enqueue(&mut tx, &messages)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    // Kill the relay (abort its task: no clean shutdown) as soon as it has published part.
+    let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
+    let task = tokio::spawn(relay.run(CancellationToken::new()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&setup.pool)
+            .await
+            .expect("count");
+        if (left as usize) < N || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("count");
+    assert!(
+        left > 0,
+        "the relay was killed before it had published everything"
+    );
+
+    let cancel = CancellationToken::new();
+    let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
+    let task = tokio::spawn(relay.run(cancel.clone()));
+
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &setup.kafka.brokers)
+        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("reader");
+    reader
+        .subscribe(&[&setup.kafka.topic(TOPIC)])
+        .expect("subscribe");
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < N && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), reader.recv()).await {
+            let envelope = envelope::from_headers(m.headers().expect("headers"));
+            seen.insert(envelope.message_id);
+        }
+    }
+    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} messages never published, e.g. {missing:?}",
+        expected.len() - seen.len().min(expected.len())
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    cancel.cancel();
+    task.await.expect("relay");
+}

@@ -1,0 +1,3 @@
+//! Whole-system tools: the local platform runner and the helpers integration tests share.
+
+pub mod testing;
