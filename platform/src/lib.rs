@@ -1,3 +1,22 @@
-//! Whole-system tools: the local platform runner and the helpers integration tests share.
+//! Whole-system tools: the local platform runner (PostgreSQL, the broker and the five
+//! services) and the helpers that integration tests share.
 
+pub mod infra;
+pub mod services;
 pub mod testing;
+
+use std::path::PathBuf;
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Where the local platform keeps its state (the database cluster, the broker's storage,
+/// logs): `PLATFORM_STATE_DIR`, or `.platform/` in the workspace.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("PLATFORM_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".platform"))
+}

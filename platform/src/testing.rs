@@ -29,16 +29,7 @@ fn server_url() -> String {
 
 /// The URL of database `name` on the test server.
 pub fn database_url(name: &str) -> String {
-    let server = server_url();
-    let (base, query) = match server.split_once('?') {
-        Some((b, q)) => (b.to_owned(), format!("?{q}")),
-        None => (server.clone(), String::new()),
-    };
-    let base = match base.rfind('/') {
-        Some(i) if i > base.find("://").map_or(0, |j| j + 2) => base[..i].to_owned(),
-        _ => base,
-    };
-    format!("{base}/{name}{query}")
+    crate::infra::with_database(&server_url(), name)
 }
 
 /// A short random id for names of databases and topics.
@@ -83,4 +74,168 @@ pub fn kafka_brokers() -> String {
 /// A topic prefix of its own for one test, e.g. `t3f9a0c1b2d.`.
 pub fn topic_prefix() -> String {
     format!("t{}.", unique_suffix())
+}
+
+/// The five real service binaries started as processes for one test, on free ports, with
+/// databases and topics of their own. Killed when dropped.
+pub struct TestPlatform {
+    pub config: crate::services::PlatformConfig,
+    pub gateway: String,
+    pub http: reqwest::Client,
+    pub log_dir: std::path::PathBuf,
+    children: Vec<(&'static str, tokio::process::Child)>,
+}
+
+impl TestPlatform {
+    /// Starts the platform; `extra_env` is given to every service (e.g. a short
+    /// `PAYMENT_DEADLINE_SECS`).
+    pub async fn start(extra_env: &[(&str, &str)]) -> TestPlatform {
+        let server = server_url();
+        if let Err(e) = sqlx::PgConnection::connect(&server).await {
+            panic!("PostgreSQL is not reachable at {server} ({DATABASE_ENV}): {e}.\nTo fix: {HOW_TO_START}.");
+        }
+        let suffix = unique_suffix();
+        let config = crate::services::PlatformConfig {
+            database_server_url: server,
+            database_prefix: format!("{TEST_DATABASE_PREFIX}{suffix}_"),
+            kafka_brokers: kafka_brokers(),
+            topic_prefix: format!("t{suffix}."),
+            addresses: crate::services::Addresses::free().expect("free ports"),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .chain([("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned())])
+                .collect(),
+        };
+        let bin_dir = crate::services::binary_dir();
+        let log_dir = bin_dir.join("test-logs").join(&suffix);
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let mut children = Vec::new();
+        for service in crate::services::SERVICES {
+            let log =
+                std::fs::File::create(log_dir.join(format!("{service}.log"))).expect("log file");
+            let child = crate::services::spawn(
+                &bin_dir,
+                service,
+                &config.env(service),
+                std::process::Stdio::from(log.try_clone().expect("log file")),
+                std::process::Stdio::from(log),
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"));
+            children.push((service, child));
+        }
+        let platform = TestPlatform {
+            gateway: format!("http://{}", config.addresses.gateway),
+            config,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            log_dir,
+            children,
+        };
+        platform.wait_ready().await;
+        platform
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let orchestrator = self.config.addresses.orchestrator;
+        loop {
+            let gateway_ready = self
+                .http
+                .get(format!("{}/readyz", self.gateway))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            let orchestrator_up = tokio::net::TcpStream::connect(orchestrator).await.is_ok();
+            if gateway_ready && orchestrator_up {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "the platform did not become ready within 60 s; logs in {}",
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The gRPC URL of a service, for checks through its own API.
+    pub fn grpc_url(&self, service: &str) -> String {
+        let a = &self.config.addresses;
+        let addr = match service {
+            "order-svc" => a.order,
+            "inventory-svc" => a.inventory,
+            "payment-svc" => a.payment,
+            "orchestrator" => a.orchestrator,
+            other => panic!("no gRPC service {other}"),
+        };
+        format!("http://{addr}")
+    }
+
+    /// `POST` JSON to the gateway; returns the status and the JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.gateway))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = response.status();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.gateway))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Polls `GET /orders/{id}` until `done` holds for the order, or panics after `timeout`.
+    pub async fn wait_for_order(
+        &self,
+        order_id: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (status, order) = self.get(&format!("/orders/{order_id}")).await;
+            if status.is_success() && done(&order) {
+                return order;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "order {order_id} did not reach the expected state within {timeout:?}; last: {order}; logs in {}",
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills every service (as `kill -9` would).
+    pub async fn kill(&mut self) {
+        for (_, child) in self.children.iter_mut() {
+            let _ = child.kill().await;
+        }
+    }
 }

@@ -1,0 +1,199 @@
+//! `payment.v1.PaymentService`.
+
+pub mod convert;
+
+use std::sync::Arc;
+
+use messaging::{MessageContext, Outbox};
+use proto::payment::v1 as pb;
+use proto::payment::v1::payment_service_server::PaymentService;
+use proto::topics::SAGA_REPLIES;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::payment::{OrderId, Payment, PaymentId, PaymentStatus};
+use crate::provider::{Decision, PaymentProvider};
+use crate::store;
+
+/// gRPC metadata carrying the saga's correlation id.
+pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
+const TRACEPARENT_HEADER: &str = "traceparent";
+const TRACESTATE_HEADER: &str = "tracestate";
+
+pub struct PaymentGrpc {
+    pool: PgPool,
+    outbox: Outbox,
+    provider: Arc<dyn PaymentProvider>,
+}
+
+impl PaymentGrpc {
+    pub fn new(pool: PgPool, outbox: Outbox, provider: Arc<dyn PaymentProvider>) -> Self {
+        Self {
+            pool,
+            outbox,
+            provider,
+        }
+    }
+
+    /// Lets the provider decide a payment awaiting verification, and tells the saga, in one
+    /// transaction. The row lock makes concurrent verifications of one payment take turns, so
+    /// the provider is asked once and one outcome is sent; later ones return that outcome.
+    async fn verify(&self, id: PaymentId, request: &MessageContext) -> Result<Payment, Error> {
+        let mut tx = self.pool.begin().await?;
+        let payment = store::lock(&mut tx, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
+        match payment.status {
+            PaymentStatus::AwaitingVerification => {}
+            // Decided before: the same answer, and nothing sent or charged again.
+            PaymentStatus::Succeeded | PaymentStatus::Declined => return Ok(payment),
+            PaymentStatus::Voided => {
+                return Err(Error::Refused(format!(
+                    "payment {id} was voided: the order's payment deadline passed; no money was taken"
+                )))
+            }
+            PaymentStatus::Refunded => {
+                return Err(Error::Refused(format!(
+                    "payment {id} was refunded: the order could not be completed and the money was given back"
+                )))
+            }
+        }
+        let decision = self.provider.verify(&payment).await;
+        let updated = match &decision {
+            Decision::Approved => {
+                store::set_status(&mut tx, id, PaymentStatus::Succeeded, None).await?
+            }
+            Decision::Declined { reason } => {
+                store::set_status(&mut tx, id, PaymentStatus::Declined, Some(reason)).await?
+            }
+        };
+        let context = saga_context(&payment, request);
+        let order_id = payment.order_id.0;
+        let message = match &decision {
+            Decision::Approved => {
+                let reply = pb::PaymentSucceeded {
+                    order_id: order_id.to_string(),
+                    payment_id: id.to_string(),
+                };
+                self.outbox
+                    .message(SAGA_REPLIES, order_id, &reply, &context)
+            }
+            Decision::Declined { .. } => {
+                let reply = convert::payment_failed(&updated);
+                self.outbox
+                    .message(SAGA_REPLIES, order_id, &reply, &context)
+            }
+        };
+        self.outbox.enqueue(&mut tx, &[message]).await?;
+        tx.commit().await?;
+        tracing::info!(
+            payment_id = %id,
+            %order_id,
+            status = %updated.status,
+            decline_reason = updated.decline_reason.as_deref().unwrap_or(""),
+            correlation_id = %context.correlation_id,
+            "payment verified"
+        );
+        Ok(updated)
+    }
+
+    async fn get(&self, request: &pb::GetPaymentRequest) -> Result<Payment, Error> {
+        match (request.payment_id.is_empty(), request.order_id.is_empty()) {
+            (false, true) => {
+                let id = PaymentId(convert::uuid("payment_id", &request.payment_id)?);
+                store::find(&self.pool, id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))
+            }
+            (true, false) => {
+                let id = OrderId(convert::uuid("order_id", &request.order_id)?);
+                store::find_by_order(&self.pool, id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("order {id} has no payment")))
+            }
+            _ => Err(Error::Invalid(
+                "exactly one of payment_id or order_id must be set".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The context of a reply caused by a request: the saga's correlation id and trace context,
+/// stored with the payment, so the reply belongs to the saga's trace; the request's when the
+/// payment has none. The request itself is the cause.
+fn saga_context(payment: &Payment, request: &MessageContext) -> MessageContext {
+    let (traceparent, tracestate) = if payment.traceparent.is_empty() {
+        (request.traceparent.clone(), request.tracestate.clone())
+    } else {
+        (payment.traceparent.clone(), String::new())
+    };
+    MessageContext {
+        correlation_id: if payment.correlation_id.is_empty() {
+            request.correlation_id.clone()
+        } else {
+            payment.correlation_id.clone()
+        },
+        causation_id: Uuid::now_v7().to_string(),
+        traceparent,
+        tracestate,
+    }
+}
+
+/// The correlation id and trace context a request carries in its metadata.
+fn request_context<T>(request: &Request<T>) -> MessageContext {
+    let header = |name: &str| {
+        request
+            .metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    MessageContext {
+        correlation_id: header(CORRELATION_ID_HEADER),
+        causation_id: String::new(),
+        traceparent: header(TRACEPARENT_HEADER),
+        tracestate: header(TRACESTATE_HEADER),
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentService for PaymentGrpc {
+    async fn verify_payment(
+        &self,
+        request: Request<pb::VerifyPaymentRequest>,
+    ) -> Result<Response<pb::VerifyPaymentResponse>, Status> {
+        let context = request_context(&request);
+        let id = PaymentId(convert::uuid("payment_id", &request.get_ref().payment_id)?);
+        let payment = self.verify(id, &context).await?;
+        Ok(Response::new(pb::VerifyPaymentResponse {
+            payment: Some(convert::payment(&payment)),
+        }))
+    }
+
+    async fn get_payment(
+        &self,
+        request: Request<pb::GetPaymentRequest>,
+    ) -> Result<Response<pb::Payment>, Status> {
+        let payment = self.get(request.get_ref()).await?;
+        Ok(Response::new(convert::payment(&payment)))
+    }
+
+    async fn validate_payment_method(
+        &self,
+        request: Request<pb::ValidatePaymentMethodRequest>,
+    ) -> Result<Response<pb::ValidatePaymentMethodResponse>, Status> {
+        let method = request.into_inner().payment_method;
+        if method.is_empty() {
+            return Err(Error::Invalid("payment_method is required".to_owned()).into());
+        }
+        self.provider
+            .check_method(&method)
+            .map_err(|message| Status::from(Error::Invalid(message)))?;
+        Ok(Response::new(pb::ValidatePaymentMethodResponse {
+            payment_method: method,
+        }))
+    }
+}

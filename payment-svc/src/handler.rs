@@ -1,0 +1,209 @@
+//! The commands of the saga on `payment.commands`, each applied in the consumer's inbox
+//! transaction with its reply on `saga.replies`.
+//!
+//! Idempotent by state as well as by the inbox: a command sent again (a new message, say after
+//! the orchestrator retried) finds the payment as the first one left it and replies the same.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use messaging::{Handler, HandlerError, Incoming, Outbox};
+use prost::Name as _;
+use proto::payment::v1 as pb;
+use proto::topics::SAGA_REPLIES;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::grpc::convert;
+use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
+use crate::provider::PaymentProvider;
+use crate::store;
+
+/// Currency of a charge that names none: the platform sells in US dollars.
+const DEFAULT_CURRENCY: &str = "USD";
+
+pub struct PaymentCommands {
+    outbox: Outbox,
+    provider: Arc<dyn PaymentProvider>,
+}
+
+impl PaymentCommands {
+    pub fn new(outbox: Outbox, provider: Arc<dyn PaymentProvider>) -> Self {
+        Self { outbox, provider }
+    }
+
+    async fn reply<M: prost::Message + prost::Name>(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+        order_id: OrderId,
+        reply: &M,
+    ) -> Result<(), HandlerError> {
+        let out = self
+            .outbox
+            .message(SAGA_REPLIES, order_id.0, reply, &message.context());
+        self.outbox.enqueue(conn, &[out]).await?;
+        Ok(())
+    }
+
+    /// Records a payment awaiting verification, or a declined one when the provider refuses
+    /// the method. Sent again, it replies as the recorded payment stands.
+    async fn charge(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: pb::ChargePayment = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        if command.amount_cents < 0 {
+            return Err(HandlerError::Permanent(format!(
+                "ChargePayment for order {order_id}: amount_cents must not be negative, got {}",
+                command.amount_cents
+            )));
+        }
+        let (status, decline_reason) = match self.provider.check_method(&command.payment_method) {
+            Ok(()) => (PaymentStatus::AwaitingVerification, None),
+            Err(reason) => (PaymentStatus::Declined, Some(reason)),
+        };
+        let currency = if command.currency.is_empty() {
+            DEFAULT_CURRENCY.to_owned()
+        } else {
+            command.currency
+        };
+        let new = NewPayment {
+            order_id,
+            amount_cents: command.amount_cents,
+            currency,
+            payment_method: command.payment_method,
+            status,
+            decline_reason,
+            correlation_id: message.envelope.correlation_id.clone(),
+            traceparent: message.envelope.traceparent.clone(),
+        };
+        let (payment, created) = store::insert(conn, &new).await?;
+        if created {
+            tracing::info!(
+                %order_id,
+                payment_id = %payment.payment_id,
+                status = %payment.status,
+                correlation_id = %payment.correlation_id,
+                "payment recorded"
+            );
+        } else {
+            tracing::info!(%order_id, payment_id = %payment.payment_id, "ChargePayment again: replying as before");
+        }
+        if payment.status == PaymentStatus::Declined {
+            self.reply(conn, message, order_id, &convert::payment_failed(&payment))
+                .await
+        } else {
+            let reply = pb::PaymentInitiated {
+                order_id: order_id.to_string(),
+                payment_id: payment.payment_id.to_string(),
+            };
+            self.reply(conn, message, order_id, &reply).await
+        }
+    }
+
+    /// Applies a compensation (`next` maps the current status to the new one) to the order's
+    /// payment. Returns the payment id and final status, or `None` when the order has none.
+    async fn compensate(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        what: &str,
+        reason: &str,
+        next: fn(PaymentStatus) -> PaymentStatus,
+    ) -> Result<Option<Payment>, HandlerError> {
+        let Some(payment) = store::lock_by_order(conn, order_id).await? else {
+            tracing::warn!(%order_id, reason, "{what}: the order has no payment");
+            return Ok(None);
+        };
+        let status = next(payment.status);
+        if status == payment.status {
+            tracing::info!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");
+            return Ok(Some(payment));
+        }
+        let updated = store::set_status(conn, payment.payment_id, status, None).await?;
+        tracing::info!(
+            %order_id,
+            payment_id = %payment.payment_id,
+            from = %payment.status,
+            to = %status,
+            reason,
+            "{what}"
+        );
+        Ok(Some(updated))
+    }
+
+    async fn void(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {
+        let command: pb::VoidPayment = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        let payment = self
+            .compensate(
+                conn,
+                order_id,
+                "payment voided",
+                &command.reason,
+                PaymentStatus::voided,
+            )
+            .await?;
+        let (payment_id, status) = convert::id_and_status(payment.as_ref());
+        let reply = pb::PaymentVoided {
+            order_id: order_id.to_string(),
+            payment_id,
+            status: status.into(),
+        };
+        self.reply(conn, message, order_id, &reply).await
+    }
+
+    async fn refund(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: pb::RefundPayment = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        let payment = self
+            .compensate(
+                conn,
+                order_id,
+                "payment refunded",
+                &command.reason,
+                PaymentStatus::refunded,
+            )
+            .await?;
+        let (payment_id, status) = convert::id_and_status(payment.as_ref());
+        let reply = pb::PaymentRefunded {
+            order_id: order_id.to_string(),
+            payment_id,
+            status: status.into(),
+        };
+        self.reply(conn, message, order_id, &reply).await
+    }
+}
+
+fn order_id(value: &str) -> Result<OrderId, HandlerError> {
+    Uuid::parse_str(value)
+        .map(OrderId)
+        .map_err(|_| HandlerError::Permanent(format!("order_id {value:?} is not a valid UUID")))
+}
+
+#[async_trait]
+impl Handler for PaymentCommands {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let kind = message.message_type();
+        if kind == pb::ChargePayment::full_name() {
+            self.charge(conn, message).await
+        } else if kind == pb::VoidPayment::full_name() {
+            self.void(conn, message).await
+        } else if kind == pb::RefundPayment::full_name() {
+            self.refund(conn, message).await
+        } else {
+            Err(message.unknown_type())
+        }
+    }
+}

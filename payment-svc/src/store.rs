@@ -1,0 +1,160 @@
+//! The `payments` table.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::payment::{NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
+
+const COLUMNS: &str = "payment_id, order_id, amount_cents, currency, payment_method, status, \
+                       decline_reason, correlation_id, traceparent, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    payment_id: Uuid,
+    order_id: Uuid,
+    amount_cents: i64,
+    currency: String,
+    payment_method: String,
+    status: String,
+    decline_reason: Option<String>,
+    correlation_id: String,
+    traceparent: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<Row> for Payment {
+    type Error = sqlx::Error;
+
+    fn try_from(row: Row) -> Result<Self, Self::Error> {
+        Ok(Payment {
+            payment_id: PaymentId(row.payment_id),
+            order_id: OrderId(row.order_id),
+            amount_cents: row.amount_cents,
+            currency: row.currency,
+            payment_method: row.payment_method,
+            status: row
+                .status
+                .parse()
+                .map_err(|e: String| sqlx::Error::ColumnDecode {
+                    index: "status".into(),
+                    source: e.into(),
+                })?,
+            decline_reason: row.decline_reason,
+            correlation_id: row.correlation_id,
+            traceparent: row.traceparent,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+fn payment(row: Option<Row>) -> Result<Option<Payment>, sqlx::Error> {
+    row.map(Payment::try_from).transpose()
+}
+
+/// Records the order's payment unless it has one already. Returns the order's payment and
+/// whether it was created now.
+pub async fn insert(
+    conn: &mut PgConnection,
+    new: &NewPayment,
+) -> Result<(Payment, bool), sqlx::Error> {
+    let inserted: Option<Row> = sqlx::query_as(&format!(
+        "INSERT INTO payments (payment_id, order_id, amount_cents, currency, payment_method, \
+                               status, decline_reason, correlation_id, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (order_id) DO NOTHING \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(new.order_id)
+    .bind(new.amount_cents)
+    .bind(&new.currency)
+    .bind(&new.payment_method)
+    .bind(new.status.as_str())
+    .bind(new.decline_reason.as_deref())
+    .bind(&new.correlation_id)
+    .bind(&new.traceparent)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(created) = payment(inserted)? {
+        return Ok((created, true));
+    }
+    // The conflicting insert has committed (ON CONFLICT waited for it), so this sees its row.
+    match find_by_order(&mut *conn, new.order_id).await? {
+        Some(existing) => Ok((existing, false)),
+        None => Err(sqlx::Error::RowNotFound),
+    }
+}
+
+pub async fn find<'e>(
+    db: impl PgExecutor<'e>,
+    id: PaymentId,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    payment(row)
+}
+
+pub async fn find_by_order<'e>(
+    db: impl PgExecutor<'e>,
+    id: OrderId,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE order_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    payment(row)
+}
+
+/// The payment, locked until the end of the caller's transaction, so that concurrent
+/// verifications and compensations of one payment take turns.
+pub async fn lock(conn: &mut PgConnection, id: PaymentId) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    payment(row)
+}
+
+/// The order's payment, locked like [`lock`].
+pub async fn lock_by_order(
+    conn: &mut PgConnection,
+    id: OrderId,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE order_id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    payment(row)
+}
+
+/// Sets the status (and the reason of a decline) of a payment the caller has locked.
+pub async fn set_status(
+    conn: &mut PgConnection,
+    id: PaymentId,
+    status: PaymentStatus,
+    decline_reason: Option<&str>,
+) -> Result<Payment, sqlx::Error> {
+    let row: Row = sqlx::query_as(&format!(
+        "UPDATE payments SET status = $2, decline_reason = COALESCE($3, decline_reason), updated_at = now() \
+         WHERE payment_id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(status.as_str())
+    .bind(decline_reason)
+    .fetch_one(conn)
+    .await?;
+    Payment::try_from(row)
+}

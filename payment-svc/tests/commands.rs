@@ -1,0 +1,319 @@
+//! The saga's commands, handled as the consumer does, in a committed transaction.
+
+mod common;
+
+use common::{charge, TestApp, CORRELATION_ID, TRACEPARENT};
+use messaging::HandlerError;
+use proto::payment::v1 as pb;
+use proto::topics::SAGA_REPLIES;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn charge_records_one_awaiting_payment_and_replies_initiated() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    app.handle(order_id, &charge(order_id, "pm_card_visa"))
+        .await
+        .unwrap();
+
+    let row: (
+        Uuid,
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+    ) = sqlx::query_as(
+        "SELECT payment_id, amount_cents, currency, payment_method, status, decline_reason, \
+                correlation_id, traceparent FROM payments WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (payment_id, amount, currency, method, status, reason, correlation_id, traceparent) = row;
+    assert_eq!(
+        (amount, currency.as_str(), method.as_str()),
+        (4_250, "USD", "pm_card_visa")
+    );
+    assert_eq!(status, "AWAITING_VERIFICATION");
+    assert_eq!(reason, None);
+    // Kept for the replies a verification causes later.
+    assert_eq!(correlation_id, CORRELATION_ID);
+    assert_eq!(traceparent, TRACEPARENT);
+
+    let sent = app.sent(order_id).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].topic, app.topic(SAGA_REPLIES));
+    assert_eq!(sent[0].envelope.correlation_id, CORRELATION_ID);
+    assert_eq!(sent[0].envelope.traceparent, TRACEPARENT);
+    assert_eq!(sent[0].envelope.source, "payment-svc");
+    let reply: pb::PaymentInitiated = sent[0].decode();
+    assert_eq!(reply.order_id, order_id.to_string());
+    assert_eq!(reply.payment_id, payment_id.to_string());
+}
+
+#[tokio::test]
+async fn charge_sent_twice_keeps_one_payment_and_replies_the_same_id() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    // Two deliveries with different message ids: the inbox does not catch the second.
+    app.handle(order_id, &charge(order_id, "pm_card_visa"))
+        .await
+        .unwrap();
+    app.handle(order_id, &charge(order_id, "pm_card_visa"))
+        .await
+        .unwrap();
+
+    assert_eq!(app.payment_count(order_id).await, 1);
+    let sent = app.sent(order_id).await;
+    assert_eq!(sent.len(), 2);
+    let first: pb::PaymentInitiated = sent[0].decode();
+    let second: pb::PaymentInitiated = sent[1].decode();
+    assert!(!first.payment_id.is_empty());
+    assert_eq!(first, second);
+}
+
+#[tokio::test]
+async fn charge_with_a_refused_method_declines_and_replies_failed() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    app.handle(order_id, &charge(order_id, "pm_card_bogus"))
+        .await
+        .unwrap();
+    // Sent again: the same outcome.
+    app.handle(order_id, &charge(order_id, "pm_card_bogus"))
+        .await
+        .unwrap();
+
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, decline_reason FROM payments WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "DECLINED");
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("pm_card_bogus") && reason.contains("pm_card_visa"),
+        "{reason}"
+    );
+
+    let sent = app.sent(order_id).await;
+    assert_eq!(sent.len(), 2);
+    for message in &sent {
+        let failed: pb::PaymentFailed = message.decode();
+        assert_eq!(failed.order_id, order_id.to_string());
+        assert!(!failed.payment_id.is_empty());
+        assert_eq!(failed.reason, reason);
+    }
+}
+
+#[tokio::test]
+async fn invalid_commands_are_permanent_errors_with_no_effect() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    let mut negative = charge(order_id, "pm_card_visa");
+    negative.amount_cents = -1;
+    let error = app.handle(order_id, &negative).await.unwrap_err();
+    assert!(
+        matches!(&error, HandlerError::Permanent(m) if m.contains("amount_cents")),
+        "{error}"
+    );
+
+    let mut bad_id = charge(order_id, "pm_card_visa");
+    bad_id.order_id = "not-a-uuid".into();
+    let error = app.handle(order_id, &bad_id).await.unwrap_err();
+    assert!(
+        matches!(&error, HandlerError::Permanent(m) if m.contains("not-a-uuid")),
+        "{error}"
+    );
+
+    let void = pb::VoidPayment {
+        order_id: "".into(),
+        reason: "deadline".into(),
+    };
+    let error = app.handle(order_id, &void).await.unwrap_err();
+    assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
+
+    // A payload this service does not consume.
+    let unknown = pb::PaymentInitiated {
+        order_id: order_id.to_string(),
+        payment_id: String::new(),
+    };
+    let error = app.handle(order_id, &unknown).await.unwrap_err();
+    assert!(
+        matches!(&error, HandlerError::Permanent(m) if m.contains("payment.v1.PaymentInitiated")),
+        "{error}"
+    );
+
+    assert_eq!(app.payment_count(order_id).await, 0);
+    assert!(app.sent(order_id).await.is_empty());
+}
+
+fn void(order_id: Uuid) -> pb::VoidPayment {
+    pb::VoidPayment {
+        order_id: order_id.to_string(),
+        reason: "payment deadline passed".into(),
+    }
+}
+
+fn refund(order_id: Uuid) -> pb::RefundPayment {
+    pb::RefundPayment {
+        order_id: order_id.to_string(),
+        reason: "inventory commit failed".into(),
+    }
+}
+
+#[tokio::test]
+async fn void_before_verification_voids_and_a_later_verification_is_refused() {
+    let mut app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_visa").await;
+
+    app.handle(order_id, &void(order_id)).await.unwrap();
+    assert_eq!(app.status(order_id).await.as_deref(), Some("VOIDED"));
+    let sent = app.sent(order_id).await;
+    let voided: pb::PaymentVoided = sent.last().unwrap().decode();
+    assert_eq!(voided.payment_id, payment_id);
+    assert_eq!(voided.status(), pb::PaymentStatus::Voided);
+    assert_eq!(sent.last().unwrap().envelope.correlation_id, CORRELATION_ID);
+
+    let status = app
+        .grpc
+        .verify_payment(pb::VerifyPaymentRequest {
+            payment_id: payment_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("voided"), "{}", status.message());
+    assert!(
+        status.message().contains("no money was taken"),
+        "{}",
+        status.message()
+    );
+    // Still voided, and nothing told the saga.
+    assert_eq!(app.status(order_id).await.as_deref(), Some("VOIDED"));
+    assert_eq!(app.sent(order_id).await.len(), sent.len());
+
+    // Voided again: unchanged, same reply.
+    app.handle(order_id, &void(order_id)).await.unwrap();
+    let again: pb::PaymentVoided = app.sent(order_id).await.last().unwrap().decode();
+    assert_eq!(again, voided);
+}
+
+#[tokio::test]
+async fn void_after_success_refunds_the_money() {
+    let mut app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_mastercard").await;
+    app.grpc
+        .verify_payment(pb::VerifyPaymentRequest {
+            payment_id: payment_id.clone(),
+        })
+        .await
+        .unwrap();
+
+    app.handle(order_id, &void(order_id)).await.unwrap();
+
+    assert_eq!(app.status(order_id).await.as_deref(), Some("REFUNDED"));
+    let voided: pb::PaymentVoided = app.sent(order_id).await.last().unwrap().decode();
+    assert_eq!(voided.payment_id, payment_id);
+    assert_eq!(voided.status(), pb::PaymentStatus::Refunded);
+}
+
+#[tokio::test]
+async fn void_of_a_declined_payment_leaves_it_declined() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    app.charge(order_id, "pm_card_unknown").await;
+
+    app.handle(order_id, &void(order_id)).await.unwrap();
+
+    assert_eq!(app.status(order_id).await.as_deref(), Some("DECLINED"));
+    let voided: pb::PaymentVoided = app.sent(order_id).await.last().unwrap().decode();
+    assert_eq!(voided.status(), pb::PaymentStatus::Declined);
+}
+
+#[tokio::test]
+async fn compensations_of_an_order_without_payment_reply_unspecified() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    app.handle(order_id, &void(order_id)).await.unwrap();
+    app.handle(order_id, &refund(order_id)).await.unwrap();
+
+    assert_eq!(app.payment_count(order_id).await, 0);
+    let sent = app.sent(order_id).await;
+    assert_eq!(sent.len(), 2);
+    let voided: pb::PaymentVoided = sent[0].decode();
+    assert_eq!(voided.order_id, order_id.to_string());
+    assert_eq!(voided.payment_id, "");
+    assert_eq!(voided.status(), pb::PaymentStatus::Unspecified);
+    let refunded: pb::PaymentRefunded = sent[1].decode();
+    assert_eq!(refunded.payment_id, "");
+    assert_eq!(refunded.status(), pb::PaymentStatus::Unspecified);
+}
+
+#[tokio::test]
+async fn refund_gives_back_a_successful_payment_once() {
+    let mut app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_amex").await;
+    app.grpc
+        .verify_payment(pb::VerifyPaymentRequest {
+            payment_id: payment_id.clone(),
+        })
+        .await
+        .unwrap();
+
+    app.handle(order_id, &refund(order_id)).await.unwrap();
+    app.handle(order_id, &refund(order_id)).await.unwrap();
+
+    assert_eq!(app.status(order_id).await.as_deref(), Some("REFUNDED"));
+    let sent = app.sent(order_id).await;
+    // PaymentInitiated, PaymentSucceeded, then one PaymentRefunded per command.
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    for message in &sent[2..] {
+        let refunded: pb::PaymentRefunded = message.decode();
+        assert_eq!(refunded.payment_id, payment_id);
+        assert_eq!(refunded.status(), pb::PaymentStatus::Refunded);
+    }
+
+    // A refunded payment cannot be verified into a second charge.
+    let status = app
+        .grpc
+        .verify_payment(pb::VerifyPaymentRequest { payment_id })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("refunded"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn refund_before_verification_changes_nothing() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_visa").await;
+
+    app.handle(order_id, &refund(order_id)).await.unwrap();
+
+    assert_eq!(
+        app.status(order_id).await.as_deref(),
+        Some("AWAITING_VERIFICATION")
+    );
+    let refunded: pb::PaymentRefunded = app.sent(order_id).await.last().unwrap().decode();
+    assert_eq!(refunded.payment_id, payment_id);
+    assert_eq!(refunded.status(), pb::PaymentStatus::AwaitingVerification);
+}

@@ -1,0 +1,157 @@
+//! The five service binaries and how to start them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+/// Every service binary of the workspace, in start-up order.
+pub const SERVICES: [&str; 5] = [
+    "payment-svc",
+    "inventory-svc",
+    "order-svc",
+    "orchestrator",
+    "gateway",
+];
+
+/// Addresses the services listen on.
+#[derive(Clone, Debug)]
+pub struct Addresses {
+    pub order: SocketAddr,
+    pub inventory: SocketAddr,
+    pub payment: SocketAddr,
+    pub orchestrator: SocketAddr,
+    pub gateway: SocketAddr,
+}
+
+impl Default for Addresses {
+    /// The services' own defaults.
+    fn default() -> Self {
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            order: local(50051),
+            inventory: local(50052),
+            payment: local(50053),
+            orchestrator: local(50054),
+            gateway: local(3000),
+        }
+    }
+}
+
+impl Addresses {
+    /// Free ports on 127.0.0.1, for tests running several platforms at once.
+    pub fn free() -> std::io::Result<Self> {
+        let free = || -> std::io::Result<SocketAddr> {
+            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+        };
+        Ok(Self {
+            order: free()?,
+            inventory: free()?,
+            payment: free()?,
+            orchestrator: free()?,
+            gateway: free()?,
+        })
+    }
+}
+
+/// What every service of one platform shares.
+#[derive(Clone, Debug)]
+pub struct PlatformConfig {
+    /// URL of the PostgreSQL server (any database): each service gets its own database on it.
+    pub database_server_url: String,
+    /// Prefix of the services' database names (`""` locally, unique per test).
+    pub database_prefix: String,
+    pub kafka_brokers: String,
+    pub topic_prefix: String,
+    pub addresses: Addresses,
+    /// Extra environment for every service (`RUST_LOG`, `PAYMENT_DEADLINE_SECS`...).
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl PlatformConfig {
+    /// The database URL of `service`.
+    pub fn database_url(&self, database: &str) -> String {
+        crate::infra::with_database(
+            &self.database_server_url,
+            &format!("{}{database}", self.database_prefix),
+        )
+    }
+
+    /// The environment of one service binary.
+    pub fn env(&self, service: &str) -> Vec<(String, String)> {
+        let a = &self.addresses;
+        let url = |addr: SocketAddr| format!("http://{addr}");
+        let mut env: Vec<(String, String)> = vec![
+            ("KAFKA_BROKERS".into(), self.kafka_brokers.clone()),
+            ("KAFKA_TOPIC_PREFIX".into(), self.topic_prefix.clone()),
+        ];
+        let own: Vec<(&str, String)> = match service {
+            "order-svc" => vec![
+                ("DATABASE_URL", self.database_url("orders")),
+                ("GRPC_ADDR", a.order.to_string()),
+                ("PAYMENT_SVC_URL", url(a.payment)),
+            ],
+            "inventory-svc" => vec![
+                ("DATABASE_URL", self.database_url("inventory")),
+                ("GRPC_ADDR", a.inventory.to_string()),
+            ],
+            "payment-svc" => vec![
+                ("DATABASE_URL", self.database_url("payments")),
+                ("GRPC_ADDR", a.payment.to_string()),
+            ],
+            "orchestrator" => vec![
+                ("DATABASE_URL", self.database_url("orchestrator")),
+                ("GRPC_ADDR", a.orchestrator.to_string()),
+            ],
+            "gateway" => vec![
+                ("HTTP_ADDR", a.gateway.to_string()),
+                ("ORDER_SVC_URL", url(a.order)),
+                ("INVENTORY_SVC_URL", url(a.inventory)),
+                ("PAYMENT_SVC_URL", url(a.payment)),
+            ],
+            _ => vec![],
+        };
+        env.extend(own.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        env.extend(self.extra_env.iter().cloned());
+        env
+    }
+}
+
+/// The directory holding the service binaries built alongside `current_exe` (the platform
+/// binary, or a test binary in `deps/`).
+pub fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Starts one service binary from `bin_dir` with `env`, its output to `stdout`/`stderr`.
+pub fn spawn(
+    bin_dir: &Path,
+    service: &str,
+    env: &[(String, String)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> anyhow::Result<Child> {
+    let path = bin_dir.join(service);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} is missing: build the services first with `cargo build --workspace --bins` \
+             (`cargo run -p platform -- test` does)",
+            path.display()
+        );
+    }
+    let mut command = Command::new(&path);
+    command
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true);
+    Ok(command.spawn()?)
+}
