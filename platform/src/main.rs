@@ -146,7 +146,13 @@ async fn run_tests(infra: &Infra, extra: &[String]) -> anyhow::Result<ExitCode> 
     if !status.success() {
         return Ok(ExitCode::FAILURE);
     }
-    let status = cargo()
+    let mut test = cargo();
+    // The services' own settings in our environment are for `platform` itself, not for the
+    // services the tests configure.
+    for variable in SERVICE_SETTINGS {
+        test.env_remove(variable);
+    }
+    let status = test
         .args(["test", "--workspace"])
         .args(extra)
         .env(platform::testing::DATABASE_ENV, &infra.database_url)
@@ -160,6 +166,17 @@ async fn run_tests(infra: &Infra, extra: &[String]) -> anyhow::Result<ExitCode> 
         ExitCode::FAILURE
     })
 }
+
+const SERVICE_SETTINGS: &[&str] = &[
+    "DATABASE_URL",
+    "KAFKA_BROKERS",
+    "KAFKA_TOPIC_PREFIX",
+    "GRPC_ADDR",
+    "HTTP_ADDR",
+    "ORDER_SVC_URL",
+    "INVENTORY_SVC_URL",
+    "PAYMENT_SVC_URL",
+];
 
 /// Databases left by earlier test runs.
 async fn drop_test_databases(server_url: &str) -> anyhow::Result<()> {

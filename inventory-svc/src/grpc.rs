@@ -1,0 +1,115 @@
+//! The `inventory.v1.InventoryService` gRPC API: stock levels for operators and reservations.
+
+pub(crate) mod convert;
+
+use proto::inventory::v1 as pb;
+use proto::inventory::v1::inventory_service_server::InventoryService;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+use crate::domain::MAX_AVAILABLE;
+use crate::error::Error;
+use crate::store;
+
+pub use proto::inventory::v1::inventory_service_server::InventoryServiceServer;
+
+#[derive(Clone, Debug)]
+pub struct InventoryApi {
+    pool: PgPool,
+}
+
+impl InventoryApi {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn into_server(self) -> InventoryServiceServer<Self> {
+        InventoryServiceServer::new(self)
+    }
+
+    async fn stock_levels(
+        &self,
+        request: pb::GetStockRequest,
+    ) -> Result<pb::GetStockResponse, Error> {
+        let mut conn = self.pool.acquire().await?;
+        let levels = if request.skus.is_empty() {
+            store::stock::all(&mut conn).await?
+        } else {
+            let mut wanted = request.skus;
+            wanted.sort();
+            wanted.dedup();
+            let levels = store::stock::some(&mut conn, &wanted).await?;
+            let unknown: Vec<&str> = wanted
+                .iter()
+                .filter(|sku| !levels.iter().any(|l| &l.sku == *sku))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "unknown SKU: {}",
+                    unknown.join(", ")
+                )));
+            }
+            levels
+        };
+        Ok(pb::GetStockResponse {
+            levels: levels.into_iter().map(convert::stock_level).collect(),
+        })
+    }
+
+    async fn set_stock_level(&self, request: pb::SetStockRequest) -> Result<pb::StockLevel, Error> {
+        let sku = convert::sku(&request.sku)?;
+        if !(0..=MAX_AVAILABLE).contains(&request.available) {
+            return Err(Error::invalid(
+                "available",
+                format!(
+                    "must be between 0 and {MAX_AVAILABLE}, got {}",
+                    request.available
+                ),
+            ));
+        }
+        let level = store::stock::set(&self.pool, &sku, request.available).await?;
+        tracing::info!(sku = %level.sku, available = level.available, "stock set");
+        Ok(convert::stock_level(level))
+    }
+
+    async fn reservation(
+        &self,
+        request: pb::GetReservationRequest,
+    ) -> Result<pb::Reservation, Error> {
+        let order_id = convert::order_id(&request.order_id)?;
+        let mut conn = self.pool.acquire().await?;
+        let reservation = store::reservations::find(&mut conn, order_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no reservation for order {order_id}")))?;
+        Ok(convert::reservation(reservation))
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryService for InventoryApi {
+    async fn get_stock(
+        &self,
+        request: Request<pb::GetStockRequest>,
+    ) -> Result<Response<pb::GetStockResponse>, Status> {
+        Ok(Response::new(
+            self.stock_levels(request.into_inner()).await?,
+        ))
+    }
+
+    async fn set_stock(
+        &self,
+        request: Request<pb::SetStockRequest>,
+    ) -> Result<Response<pb::StockLevel>, Status> {
+        Ok(Response::new(
+            self.set_stock_level(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<pb::GetReservationRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        Ok(Response::new(self.reservation(request.into_inner()).await?))
+    }
+}

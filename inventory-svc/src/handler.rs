@@ -1,0 +1,180 @@
+//! The commands of `inventory.commands`, handled in the consumer's inbox transaction, with their
+//! replies to `saga.replies` recorded in the same transaction.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use messaging::{Handler, HandlerError, Incoming, Outbox};
+use prost::Name as _;
+use proto::inventory::v1 as pb;
+use sqlx::PgConnection;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::domain::{CommitOutcome, Lines, OrderId, ReleaseOutcome, ReserveOutcome};
+use crate::grpc::convert;
+use crate::store::reservations;
+
+/// Handles ReserveInventory, CommitInventory and ReleaseInventory.
+#[derive(Clone, Debug)]
+pub struct CommandHandler {
+    outbox: Outbox,
+    reservation_ttl: Duration,
+}
+
+impl CommandHandler {
+    pub fn new(outbox: Outbox, reservation_ttl: Duration) -> Self {
+        Self {
+            outbox,
+            reservation_ttl,
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let message_type = message.message_type();
+        if message_type == pb::ReserveInventory::full_name() {
+            self.reserve(conn, message).await
+        } else if message_type == pb::CommitInventory::full_name() {
+            self.commit(conn, message).await
+        } else if message_type == pb::ReleaseInventory::full_name() {
+            self.release(conn, message).await
+        } else {
+            Err(message.unknown_type())
+        }
+    }
+
+    async fn reserve(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: pb::ReserveInventory = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        let lines = Lines::merge(command.lines.iter().map(|l| (l.sku.as_str(), l.quantity)))
+            .map_err(|e| {
+                HandlerError::Permanent(format!("ReserveInventory for order {order_id}: {e}"))
+            })?;
+        match reservations::reserve(conn, order_id, &lines, self.reservation_ttl).await? {
+            ReserveOutcome::Reserved {
+                reservation_id,
+                expires_at,
+            } => {
+                tracing::debug!(%order_id, %reservation_id, "reserved");
+                let reply = pb::InventoryReserved {
+                    order_id: order_id.to_string(),
+                    reservation_id: reservation_id.to_string(),
+                    expires_at_ms: expires_at.timestamp_millis(),
+                };
+                self.reply(conn, order_id, &reply, message).await
+            }
+            ReserveOutcome::Failed { failure, reason } => {
+                tracing::info!(%order_id, ?failure, %reason, "reservation refused");
+                let reply = pb::InventoryReservationFailed {
+                    order_id: order_id.to_string(),
+                    failure: convert::failure(failure).into(),
+                    reason,
+                };
+                self.reply(conn, order_id, &reply, message).await
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: pb::CommitInventory = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        match reservations::commit(conn, order_id).await? {
+            CommitOutcome::Committed { reservation_id } => {
+                tracing::debug!(%order_id, %reservation_id, "committed");
+                let reply = pb::InventoryCommitted {
+                    order_id: order_id.to_string(),
+                    reservation_id: reservation_id.to_string(),
+                };
+                self.reply(conn, order_id, &reply, message).await
+            }
+            CommitOutcome::Failed { reason } => {
+                tracing::info!(%order_id, %reason, "commit refused");
+                let reply = pb::InventoryCommitFailed {
+                    order_id: order_id.to_string(),
+                    reason,
+                };
+                self.reply(conn, order_id, &reply, message).await
+            }
+        }
+    }
+
+    async fn release(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: pb::ReleaseInventory = message.decode()?;
+        let order_id = order_id(&command.order_id)?;
+        let outcome = reservations::release(conn, order_id, &command.reason).await?;
+        match outcome {
+            ReleaseOutcome::Released => {
+                tracing::debug!(%order_id, reason = %command.reason, "released")
+            }
+            ReleaseOutcome::NothingHeld => {
+                tracing::debug!(%order_id, reason = %command.reason, "nothing to release")
+            }
+            ReleaseOutcome::AlreadyCommitted => tracing::warn!(
+                %order_id,
+                reason = %command.reason,
+                "release of a committed reservation ignored: its stock is sold"
+            ),
+        }
+        let reply = pb::InventoryReleased {
+            order_id: order_id.to_string(),
+            released: outcome == ReleaseOutcome::Released,
+        };
+        self.reply(conn, order_id, &reply, message).await
+    }
+
+    async fn reply<M: prost::Message + prost::Name>(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        reply: &M,
+        cause: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let message = self.outbox.message(
+            proto::topics::SAGA_REPLIES,
+            order_id.0,
+            reply,
+            &cause.context(),
+        );
+        self.outbox.enqueue(conn, &[message]).await?;
+        Ok(())
+    }
+}
+
+fn order_id(value: &str) -> Result<OrderId, HandlerError> {
+    Uuid::parse_str(value)
+        .map(OrderId)
+        .map_err(|e| HandlerError::Permanent(format!("invalid order_id {value:?}: {e}")))
+}
+
+#[async_trait]
+impl Handler for CommandHandler {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let span = tracing::info_span!(
+            "inventory_command",
+            message_type = %message.message_type(),
+            message_id = %message.envelope.message_id,
+            correlation_id = %message.envelope.correlation_id,
+        );
+        self.dispatch(conn, message).instrument(span).await
+    }
+}

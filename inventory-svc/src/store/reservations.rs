@@ -1,0 +1,334 @@
+//! Reservations: reserving every line of an order or none, committing, releasing, the expiry
+//! sweep, and reading one back. Every change is idempotent by state: repeating a command
+//! repeats its outcome without a second effect.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::{
+    CommitOutcome, Lines, OrderId, ReleaseOutcome, Reservation, ReservationId, ReservationLine,
+    ReservationStatus, ReserveFailure, ReserveOutcome,
+};
+use crate::store::stock::{self, Settle};
+
+/// `release_reason` of reservations released by the sweep or by a commit that came too late.
+pub const EXPIRED: &str = "expired";
+
+/// The reservation row of an order, without its lines.
+#[derive(Debug)]
+struct Head {
+    id: ReservationId,
+    status: ReservationStatus,
+    expires_at: Option<DateTime<Utc>>,
+    release_reason: Option<String>,
+    /// `expires_at <= now()`, by the database's clock.
+    expired: bool,
+}
+
+type HeadRow = (Uuid, String, Option<DateTime<Utc>>, Option<String>, bool);
+
+async fn head(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    lock: bool,
+) -> Result<Option<Head>, sqlx::Error> {
+    let sql = if lock {
+        "SELECT reservation_id, status, expires_at, release_reason, \
+                COALESCE(expires_at <= now(), false) \
+         FROM reservations WHERE order_id = $1 FOR UPDATE"
+    } else {
+        "SELECT reservation_id, status, expires_at, release_reason, \
+                COALESCE(expires_at <= now(), false) \
+         FROM reservations WHERE order_id = $1"
+    };
+    let row: Option<HeadRow> = sqlx::query_as(sql)
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|(id, status, expires_at, release_reason, expired)| {
+        Ok(Head {
+            id: ReservationId(id),
+            status: ReservationStatus::from_db(&status)?,
+            expires_at,
+            release_reason,
+            expired,
+        })
+    })
+    .transpose()
+}
+
+/// What a repeated ReserveInventory answers for an order that already has a reservation.
+fn reserve_outcome_of(head: &Head) -> ReserveOutcome {
+    match head.status {
+        ReservationStatus::Reserved | ReservationStatus::Committed => ReserveOutcome::Reserved {
+            reservation_id: head.id,
+            expires_at: head.expires_at.unwrap_or_default(),
+        },
+        ReservationStatus::Released => ReserveOutcome::Failed {
+            failure: ReserveFailure::AlreadyReleased,
+            reason: "reservation was already released".to_owned(),
+        },
+    }
+}
+
+/// Reserves every line for `order_id`, or nothing. An order has at most one reservation: if it
+/// has one already (or a release came first), its outcome is returned and nothing more is held.
+pub async fn reserve(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    lines: &Lines,
+    ttl: Duration,
+) -> Result<ReserveOutcome, sqlx::Error> {
+    if let Some(existing) = head(conn, order_id, false).await? {
+        return Ok(reserve_outcome_of(&existing));
+    }
+    let skus = lines.skus();
+    let quantities = lines.quantities();
+    // Locked until the transaction ends, so that what is checked here is what gets held.
+    let available: HashMap<String, i64> = stock::lock_available(conn, &skus)
+        .await?
+        .into_iter()
+        .collect();
+
+    let unknown: Vec<&str> = skus
+        .iter()
+        .copied()
+        .filter(|s| !available.contains_key(*s))
+        .collect();
+    if !unknown.is_empty() {
+        return Ok(ReserveOutcome::Failed {
+            failure: ReserveFailure::UnknownSku,
+            reason: format!("unknown SKU: {}", unknown.join(", ")),
+        });
+    }
+    let short: Vec<String> = lines
+        .iter()
+        .filter_map(|(sku, asked)| {
+            let free = available.get(sku).copied().unwrap_or_default();
+            (free < asked).then(|| format!("{sku} (asked {asked}, available {free})"))
+        })
+        .collect();
+    if !short.is_empty() {
+        return Ok(ReserveOutcome::Failed {
+            failure: ReserveFailure::OutOfStock,
+            reason: format!("out of stock: {}", short.join(", ")),
+        });
+    }
+
+    // Claims the order; a reservation or release of the same order committed meanwhile wins.
+    let reservation_id = ReservationId::new();
+    let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "INSERT INTO reservations (reservation_id, order_id, status, expires_at) \
+         VALUES ($1, $2, 'RESERVED', now() + make_interval(secs => $3)) \
+         ON CONFLICT (order_id) DO NOTHING RETURNING expires_at",
+    )
+    .bind(reservation_id)
+    .bind(order_id)
+    .bind(ttl.as_secs_f64())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(expires_at) = expires_at else {
+        let existing = head(conn, order_id, false).await?.ok_or_else(|| {
+            sqlx::Error::Protocol(format!("reservation of order {order_id} vanished"))
+        })?;
+        return Ok(reserve_outcome_of(&existing));
+    };
+
+    stock::hold(conn, &skus, &quantities).await?;
+    sqlx::query(
+        "INSERT INTO reservation_lines (reservation_id, sku, quantity) \
+         SELECT $1, sku, quantity FROM unnest($2::text[], $3::bigint[]) AS l(sku, quantity)",
+    )
+    .bind(reservation_id)
+    .bind(&skus)
+    .bind(&quantities)
+    .execute(conn)
+    .await?;
+    Ok(ReserveOutcome::Reserved {
+        reservation_id,
+        expires_at,
+    })
+}
+
+/// Sells the stock held for `order_id`, if it is still held and has not expired. An expired
+/// reservation is released on the spot.
+pub async fn commit(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+) -> Result<CommitOutcome, sqlx::Error> {
+    let Some(head) = head(conn, order_id, true).await? else {
+        return Ok(CommitOutcome::Failed {
+            reason: "no reservation for order".to_owned(),
+        });
+    };
+    match head.status {
+        ReservationStatus::Committed => Ok(CommitOutcome::Committed {
+            reservation_id: head.id,
+        }),
+        ReservationStatus::Released => Ok(CommitOutcome::Failed {
+            reason: released_reason(head.release_reason.as_deref()),
+        }),
+        ReservationStatus::Reserved if head.expired => {
+            release_held(conn, &[head.id.0], EXPIRED).await?;
+            Ok(CommitOutcome::Failed {
+                reason: released_reason(Some(EXPIRED)),
+            })
+        }
+        ReservationStatus::Reserved => {
+            stock::settle(conn, &[head.id.0], Settle::Sell).await?;
+            sqlx::query(
+                "UPDATE reservations SET status = 'COMMITTED', updated_at = now() \
+                 WHERE reservation_id = $1",
+            )
+            .bind(head.id)
+            .execute(conn)
+            .await?;
+            Ok(CommitOutcome::Committed {
+                reservation_id: head.id,
+            })
+        }
+    }
+}
+
+/// Why a commit fails on a released reservation.
+fn released_reason(release_reason: Option<&str>) -> String {
+    match release_reason {
+        Some(EXPIRED) => "reservation expired".to_owned(),
+        Some(reason) if !reason.is_empty() => format!("reservation was released: {reason}"),
+        _ => "reservation was released".to_owned(),
+    }
+}
+
+/// Gives the stock held for `order_id` back. With no reservation, records a released
+/// tombstone so that a ReserveInventory arriving later holds nothing.
+pub async fn release(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    reason: &str,
+) -> Result<ReleaseOutcome, sqlx::Error> {
+    let reason = if reason.trim().is_empty() {
+        "released"
+    } else {
+        reason
+    };
+    // Twice at most: if the tombstone loses to a reservation committed meanwhile, that
+    // reservation is there to release on the second pass.
+    for _ in 0..2 {
+        match head(conn, order_id, true).await? {
+            Some(head) => {
+                return Ok(match head.status {
+                    ReservationStatus::Reserved => {
+                        release_held(conn, &[head.id.0], reason).await?;
+                        ReleaseOutcome::Released
+                    }
+                    ReservationStatus::Released => ReleaseOutcome::NothingHeld,
+                    ReservationStatus::Committed => ReleaseOutcome::AlreadyCommitted,
+                });
+            }
+            None => {
+                let inserted = sqlx::query(
+                    "INSERT INTO reservations (reservation_id, order_id, status, release_reason) \
+                     VALUES ($1, $2, 'RELEASED', $3) ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(ReservationId::new())
+                .bind(order_id)
+                .bind(reason)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if inserted == 1 {
+                    return Ok(ReleaseOutcome::NothingHeld);
+                }
+            }
+        }
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "reservation of order {order_id} neither found nor insertable"
+    )))
+}
+
+/// Returns the stock of RESERVED reservations (locked by the caller) to available and marks
+/// them released.
+async fn release_held(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    stock::settle(conn, ids, Settle::Return).await?;
+    sqlx::query(
+        "UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
+         WHERE reservation_id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Releases up to `batch` reservations past their deadline, in one transaction, and returns
+/// how many. Reservations locked by another transaction (a commit, another replica's sweep)
+/// are skipped, so any number of replicas may sweep at once.
+pub async fn release_expired(pool: &PgPool, batch: i64) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT reservation_id FROM reservations \
+         WHERE status = 'RESERVED' AND expires_at <= now() \
+         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    release_held(&mut tx, &ids, EXPIRED).await?;
+    tx.commit().await?;
+    Ok(ids.len())
+}
+
+/// The reservation of `order_id` with its lines, if any.
+pub async fn find(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+) -> Result<Option<Reservation>, sqlx::Error> {
+    let Some(head) = head(conn, order_id, false).await? else {
+        return Ok(None);
+    };
+    let lines: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1 ORDER BY sku",
+    )
+    .bind(head.id)
+    .fetch_all(conn)
+    .await?;
+    Ok(Some(Reservation {
+        id: head.id,
+        order_id,
+        status: head.status,
+        expires_at: head.expires_at,
+        release_reason: head.release_reason,
+        lines: lines
+            .into_iter()
+            .map(|(sku, quantity)| ReservationLine { sku, quantity })
+            .collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::released_reason;
+
+    #[test]
+    fn commit_failures_say_why_the_reservation_was_released() {
+        assert_eq!(released_reason(Some("expired")), "reservation expired");
+        assert_eq!(
+            released_reason(Some("payment failed")),
+            "reservation was released: payment failed"
+        );
+        assert_eq!(released_reason(None), "reservation was released");
+    }
+}

@@ -1,0 +1,147 @@
+//! Stock levels: reading them, setting them (with an audit row), and moving units between the
+//! available, reserved and committed buckets for reservations.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::{Sku, StockLevel};
+
+type StockRow = (String, i64, i64, i64);
+
+fn level((sku, available, reserved, committed): StockRow) -> StockLevel {
+    StockLevel {
+        sku,
+        available,
+        reserved,
+        committed,
+    }
+}
+
+/// Every SKU, in SKU order.
+pub async fn all(conn: &mut PgConnection) -> Result<Vec<StockLevel>, sqlx::Error> {
+    let rows: Vec<StockRow> =
+        sqlx::query_as("SELECT sku, available, reserved, committed FROM stock ORDER BY sku")
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(level).collect())
+}
+
+/// The SKUs of `skus` that exist, in SKU order.
+pub async fn some(
+    conn: &mut PgConnection,
+    skus: &[String],
+) -> Result<Vec<StockLevel>, sqlx::Error> {
+    let rows: Vec<StockRow> = sqlx::query_as(
+        "SELECT sku, available, reserved, committed FROM stock WHERE sku = ANY($1) ORDER BY sku",
+    )
+    .bind(skus)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(level).collect())
+}
+
+/// Sets the units available for sale of `sku`, creating the SKU if new, and records the change
+/// in `stock_adjustments`. Reserved and committed units are left as they are.
+pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let before: Option<i64> =
+        sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1 FOR UPDATE")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let row: StockRow = sqlx::query_as(
+        "INSERT INTO stock (sku, available) VALUES ($1, $2) \
+         ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available, updated_at = now() \
+         RETURNING sku, available, reserved, committed",
+    )
+    .bind(sku.as_str())
+    .bind(available)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO stock_adjustments (sku, available_before, available_after) VALUES ($1, $2, $3)",
+    )
+    .bind(sku.as_str())
+    .bind(before)
+    .bind(available)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(level(row))
+}
+
+/// Locks the stock rows of `skus` in SKU order and returns the units available of those that
+/// exist. Held until the caller's transaction ends.
+pub async fn lock_available(
+    conn: &mut PgConnection,
+    skus: &[&str],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
+        .bind(skus)
+        .fetch_all(conn)
+        .await
+}
+
+/// Moves `quantities` of `skus` from available to reserved. The rows must be locked by
+/// [`lock_available`] and hold enough; the CHECK constraints refuse an oversell regardless.
+pub async fn hold(
+    conn: &mut PgConnection,
+    skus: &[&str],
+    quantities: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stock s SET available = s.available - w.quantity, \
+                            reserved = s.reserved + w.quantity, updated_at = now() \
+         FROM unnest($1::text[], $2::bigint[]) AS w(sku, quantity) \
+         WHERE s.sku = w.sku",
+    )
+    .bind(skus)
+    .bind(quantities)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Where the units held by reservations go.
+#[derive(Clone, Copy, Debug)]
+pub enum Settle {
+    /// Back to available (release).
+    Return,
+    /// To committed (sold).
+    Sell,
+}
+
+/// Moves the units held by `reservation_ids` out of reserved, locking the stock rows in SKU
+/// order first.
+pub async fn settle(
+    conn: &mut PgConnection,
+    reservation_ids: &[Uuid],
+    settle: Settle,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT 1 FROM stock WHERE sku IN \
+           (SELECT sku FROM reservation_lines WHERE reservation_id = ANY($1)) \
+         ORDER BY sku FOR UPDATE",
+    )
+    .bind(reservation_ids)
+    .execute(&mut *conn)
+    .await?;
+    let sql = match settle {
+        Settle::Return => {
+            "UPDATE stock s SET available = s.available + held.quantity, \
+                                reserved = s.reserved - held.quantity, updated_at = now() \
+             FROM (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
+                   WHERE reservation_id = ANY($1) GROUP BY sku) AS held \
+             WHERE s.sku = held.sku"
+        }
+        Settle::Sell => {
+            "UPDATE stock s SET committed = s.committed + held.quantity, \
+                                reserved = s.reserved - held.quantity, updated_at = now() \
+             FROM (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
+                   WHERE reservation_id = ANY($1) GROUP BY sku) AS held \
+             WHERE s.sku = held.sku"
+        }
+    };
+    sqlx::query(sql).bind(reservation_ids).execute(conn).await?;
+    Ok(())
+}

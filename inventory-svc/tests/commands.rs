@@ -1,0 +1,365 @@
+//! The handler of `inventory.commands` against the real database, each command in a committed
+//! transaction, checking the stock and the replies recorded in the outbox.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use messaging::HandlerError;
+use proto::inventory::v1 as pb;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn reserve_holds_every_line_and_replies_reserved() {
+    let app = built_app(&["--reservation-ttl-secs", "600"]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    let before_ms = chrono::Utc::now().timestamp_millis();
+    // Two lines of one SKU are merged into one.
+    handle(
+        pool,
+        &handler,
+        &reserve(
+            order,
+            &[("SKU-MOUSE", 2), ("SKU-KEYBOARD", 1), ("SKU-MOUSE", 3)],
+        ),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (995, 5, 0));
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (999, 1, 0));
+    let reply: pb::InventoryReserved = last_reply(pool, app.config(), order).await;
+    assert_eq!(reply.order_id, order.to_string());
+    let (id, status): (Uuid, String) =
+        sqlx::query_as("SELECT reservation_id, status FROM reservations WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(reply.reservation_id, id.to_string());
+    assert_eq!(status, "RESERVED");
+    let ttl_ms = 600_000;
+    assert!(
+        (before_ms + ttl_ms - 5_000..=before_ms + ttl_ms + 5_000).contains(&reply.expires_at_ms),
+        "expires about the TTL from now: {} vs {}",
+        reply.expires_at_ms,
+        before_ms + ttl_ms
+    );
+    let lines: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1 ORDER BY sku",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        lines,
+        vec![("SKU-KEYBOARD".to_owned(), 1), ("SKU-MOUSE".to_owned(), 5)]
+    );
+}
+
+#[tokio::test]
+async fn reserve_holds_nothing_when_one_line_is_out_of_stock() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    set_available(pool, "SKU-MOUSE", 1).await;
+    let order = Uuid::new_v4();
+
+    // The first line (in SKU order) could be held, the second cannot.
+    handle(
+        pool,
+        &handler,
+        &reserve(order, &[("SKU-KEYBOARD", 2), ("SKU-MOUSE", 3)]),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (1000, 0, 0));
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (1, 0, 0));
+    assert_eq!(reservation_status(pool, order).await, None);
+    let reply: pb::InventoryReservationFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(reply.order_id, order.to_string());
+    assert_eq!(reply.failure(), pb::ReservationFailure::OutOfStock);
+    assert_eq!(
+        reply.reason,
+        "out of stock: SKU-MOUSE (asked 3, available 1)"
+    );
+}
+
+#[tokio::test]
+async fn reserve_of_an_unknown_sku_fails_naming_it() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    handle(
+        pool,
+        &handler,
+        &reserve(order, &[("SKU-MOUSE", 1), ("SKU-NOPE", 1)]),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (1000, 0, 0));
+    let reply: pb::InventoryReservationFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(reply.failure(), pb::ReservationFailure::UnknownSku);
+    assert_eq!(reply.reason, "unknown SKU: SKU-NOPE");
+}
+
+#[tokio::test]
+async fn reserving_twice_holds_once_and_replies_the_same_reservation() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    handle(pool, &handler, &reserve(order, &[("SKU-WEBCAM", 4)]))
+        .await
+        .unwrap();
+    // A second command (new message id, so not caught by the inbox).
+    handle(pool, &handler, &reserve(order, &[("SKU-WEBCAM", 4)]))
+        .await
+        .unwrap();
+
+    assert_eq!(stock(pool, "SKU-WEBCAM").await, (996, 4, 0));
+    let replies = replies(pool, app.config(), order).await;
+    assert_eq!(replies.len(), 2);
+    let decoded: Vec<pb::InventoryReserved> = replies
+        .iter()
+        .map(|(t, p)| {
+            assert_eq!(t, "inventory.v1.InventoryReserved");
+            prost::Message::decode(p.as_slice()).unwrap()
+        })
+        .collect();
+    assert_eq!(decoded[0], decoded[1]);
+}
+
+#[tokio::test]
+async fn commit_moves_reserved_stock_to_committed_once() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+    handle(
+        pool,
+        &handler,
+        &reserve(order, &[("SKU-MONITOR", 2), ("SKU-HEADSET", 1)]),
+    )
+    .await
+    .unwrap();
+    let reserved: pb::InventoryReserved = last_reply(pool, app.config(), order).await;
+
+    handle(pool, &handler, &commit(order)).await.unwrap();
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (999, 0, 1));
+    let committed: pb::InventoryCommitted = last_reply(pool, app.config(), order).await;
+    assert_eq!(committed.reservation_id, reserved.reservation_id);
+    assert_eq!(
+        reservation_status(pool, order).await,
+        Some(("COMMITTED".to_owned(), None))
+    );
+
+    // Again: the same reply, no second move.
+    handle(pool, &handler, &commit(order)).await.unwrap();
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    let again: pb::InventoryCommitted = last_reply(pool, app.config(), order).await;
+    assert_eq!(again, committed);
+
+    // Committed stock is sold: a release changes nothing.
+    handle(pool, &handler, &release(order, "operator"))
+        .await
+        .unwrap();
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    let released: pb::InventoryReleased = last_reply(pool, app.config(), order).await;
+    assert!(!released.released);
+    assert_eq!(
+        reservation_status(pool, order).await.unwrap().0,
+        "COMMITTED"
+    );
+}
+
+#[tokio::test]
+async fn release_returns_the_stock_once() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+    handle(pool, &handler, &reserve(order, &[("SKU-KEYBOARD", 7)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (993, 7, 0));
+
+    handle(pool, &handler, &release(order, "payment failed"))
+        .await
+        .unwrap();
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (1000, 0, 0));
+    let released: pb::InventoryReleased = last_reply(pool, app.config(), order).await;
+    assert_eq!(released.order_id, order.to_string());
+    assert!(released.released);
+    assert_eq!(
+        reservation_status(pool, order).await,
+        Some(("RELEASED".to_owned(), Some("payment failed".to_owned())))
+    );
+
+    handle(pool, &handler, &release(order, "payment failed"))
+        .await
+        .unwrap();
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (1000, 0, 0));
+    let again: pb::InventoryReleased = last_reply(pool, app.config(), order).await;
+    assert!(!again.released);
+
+    // A commit after the release fails with the release's reason.
+    handle(pool, &handler, &commit(order)).await.unwrap();
+    let failed: pb::InventoryCommitFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(failed.reason, "reservation was released: payment failed");
+    assert_eq!(stock(pool, "SKU-KEYBOARD").await, (1000, 0, 0));
+}
+
+#[tokio::test]
+async fn a_release_before_the_reserve_makes_the_late_reserve_hold_nothing() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    handle(pool, &handler, &release(order, "saga timed out"))
+        .await
+        .unwrap();
+    let released: pb::InventoryReleased = last_reply(pool, app.config(), order).await;
+    assert!(!released.released);
+
+    handle(pool, &handler, &reserve(order, &[("SKU-MOUSE", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (1000, 0, 0));
+    let failed: pb::InventoryReservationFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(failed.reason, "reservation was already released");
+    assert_eq!(reservation_status(pool, order).await.unwrap().0, "RELEASED");
+}
+
+#[tokio::test]
+async fn commit_of_an_expired_reservation_fails_and_returns_the_stock() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+    handle(pool, &handler, &reserve(order, &[("SKU-HEADSET", 3)]))
+        .await
+        .unwrap();
+    expire(pool, order).await;
+
+    handle(pool, &handler, &commit(order)).await.unwrap();
+    let failed: pb::InventoryCommitFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(failed.order_id, order.to_string());
+    assert_eq!(failed.reason, "reservation expired");
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (1000, 0, 0));
+    assert_eq!(
+        reservation_status(pool, order).await,
+        Some(("RELEASED".to_owned(), Some("expired".to_owned())))
+    );
+
+    // The saga's compensation that follows releases nothing more.
+    handle(pool, &handler, &release(order, "commit failed"))
+        .await
+        .unwrap();
+    let released: pb::InventoryReleased = last_reply(pool, app.config(), order).await;
+    assert!(!released.released);
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (1000, 0, 0));
+}
+
+#[tokio::test]
+async fn commit_without_a_reservation_fails() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    handle(pool, &handler, &commit(order)).await.unwrap();
+    let failed: pb::InventoryCommitFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(failed.reason, "no reservation for order");
+}
+
+#[tokio::test]
+async fn invalid_commands_are_permanent_errors_with_no_effect() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+
+    let mut bad_id = reserve(order, &[("SKU-MOUSE", 1)]);
+    bad_id.payload = prost::Message::encode_to_vec(&pb::ReserveInventory {
+        order_id: "not-a-uuid".to_owned(),
+        lines: vec![pb::ReservationLine {
+            sku: "SKU-MOUSE".to_owned(),
+            quantity: 1,
+        }],
+    });
+    let zero = reserve(order, &[("SKU-MOUSE", 1), ("SKU-KEYBOARD", 0)]);
+    let empty = reserve(order, &[]);
+    let mut unknown_type = commit(order);
+    unknown_type.envelope.message_type = "inventory.v1.RestockEverything".to_owned();
+    let mut undecodable = commit(order);
+    undecodable.payload = vec![0xff, 0xff, 0xff];
+
+    for (what, message) in [
+        ("bad order id", bad_id),
+        ("zero quantity", zero),
+        ("no lines", empty),
+        ("unknown type", unknown_type),
+        ("undecodable", undecodable),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        let result = messaging::Handler::handle(&handler, &mut tx, &message).await;
+        assert!(
+            matches!(result, Err(HandlerError::Permanent(_))),
+            "{what}: {result:?}"
+        );
+        // The consumer rolls back; nothing was written before the refusal anyway.
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (1000, 0, 0));
+    assert!(replies(pool, app.config(), order).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reservations_never_oversell() {
+    let app = built_app(&["--database-max-connections", "16"]).await;
+    let pool = app.pool().clone();
+    let handler = Arc::new(app.handler());
+    set_available(&pool, "SKU-WEBCAM", 10).await;
+
+    let orders: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let tasks: Vec<_> = orders
+        .iter()
+        .map(|&order| {
+            let (pool, handler) = (pool.clone(), handler.clone());
+            tokio::spawn(async move {
+                handle(&pool, &handler, &reserve(order, &[("SKU-WEBCAM", 1)])).await
+            })
+        })
+        .collect();
+    for result in futures::future::join_all(tasks).await {
+        result.unwrap().unwrap();
+    }
+
+    assert_eq!(stock(&pool, "SKU-WEBCAM").await, (0, 10, 0));
+    let mut reserved = 0;
+    let mut failed = 0;
+    for order in &orders {
+        let replies = replies(&pool, app.config(), *order).await;
+        assert_eq!(replies.len(), 1, "one reply per order");
+        match replies[0].0.as_str() {
+            "inventory.v1.InventoryReserved" => reserved += 1,
+            "inventory.v1.InventoryReservationFailed" => {
+                let reply: pb::InventoryReservationFailed =
+                    prost::Message::decode(replies[0].1.as_slice()).unwrap();
+                assert_eq!(reply.failure(), pb::ReservationFailure::OutOfStock);
+                failed += 1;
+            }
+            other => panic!("unexpected reply {other}"),
+        }
+    }
+    assert_eq!((reserved, failed), (10, 40));
+    let holding: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'RESERVED'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(holding, 10);
+}

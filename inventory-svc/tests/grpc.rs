@@ -1,0 +1,274 @@
+//! The gRPC API over a real socket, served by the running App.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use proto::inventory::v1 as pb;
+use tonic::Code;
+use uuid::Uuid;
+
+const SEEDED: [&str; 5] = [
+    "SKU-HEADSET",
+    "SKU-KEYBOARD",
+    "SKU-MONITOR",
+    "SKU-MOUSE",
+    "SKU-WEBCAM",
+];
+
+#[tokio::test]
+async fn get_stock_lists_every_sku_or_the_ones_asked() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+
+    let all = client
+        .get_stock(pb::GetStockRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let skus: Vec<&str> = all.levels.iter().map(|l| l.sku.as_str()).collect();
+    assert_eq!(skus, SEEDED);
+    assert!(all
+        .levels
+        .iter()
+        .all(|l| l.available == 1000 && l.reserved == 0 && l.committed == 0));
+
+    let some = client
+        .get_stock(pb::GetStockRequest {
+            skus: vec![
+                "SKU-MOUSE".into(),
+                "SKU-KEYBOARD".into(),
+                "SKU-MOUSE".into(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let skus: Vec<&str> = some.levels.iter().map(|l| l.sku.as_str()).collect();
+    assert_eq!(skus, ["SKU-KEYBOARD", "SKU-MOUSE"]);
+
+    let unknown = client
+        .get_stock(pb::GetStockRequest {
+            skus: vec!["SKU-MOUSE".into(), "SKU-NOPE".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(
+        unknown.message().contains("SKU-NOPE"),
+        "{}",
+        unknown.message()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn set_stock_updates_or_adds_a_sku_and_audits_it() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+    let order = Uuid::new_v4();
+    handle(
+        &app.pool,
+        &app.handler,
+        &reserve(order, &[("SKU-MOUSE", 4)]),
+    )
+    .await
+    .unwrap();
+
+    // Reserved units stay held whatever the operator sets as available.
+    let mouse = client
+        .set_stock(pb::SetStockRequest {
+            sku: "SKU-MOUSE".into(),
+            available: 25,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        mouse,
+        pb::StockLevel {
+            sku: "SKU-MOUSE".into(),
+            available: 25,
+            reserved: 4,
+            committed: 0
+        }
+    );
+
+    let added = client
+        .set_stock(pb::SetStockRequest {
+            sku: "SKU-SPEAKER_2".into(),
+            available: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (added.available, added.reserved, added.committed),
+        (0, 0, 0)
+    );
+    let listed = client
+        .get_stock(pb::GetStockRequest {
+            skus: vec!["SKU-SPEAKER_2".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.levels, vec![added]);
+
+    let audit: Vec<(String, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT sku, available_before, available_after FROM stock_adjustments ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audit,
+        vec![
+            ("SKU-MOUSE".to_owned(), Some(996), 25),
+            ("SKU-SPEAKER_2".to_owned(), None, 0),
+        ]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn set_stock_refuses_invalid_input() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+
+    let long = "S".repeat(65);
+    for (sku, available, field) in [
+        ("", 1, "sku"),
+        ("SKU MOUSE", 1, "sku"),
+        ("SKU-É", 1, "sku"),
+        (long.as_str(), 1, "sku"),
+        ("SKU-MOUSE", -1, "available"),
+        ("SKU-MOUSE", 1_000_000_001, "available"),
+    ] {
+        let status = client
+            .set_stock(pb::SetStockRequest {
+                sku: sku.into(),
+                available,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{sku:?} {available}");
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+    // The largest quantity allowed is accepted.
+    let max = client
+        .set_stock(pb::SetStockRequest {
+            sku: "SKU-MOUSE".into(),
+            available: 1_000_000_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(max.available, 1_000_000_000);
+    let adjustments: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_adjustments")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(adjustments, 1, "only the valid request changed anything");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn get_reservation_shows_lines_status_and_deadline() {
+    let app = running_app(&["--reservation-ttl-secs", "120"]).await;
+    let mut client = app.client().await;
+
+    let invalid = client
+        .get_reservation(pb::GetReservationRequest {
+            order_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("order_id"),
+        "{}",
+        invalid.message()
+    );
+
+    let order = Uuid::new_v4();
+    let missing = client
+        .get_reservation(pb::GetReservationRequest {
+            order_id: order.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    handle(
+        &app.pool,
+        &app.handler,
+        &reserve(order, &[("SKU-MOUSE", 2), ("SKU-HEADSET", 1)]),
+    )
+    .await
+    .unwrap();
+    let reservation = client
+        .get_reservation(pb::GetReservationRequest {
+            order_id: order.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reservation.order_id, order.to_string());
+    assert!(Uuid::parse_str(&reservation.reservation_id).is_ok());
+    assert_eq!(reservation.status(), pb::ReservationStatus::Reserved);
+    assert_eq!(
+        reservation.lines,
+        vec![
+            pb::ReservationLine {
+                sku: "SKU-HEADSET".into(),
+                quantity: 1
+            },
+            pb::ReservationLine {
+                sku: "SKU-MOUSE".into(),
+                quantity: 2
+            },
+        ]
+    );
+    let in_two_minutes = chrono::Utc::now().timestamp_millis() + 120_000;
+    assert!((reservation.expires_at_ms - in_two_minutes).abs() < 10_000);
+
+    handle(&app.pool, &app.handler, &release(order, "payment failed"))
+        .await
+        .unwrap();
+    let released = client
+        .get_reservation(pb::GetReservationRequest {
+            order_id: order.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.status(), pb::ReservationStatus::Released);
+    assert_eq!(released.reservation_id, reservation.reservation_id);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_check_reports_the_service_serving() {
+    let app = running_app(&[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "inventory.v1.InventoryService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    app.stop().await;
+}

@@ -1,0 +1,294 @@
+//! The orchestrator's engine against the real PostgreSQL: sagas started once, transitions saved
+//! with their history and commands, optimistic concurrency, and durable deadline timers.
+
+use std::time::Duration;
+
+use messaging::{HandlerError, KafkaArgs, MessageContext, Outbox};
+use orchestrator::engine::{Engine, Trigger};
+use orchestrator::saga::{Input, Line, OrderDetails, SagaState};
+use orchestrator::{store, timers};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn kafka() -> KafkaArgs {
+    // Only used to name topics: these tests call the engine directly, without a broker.
+    KafkaArgs {
+        brokers: "unused:9092".into(),
+        topic_prefix: String::new(),
+        partitions: 1,
+        fetch_wait_max_ms: 5,
+        linger_ms: 1,
+        batch_max: 16,
+    }
+}
+
+async fn setup(deadline: Duration) -> (PgPool, Engine) {
+    let url = platform::testing::fresh_database("orchestrator").await;
+    let pool =
+        runtime::database::connect(&url, 4, &[&messaging::MIGRATOR, &orchestrator::MIGRATOR])
+            .await
+            .expect("migrate");
+    (
+        pool,
+        Engine::new(Outbox::new("orchestrator", kafka()), deadline),
+    )
+}
+
+fn created() -> Input {
+    Input::OrderCreated {
+        order: OrderDetails {
+            customer_id: "c-1".into(),
+            lines: vec![Line {
+                sku: "SKU-MOUSE".into(),
+                quantity: 2,
+                unit_price_cents: 2900,
+            }],
+            total_cents: 5800,
+            currency: "USD".into(),
+            payment_method: "pm_card_visa".into(),
+        },
+    }
+}
+
+fn trigger(message_type: &str) -> Trigger {
+    Trigger {
+        message_id: Uuid::now_v7().to_string(),
+        message_type: message_type.to_owned(),
+        context: Some(MessageContext {
+            correlation_id: "corr-1".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn step(
+    pool: &PgPool,
+    engine: &Engine,
+    order_id: Uuid,
+    input: Input,
+) -> Result<Option<SagaState>, HandlerError> {
+    let mut tx = pool.begin().await.expect("begin");
+    let saga = engine
+        .step(&mut tx, order_id, &input, &trigger(input.name()))
+        .await?;
+    tx.commit().await.expect("commit");
+    Ok(saga.map(|s| s.state))
+}
+
+async fn outbox_types(pool: &PgPool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT topic, message_type FROM outbox ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .expect("outbox")
+}
+
+#[tokio::test]
+async fn the_happy_path_sends_each_command_once_and_records_the_history() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    assert_eq!(
+        step(&pool, &engine, order_id, created())
+            .await
+            .expect("start"),
+        Some(SagaState::Reserving)
+    );
+    // The same event again (another message id): the saga starts once.
+    assert_eq!(
+        step(&pool, &engine, order_id, created())
+            .await
+            .expect("again"),
+        None
+    );
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_timers")
+        .fetch_one(&pool)
+        .await
+        .expect("timers");
+    assert_eq!(timers, 1, "the payment deadline is armed");
+
+    let steps = [
+        (
+            Input::InventoryReserved {
+                reservation_id: Uuid::now_v7(),
+            },
+            SagaState::Charging,
+        ),
+        (
+            Input::PaymentInitiated {
+                payment_id: Uuid::now_v7(),
+            },
+            SagaState::AwaitingVerification,
+        ),
+        (
+            Input::PaymentSucceeded {
+                payment_id: Uuid::now_v7(),
+            },
+            SagaState::Committing,
+        ),
+        (Input::InventoryCommitted, SagaState::Completed),
+    ];
+    for (input, expected) in steps {
+        assert_eq!(
+            step(&pool, &engine, order_id, input).await.expect("step"),
+            Some(expected)
+        );
+    }
+    assert_eq!(
+        outbox_types(&pool).await,
+        [
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("payment.commands", "payment.v1.ChargePayment"),
+            ("order.commands", "order.v1.MarkPaymentInitiated"),
+            ("inventory.commands", "inventory.v1.CommitInventory"),
+            ("order.commands", "order.v1.CompleteOrder"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_timers")
+        .fetch_one(&pool)
+        .await
+        .expect("timers");
+    assert_eq!(
+        timers, 0,
+        "the deadline is cancelled once the payment succeeded"
+    );
+    let history: Vec<(Option<String>, String, String, String)> =
+        sqlx::query_as("SELECT from_state, to_state, input, correlation_id FROM saga_history WHERE saga_id = $1 ORDER BY version")
+            .bind(order_id)
+            .fetch_all(&pool)
+            .await
+            .expect("history");
+    let transitions: Vec<_> = history
+        .iter()
+        .map(|h| (h.0.as_deref().unwrap_or("-"), h.1.as_str()))
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            ("-", "RESERVING"),
+            ("RESERVING", "CHARGING"),
+            ("CHARGING", "AWAITING_VERIFICATION"),
+            ("AWAITING_VERIFICATION", "COMMITTING"),
+            ("COMMITTING", "COMPLETED"),
+        ]
+    );
+    assert!(
+        history.iter().all(|h| h.3 == "corr-1"),
+        "the correlation id is kept: {history:?}"
+    );
+    // A late reply changes nothing and sends nothing.
+    assert_eq!(
+        step(&pool, &engine, order_id, Input::InventoryReleased)
+            .await
+            .expect("late"),
+        None
+    );
+    assert_eq!(outbox_types(&pool).await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_concurrent_writer_makes_the_other_retry() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+
+    // Two transactions read version 1; the first to save wins, the other gets a conflict.
+    let mut first = pool.begin().await.expect("begin");
+    let mut second = pool.begin().await.expect("begin");
+    let reserved = Input::InventoryReserved {
+        reservation_id: Uuid::now_v7(),
+    };
+    engine
+        .step(&mut first, order_id, &reserved, &trigger("a"))
+        .await
+        .expect("first");
+    let racing = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            let failed = Input::InventoryReservationFailed {
+                reason: "out of stock".into(),
+            };
+            let result = engine
+                .step(&mut second, order_id, &failed, &trigger("b"))
+                .await;
+            (result, second)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.commit().await.expect("commit");
+    let (result, second) = racing.await.expect("join");
+    assert!(
+        matches!(result, Err(HandlerError::Transient(_))),
+        "{result:?}"
+    );
+    second.rollback().await.expect("rollback");
+    let saga = store::load(&mut *pool.acquire().await.expect("conn"), order_id)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(saga.saga.state, SagaState::Charging);
+    assert_eq!(saga.version, 2);
+}
+
+#[tokio::test]
+async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
+    let (pool, engine) = setup(Duration::ZERO).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+    )
+    .await
+    .expect("reserved");
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+    )
+    .await
+    .expect("initiated");
+
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+    assert_eq!(
+        timers::fire_due(&pool, &engine).await.expect("fire again"),
+        0,
+        "a timer fires once"
+    );
+    let types: Vec<String> = outbox_types(&pool)
+        .await
+        .into_iter()
+        .map(|t| t.1)
+        .skip(3)
+        .collect();
+    assert_eq!(
+        types,
+        ["payment.v1.VoidPayment", "inventory.v1.ReleaseInventory"]
+    );
+
+    step(&pool, &engine, order_id, Input::PaymentVoided)
+        .await
+        .expect("voided");
+    assert_eq!(
+        step(&pool, &engine, order_id, Input::InventoryReleased)
+            .await
+            .expect("released"),
+        Some(SagaState::Failed)
+    );
+    let last: String =
+        sqlx::query_scalar("SELECT message_type FROM outbox ORDER BY id DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .expect("outbox");
+    assert_eq!(last, "order.v1.FailOrder");
+}
