@@ -1,0 +1,86 @@
+//! Settings, from the command line or the environment, with defaults that run locally.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The gateway's settings (`gateway --help` lists them).
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "gateway",
+    about = "REST API of the order platform: forwards to order-svc, inventory-svc and payment-svc over gRPC."
+)]
+pub struct Config {
+    /// Address the REST API listens on (port 0: any free port).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:3000")]
+    pub http_addr: SocketAddr,
+
+    /// gRPC address of order-svc.
+    #[arg(long, env = "ORDER_SVC_URL", default_value = "http://127.0.0.1:50051", value_parser = grpc_url)]
+    pub order_svc_url: String,
+
+    /// gRPC address of inventory-svc.
+    #[arg(long, env = "INVENTORY_SVC_URL", default_value = "http://127.0.0.1:50052", value_parser = grpc_url)]
+    pub inventory_svc_url: String,
+
+    /// gRPC address of payment-svc.
+    #[arg(long, env = "PAYMENT_SVC_URL", default_value = "http://127.0.0.1:50053", value_parser = grpc_url)]
+    pub payment_svc_url: String,
+
+    /// Time a request may take before the gateway answers 504, in milliseconds.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+}
+
+impl Config {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Logs the settings (URLs with any password masked).
+    pub fn log(&self) {
+        tracing::info!(
+            http_addr = %self.http_addr,
+            order_svc_url = %runtime::redact_url(&self.order_svc_url),
+            inventory_svc_url = %runtime::redact_url(&self.inventory_svc_url),
+            payment_svc_url = %runtime::redact_url(&self.payment_svc_url),
+            request_timeout_ms = self.request_timeout_ms,
+            "configuration"
+        );
+    }
+}
+
+/// Accepts `http://host:port` (the channels are plaintext HTTP/2).
+fn grpc_url(value: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = value
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http://host:port"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err("expected http://host:port".to_owned());
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Config;
+
+    #[test]
+    fn defaults_run_locally() {
+        let config = Config::parse_from(["gateway"]);
+        assert_eq!(config.http_addr.to_string(), "127.0.0.1:3000");
+        assert_eq!(config.order_svc_url, "http://127.0.0.1:50051");
+        assert_eq!(config.inventory_svc_url, "http://127.0.0.1:50052");
+        assert_eq!(config.payment_svc_url, "http://127.0.0.1:50053");
+        assert_eq!(config.request_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn refuses_a_url_that_is_not_http() {
+        assert!(Config::try_parse_from(["gateway", "--order-svc-url", "localhost:50051"]).is_err());
+        assert!(Config::try_parse_from(["gateway", "--order-svc-url", "https://x:1"]).is_err());
+        assert!(Config::try_parse_from(["gateway", "--request-timeout-ms", "0"]).is_err());
+    }
+}

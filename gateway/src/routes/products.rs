@@ -1,0 +1,31 @@
+//! `GET /products`: the order service's catalog with the inventory's stock.
+
+use axum::extract::State;
+use axum::Json;
+use proto::inventory::v1::GetStockRequest;
+use proto::order::v1::ListProductsRequest;
+
+use super::AppState;
+use crate::backends::Service;
+use crate::correlation::RequestContext;
+use crate::error::ApiError;
+use crate::json::{self, ProductsJson};
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    context: RequestContext,
+) -> Result<Json<ProductsJson>, ApiError> {
+    let mut order = state.backends.order();
+    let mut inventory = state.backends.inventory();
+    // Every SKU's stock, asked at the same time as the catalog.
+    let (catalog, stock) = tokio::join!(
+        order.list_products(context.grpc(ListProductsRequest {})),
+        inventory.get_stock(context.grpc(GetStockRequest { skus: Vec::new() })),
+    );
+    let catalog = catalog.map_err(|status| ApiError::from_grpc(Service::Order, status))?;
+    let stock = stock.map_err(|status| ApiError::from_grpc(Service::Inventory, status))?;
+    Ok(Json(json::products(
+        catalog.into_inner().products,
+        stock.into_inner().levels,
+    )))
+}

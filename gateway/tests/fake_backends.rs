@@ -1,0 +1,530 @@
+//! The gateway against small in-process fakes of the three services: what it sends them
+//! (fields, idempotency key, correlation id and trace context as metadata) and how it turns
+//! their answers into REST responses.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{error_body, Gateway};
+use proto::inventory::v1::inventory_service_server::{InventoryService, InventoryServiceServer};
+use proto::inventory::v1::{
+    GetReservationRequest, GetStockRequest, GetStockResponse, Reservation, SetStockRequest,
+    StockLevel,
+};
+use proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
+use proto::order::v1::{
+    CreateOrderRequest, CreateOrderResponse, GetOrderRequest, ListProductsRequest,
+    ListProductsResponse, Order, OrderStatus, PricedLine, Product,
+};
+use proto::payment::v1::payment_service_server::{PaymentService, PaymentServiceServer};
+use proto::payment::v1::{
+    GetPaymentRequest, Payment, PaymentStatus, ValidatePaymentMethodRequest,
+    ValidatePaymentMethodResponse, VerifyPaymentRequest, VerifyPaymentResponse,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+const ORDER_ID: &str = "0190f3f0-0000-7000-8000-000000000001";
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// The metadata and request of every call a fake received.
+#[derive(Clone, Debug)]
+struct Seen {
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+    request: String,
+}
+
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<Seen>>>);
+
+impl Calls {
+    fn record<T: std::fmt::Debug>(&self, request: &Request<T>) {
+        let get = |key| {
+            request
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        self.0.lock().unwrap().push(Seen {
+            correlation_id: get("x-correlation-id"),
+            traceparent: get("traceparent"),
+            request: format!("{:?}", request.get_ref()),
+        });
+    }
+
+    fn last(&self) -> Seen {
+        self.0.lock().unwrap().last().cloned().expect("a call")
+    }
+}
+
+fn order(status: OrderStatus) -> Order {
+    Order {
+        order_id: ORDER_ID.into(),
+        customer_id: "cust-1".into(),
+        status: status.into(),
+        lines: vec![PricedLine {
+            sku: "SKU-1".into(),
+            quantity: 2,
+            unit_price_cents: 1250,
+            line_total_cents: 2500,
+        }],
+        total_cents: 2500,
+        currency: "USD".into(),
+        payment_method: "pm_card_visa".into(),
+        payment_id: String::new(),
+        failure_reason: String::new(),
+        correlation_id: String::new(),
+        created_at_ms: 1_700_000_000_000,
+        updated_at_ms: 1_700_000_000_000,
+    }
+}
+
+struct FakeOrders(Calls);
+
+#[tonic::async_trait]
+impl OrderService for FakeOrders {
+    async fn create_order(
+        &self,
+        request: Request<CreateOrderRequest>,
+    ) -> Result<Response<CreateOrderResponse>, Status> {
+        self.0.record(&request);
+        let request = request.into_inner();
+        if request.items.is_empty() {
+            return Err(Status::invalid_argument(
+                "items: at least one item is required",
+            ));
+        }
+        let replayed = request.idempotency_key == "seen-before";
+        Ok(Response::new(CreateOrderResponse {
+            order: Some(order(OrderStatus::Pending)),
+            replayed,
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        self.0.record(&request);
+        if request.get_ref().order_id != ORDER_ID {
+            return Err(Status::not_found(format!(
+                "no order {}",
+                request.get_ref().order_id
+            )));
+        }
+        let failed = Order {
+            payment_id: "pay-1".into(),
+            failure_reason: "payment declined: card_declined".into(),
+            ..order(OrderStatus::Failed)
+        };
+        Ok(Response::new(failed))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<ListProductsRequest>,
+    ) -> Result<Response<ListProductsResponse>, Status> {
+        self.0.record(&request);
+        let product = |sku: &str, price| Product {
+            sku: sku.into(),
+            name: format!("Product {sku}"),
+            unit_price_cents: price,
+            currency: "USD".into(),
+        };
+        Ok(Response::new(ListProductsResponse {
+            products: vec![product("SKU-1", 1250), product("SKU-2", 999)],
+        }))
+    }
+}
+
+struct FakeInventory(Calls);
+
+#[tonic::async_trait]
+impl InventoryService for FakeInventory {
+    async fn get_stock(
+        &self,
+        request: Request<GetStockRequest>,
+    ) -> Result<Response<GetStockResponse>, Status> {
+        self.0.record(&request);
+        let level = StockLevel {
+            sku: "SKU-1".into(),
+            available: 7,
+            reserved: 1,
+            committed: 2,
+        };
+        Ok(Response::new(GetStockResponse {
+            levels: vec![level],
+        }))
+    }
+
+    async fn set_stock(&self, _: Request<SetStockRequest>) -> Result<Response<StockLevel>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn get_reservation(
+        &self,
+        _: Request<GetReservationRequest>,
+    ) -> Result<Response<Reservation>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+}
+
+struct FakePayments(Calls);
+
+#[tonic::async_trait]
+impl PaymentService for FakePayments {
+    async fn verify_payment(
+        &self,
+        request: Request<VerifyPaymentRequest>,
+    ) -> Result<Response<VerifyPaymentResponse>, Status> {
+        self.0.record(&request);
+        let payment_id = request.into_inner().payment_id;
+        let (status, decline_reason) = match payment_id.as_str() {
+            "pay-declined" => (PaymentStatus::Declined, "card_declined"),
+            "pay-voided" => {
+                return Err(Status::failed_precondition("payment pay-voided was voided"))
+            }
+            "pay-broken" => return Err(Status::internal("database password expired")),
+            _ => (PaymentStatus::Succeeded, ""),
+        };
+        let payment = Payment {
+            payment_id,
+            order_id: ORDER_ID.into(),
+            amount_cents: 2500,
+            currency: "USD".into(),
+            payment_method: "pm_card_visa".into(),
+            status: status.into(),
+            decline_reason: decline_reason.into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        Ok(Response::new(VerifyPaymentResponse {
+            payment: Some(payment),
+        }))
+    }
+
+    async fn get_payment(
+        &self,
+        _: Request<GetPaymentRequest>,
+    ) -> Result<Response<Payment>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn validate_payment_method(
+        &self,
+        _: Request<ValidatePaymentMethodRequest>,
+    ) -> Result<Response<ValidatePaymentMethodResponse>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+}
+
+struct Fakes {
+    orders: Calls,
+    inventory: Calls,
+    payments: Calls,
+    gateway: Gateway,
+    cancel: CancellationToken,
+}
+
+/// Serves one fake with the standard health service, on port 0; returns its URL.
+async fn serve<S>(service: S, cancel: CancellationToken) -> String
+where
+    S: tonic::server::NamedService
+        + tower::Service<
+            axum::http::Request<tonic::body::Body>,
+            Response = axum::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let health = runtime::grpc::health::<S>().await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                runtime::grpc::incoming(listener),
+                cancel.cancelled_owned(),
+            ),
+    );
+    url
+}
+
+impl Fakes {
+    async fn start() -> Fakes {
+        let cancel = CancellationToken::new();
+        let (orders, inventory, payments) = (Calls::default(), Calls::default(), Calls::default());
+        let order_url = serve(
+            OrderServiceServer::new(FakeOrders(orders.clone())),
+            cancel.clone(),
+        )
+        .await;
+        let inventory_url = serve(
+            InventoryServiceServer::new(FakeInventory(inventory.clone())),
+            cancel.clone(),
+        )
+        .await;
+        let payment_url = serve(
+            PaymentServiceServer::new(FakePayments(payments.clone())),
+            cancel.clone(),
+        )
+        .await;
+        let gateway = Gateway::start(&order_url, &inventory_url, &payment_url, 10_000).await;
+        Fakes {
+            orders,
+            inventory,
+            payments,
+            gateway,
+            cancel,
+        }
+    }
+
+    async fn stop(self) {
+        self.gateway.stop().await;
+        self.cancel.cancel();
+    }
+}
+
+fn valid_order() -> serde_json::Value {
+    json!({"customer_id": "cust-1", "items": [{"sku": "SKU-1", "quantity": 2}], "payment_method": "pm_card_visa"})
+}
+
+#[tokio::test]
+async fn create_order_forwards_the_request_and_context_and_answers_201() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .post(gateway.url("/orders"))
+        .header("x-correlation-id", "corr-create-1")
+        .header("traceparent", TRACEPARENT)
+        .header("idempotency-key", "key-1")
+        .json(&valid_order())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    assert_eq!(response.headers()["x-correlation-id"], "corr-create-1");
+    assert_eq!(
+        response.headers()["location"],
+        format!("/orders/{ORDER_ID}").as_str()
+    );
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "order_id": ORDER_ID,
+            "customer_id": "cust-1",
+            "status": "PENDING",
+            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250, "line_total_cents": 2500}],
+            "total_cents": 2500,
+            "currency": "USD",
+            "payment_method": "pm_card_visa",
+            "payment_id": null,
+            "failure_reason": null,
+            "created_at": "2023-11-14T22:13:20.000Z",
+            "updated_at": "2023-11-14T22:13:20.000Z",
+        })
+    );
+
+    let seen = fakes.orders.last();
+    assert_eq!(seen.correlation_id.as_deref(), Some("corr-create-1"));
+    assert_eq!(seen.traceparent.as_deref(), Some(TRACEPARENT));
+    assert!(
+        seen.request.contains(r#"idempotency_key: "key-1""#),
+        "{}",
+        seen.request
+    );
+    assert!(
+        seen.request.contains(r#"customer_id: "cust-1""#),
+        "{}",
+        seen.request
+    );
+    assert!(
+        seen.request.contains(r#"payment_method: "pm_card_visa""#),
+        "{}",
+        seen.request
+    );
+    assert!(seen.request.contains("quantity: 2"), "{}", seen.request);
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn a_replayed_order_is_the_same_201_marked_idempotent_replayed() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .post(gateway.url("/orders"))
+        .header("idempotency-key", "seen-before")
+        .json(&valid_order())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["order_id"], ORDER_ID);
+    // No header given: the gateway made one id and sent the service that same id.
+    let seen = fakes.orders.last();
+    assert!(seen
+        .correlation_id
+        .is_some_and(|id| uuid::Uuid::parse_str(&id).is_ok()));
+    assert_eq!(seen.traceparent, None);
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_of_the_order_service_is_422_with_its_message() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .post(gateway.url("/orders"))
+        .json(&json!({"customer_id": "cust-1", "items": [], "payment_method": "pm_card_visa"}))
+        .send()
+        .await
+        .unwrap();
+    let body = error_body(response, 422, "invalid_request").await;
+    assert_eq!(
+        body["error"]["message"],
+        "items: at least one item is required"
+    );
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn get_order_is_200_with_the_order_and_404_when_unknown() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .get(gateway.url(&format!("/orders/{ORDER_ID}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "FAILED");
+    assert_eq!(body["payment_id"], "pay-1");
+    assert_eq!(body["failure_reason"], "payment declined: card_declined");
+
+    let unknown = uuid::Uuid::new_v4();
+    let response = gateway
+        .client
+        .get(gateway.url(&format!("/orders/{unknown}")))
+        .header("x-correlation-id", "corr-404")
+        .send()
+        .await
+        .unwrap();
+    let body = error_body(response, 404, "not_found").await;
+    assert_eq!(body["correlation_id"], "corr-404");
+    assert_eq!(
+        fakes.orders.last().correlation_id.as_deref(),
+        Some("corr-404")
+    );
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn verify_payment_answers_the_outcome_declined_included_and_409_when_voided() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let verify = |payment_id: &str| {
+        gateway
+            .client
+            .post(gateway.url("/payment/verify"))
+            .header("traceparent", TRACEPARENT)
+            .json(&json!({"payment_id": payment_id}))
+            .send()
+    };
+
+    let response = verify("pay-ok").await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"payment_id": "pay-ok", "order_id": ORDER_ID, "status": "SUCCEEDED", "decline_reason": null,
+               "amount_cents": 2500, "currency": "USD"})
+    );
+    assert_eq!(
+        fakes.payments.last().traceparent.as_deref(),
+        Some(TRACEPARENT)
+    );
+
+    let response = verify("pay-declined").await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "DECLINED");
+    assert_eq!(body["decline_reason"], "card_declined");
+
+    let body = error_body(verify("pay-voided").await.unwrap(), 409, "conflict").await;
+    assert_eq!(body["error"]["message"], "payment pay-voided was voided");
+
+    // An internal failure is a 500 that does not show the service's details.
+    let body = error_body(verify("pay-broken").await.unwrap(), 500, "internal").await;
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("password"),
+        "{body}"
+    );
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn products_join_the_catalog_with_the_stock() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .get(gateway.url("/products"))
+        .header("x-correlation-id", "corr-products")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"products": [
+            {"sku": "SKU-1", "name": "Product SKU-1", "unit_price_cents": 1250, "currency": "USD", "available": 7},
+            {"sku": "SKU-2", "name": "Product SKU-2", "unit_price_cents": 999, "currency": "USD", "available": 0},
+        ]})
+    );
+    assert_eq!(
+        fakes.inventory.last().correlation_id.as_deref(),
+        Some("corr-products")
+    );
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_200_when_every_service_is_serving() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let response = gateway
+        .client
+        .get(gateway.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "ready", "services": {"inventory-svc": "serving", "order-svc": "serving", "payment-svc": "serving"}})
+    );
+    fakes.stop().await;
+}
