@@ -1,0 +1,38 @@
+//! The errors of order-svc and their one mapping to gRPC statuses.
+
+/// What can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with what was stored before (an idempotency key reused for a
+    /// different request).
+    #[error("{0}")]
+    Conflict(String),
+    /// A dependency (payment-svc) cannot be reached or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Invalid(message) => tonic::Status::invalid_argument(message),
+            Error::NotFound(message) => tonic::Status::not_found(message),
+            Error::Conflict(message) => tonic::Status::already_exists(message),
+            Error::Unavailable(message) => {
+                tracing::warn!(error = %message, "dependency unavailable");
+                tonic::Status::unavailable(message)
+            }
+            Error::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                tonic::Status::unavailable("the order database is unavailable, retry later")
+            }
+        }
+    }
+}

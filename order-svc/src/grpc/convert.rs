@@ -1,0 +1,148 @@
+//! Conversion between the protobuf contracts and the domain, at the edge of the service.
+
+use messaging::MessageContext;
+use proto::order::v1 as pb;
+use tonic::metadata::MetadataMap;
+use uuid::Uuid;
+
+use crate::domain::{Order, OrderId, OrderLine, OrderRequest, OrderStatus, Product};
+use crate::error::Error;
+
+/// Metadata carrying the saga's correlation id (made by the gateway from `X-Correlation-ID`).
+pub const CORRELATION_ID: &str = "x-correlation-id";
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+/// Longest correlation id taken from a caller; a longer one is replaced.
+const MAX_CORRELATION_ID_CHARS: usize = 128;
+const MAX_TRACE_HEADER_CHARS: usize = 512;
+
+pub fn order_request(request: pb::CreateOrderRequest) -> Result<OrderRequest, Error> {
+    OrderRequest::new(
+        request.customer_id,
+        request
+            .items
+            .into_iter()
+            .map(|item| (item.sku, item.quantity))
+            .collect(),
+        request.payment_method,
+        request.idempotency_key,
+    )
+}
+
+pub fn order_id(value: &str) -> Result<OrderId, Error> {
+    Uuid::parse_str(value)
+        .map(OrderId)
+        .map_err(|_| Error::Invalid(format!("order_id must be a UUID, got {value:?}")))
+}
+
+/// The context of the messages a request causes: the caller's correlation id (a new one when
+/// absent) and trace context, and a new id for the request itself.
+pub fn message_context(metadata: &MetadataMap) -> MessageContext {
+    let text = |key: &str, max: usize| {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= max)
+            .map(str::to_owned)
+    };
+    MessageContext {
+        correlation_id: text(CORRELATION_ID, MAX_CORRELATION_ID_CHARS)
+            .unwrap_or_else(|| Uuid::new_v4().to_string()),
+        causation_id: Uuid::now_v7().to_string(),
+        traceparent: text(TRACEPARENT, MAX_TRACE_HEADER_CHARS).unwrap_or_default(),
+        tracestate: text(TRACESTATE, MAX_TRACE_HEADER_CHARS).unwrap_or_default(),
+    }
+}
+
+pub fn status(status: OrderStatus) -> pb::OrderStatus {
+    match status {
+        OrderStatus::Pending => pb::OrderStatus::Pending,
+        OrderStatus::PaymentInitiated => pb::OrderStatus::PaymentInitiated,
+        OrderStatus::Completed => pb::OrderStatus::Completed,
+        OrderStatus::Failed => pb::OrderStatus::Failed,
+    }
+}
+
+pub fn priced_line(line: &OrderLine) -> pb::PricedLine {
+    pb::PricedLine {
+        sku: line.sku.clone(),
+        quantity: line.quantity,
+        unit_price_cents: line.unit_price_cents,
+        line_total_cents: line.total_cents(),
+    }
+}
+
+pub fn order(order: Order) -> pb::Order {
+    pb::Order {
+        order_id: order.id.to_string(),
+        customer_id: order.customer_id,
+        status: status(order.status).into(),
+        lines: order.lines.iter().map(priced_line).collect(),
+        total_cents: order.total_cents,
+        currency: order.currency,
+        payment_method: order.payment_method,
+        payment_id: order.payment_id.map(|p| p.to_string()).unwrap_or_default(),
+        failure_reason: order.failure_reason.unwrap_or_default(),
+        correlation_id: order.correlation_id,
+        created_at_ms: order.created_at.timestamp_millis(),
+        updated_at_ms: order.updated_at.timestamp_millis(),
+    }
+}
+
+/// The event that starts the order's saga.
+pub fn order_created(order: &Order) -> pb::OrderCreated {
+    pb::OrderCreated {
+        order_id: order.id.to_string(),
+        customer_id: order.customer_id.clone(),
+        lines: order.lines.iter().map(priced_line).collect(),
+        total_cents: order.total_cents,
+        currency: order.currency.clone(),
+        payment_method: order.payment_method.clone(),
+    }
+}
+
+pub fn product(product: Product) -> pb::Product {
+    pb::Product {
+        sku: product.sku,
+        name: product.name,
+        unit_price_cents: product.unit_price_cents,
+        currency: product.currency,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_id_is_taken_from_metadata_or_made() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(CORRELATION_ID, "corr-42".parse().unwrap());
+        metadata.insert(
+            TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let context = message_context(&metadata);
+        assert_eq!(context.correlation_id, "corr-42");
+        assert!(context.traceparent.starts_with("00-0af7"));
+        assert!(Uuid::parse_str(&context.causation_id).is_ok());
+
+        let made = message_context(&MetadataMap::new());
+        assert!(Uuid::parse_str(&made.correlation_id).is_ok());
+        assert_eq!(made.traceparent, "");
+
+        let mut too_long = MetadataMap::new();
+        too_long.insert(CORRELATION_ID, "x".repeat(129).parse().unwrap());
+        assert!(Uuid::parse_str(&message_context(&too_long).correlation_id).is_ok());
+    }
+
+    #[test]
+    fn order_ids_must_be_uuids() {
+        assert!(matches!(order_id("nope"), Err(Error::Invalid(m)) if m.contains("order_id")));
+        let id = Uuid::now_v7();
+        assert_eq!(order_id(&id.to_string()).unwrap(), OrderId(id));
+    }
+}

@@ -1,0 +1,133 @@
+//! Placing and reading orders: what the gRPC API does, with no protocol in it.
+
+use chrono::Utc;
+use messaging::{MessageContext, Outbox};
+use sqlx::PgPool;
+
+use crate::domain::{self, Order, OrderId, OrderRequest, OrderStatus, Product};
+use crate::error::Error;
+use crate::grpc::convert;
+use crate::payments::PaymentMethods;
+use crate::store::{self, NewOrder};
+
+/// The outcome of placing an order.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    pub order: Order,
+    /// The idempotency key matched an order placed earlier, which is returned unchanged.
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Orders {
+    pool: PgPool,
+    outbox: Outbox,
+    payments: PaymentMethods,
+}
+
+impl Orders {
+    pub fn new(pool: PgPool, outbox: Outbox, payments: PaymentMethods) -> Self {
+        Self {
+            pool,
+            outbox,
+            payments,
+        }
+    }
+
+    /// Prices `request` from the catalog and stores the order as PENDING together with its
+    /// `OrderCreated` event, in one transaction. With an idempotency key already used for the
+    /// same request, returns that order and records nothing.
+    pub async fn place(
+        &self,
+        request: OrderRequest,
+        context: &MessageContext,
+    ) -> Result<Placed, Error> {
+        let fingerprint = request.fingerprint();
+        if let Some(key) = &request.idempotency_key {
+            if let Some(placed) = self.replay(key, &fingerprint).await? {
+                return Ok(placed);
+            }
+        }
+        let catalog = store::products(&self.pool, &request.skus()).await?;
+        let priced = domain::price(&request, &catalog)?;
+        self.payments
+            .validate(&request.payment_method, context)
+            .await?;
+
+        let now = Utc::now();
+        let mut order = Order {
+            id: OrderId::generate(),
+            customer_id: request.customer_id,
+            status: OrderStatus::Pending,
+            lines: priced.lines,
+            total_cents: priced.total_cents,
+            currency: priced.currency,
+            payment_method: request.payment_method,
+            payment_id: None,
+            failure_reason: None,
+            correlation_id: context.correlation_id.clone(),
+            created_at: now,
+            updated_at: now,
+        };
+        let mut tx = self.pool.begin().await?;
+        let new = NewOrder {
+            order: &order,
+            idempotency_key: request.idempotency_key.as_deref(),
+            request_fingerprint: &fingerprint,
+        };
+        let Some((created_at, updated_at)) = store::insert_order(&mut tx, &new).await? else {
+            // A concurrent request with the same key placed its order first.
+            tx.rollback().await?;
+            let key = request.idempotency_key.unwrap_or_default();
+            return match self.replay(&key, &fingerprint).await? {
+                Some(placed) => Ok(placed),
+                None => Err(Error::Unavailable(format!(
+                    "Idempotency-Key {key:?} is being used by a concurrent request, retry later"
+                ))),
+            };
+        };
+        order.created_at = created_at;
+        order.updated_at = updated_at;
+        let event = convert::order_created(&order);
+        let message = self
+            .outbox
+            .message(proto::topics::ORDER_EVENTS, order.id.0, &event, context);
+        self.outbox.enqueue(&mut tx, &[message]).await?;
+        tx.commit().await?;
+        tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
+        Ok(Placed {
+            order,
+            replayed: false,
+        })
+    }
+
+    /// The order placed earlier with `key`, if its request had the same fingerprint; a conflict
+    /// if it was a different request.
+    async fn replay(&self, key: &str, fingerprint: &str) -> Result<Option<Placed>, Error> {
+        let Some((id, stored)) = store::find_by_idempotency_key(&self.pool, key).await? else {
+            return Ok(None);
+        };
+        if stored != fingerprint {
+            return Err(Error::Conflict(format!(
+                "Idempotency-Key {key:?} was used for a different request"
+            )));
+        }
+        let order = self.get(id).await?;
+        tracing::info!(order_id = %id, "order replayed for its idempotency key");
+        Ok(Some(Placed {
+            order,
+            replayed: true,
+        }))
+    }
+
+    pub async fn get(&self, id: OrderId) -> Result<Order, Error> {
+        let mut conn = self.pool.acquire().await?;
+        store::get_order(&mut conn, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("order {id} not found")))
+    }
+
+    pub async fn products(&self) -> Result<Vec<Product>, Error> {
+        Ok(store::list_products(&self.pool).await?)
+    }
+}

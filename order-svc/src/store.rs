@@ -1,0 +1,239 @@
+//! The SQL of orders and the catalog. Functions take the connection (or transaction) to run
+//! on, so that callers decide what commits together.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgExecutor, Row as _};
+use uuid::Uuid;
+
+use crate::domain::{Order, OrderCommand, OrderId, OrderLine, OrderStatus, PaymentId, Product};
+
+/// The whole catalog, by SKU.
+pub async fn list_products(db: impl PgExecutor<'_>) -> Result<Vec<Product>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT sku, name, unit_price_cents, currency FROM products ORDER BY sku")
+            .fetch_all(db)
+            .await?;
+    rows.iter().map(product).collect()
+}
+
+/// The products among `skus` that are in the catalog.
+pub async fn products(
+    db: impl PgExecutor<'_>,
+    skus: &[String],
+) -> Result<HashMap<String, Product>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT sku, name, unit_price_cents, currency FROM products WHERE sku = ANY($1)",
+    )
+    .bind(skus)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|row| product(row).map(|p| (p.sku.clone(), p)))
+        .collect()
+}
+
+fn product(row: &PgRow) -> Result<Product, sqlx::Error> {
+    Ok(Product {
+        sku: row.try_get("sku")?,
+        name: row.try_get("name")?,
+        unit_price_cents: row.try_get("unit_price_cents")?,
+        currency: row.try_get("currency")?,
+    })
+}
+
+/// The order placed with `key` and the fingerprint of its request.
+pub async fn find_by_idempotency_key(
+    db: impl PgExecutor<'_>,
+    key: &str,
+) -> Result<Option<(OrderId, String)>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT order_id, request_fingerprint FROM orders WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(db)
+            .await?;
+    row.map(|row| {
+        Ok((
+            OrderId(row.try_get("order_id")?),
+            row.try_get("request_fingerprint")?,
+        ))
+    })
+    .transpose()
+}
+
+/// A new order and what it is stored with besides.
+pub struct NewOrder<'a> {
+    pub order: &'a Order,
+    pub idempotency_key: Option<&'a str>,
+    pub request_fingerprint: &'a str,
+}
+
+/// Inserts the order and its lines. Returns the stored timestamps (created, updated), or
+/// `None` when another order already holds the idempotency key: nothing is written then.
+pub async fn insert_order(
+    conn: &mut PgConnection,
+    new: &NewOrder<'_>,
+) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
+    let order = new.order;
+    // ON CONFLICT waits for a concurrent twin holding the key to commit (then does nothing)
+    // or roll back (then inserts), so `None` means the twin's order exists.
+    let row = sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, status, total_cents, currency, payment_method, \
+             idempotency_key, request_fingerprint, correlation_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (idempotency_key) DO NOTHING \
+         RETURNING created_at, updated_at",
+    )
+    .bind(order.id.0)
+    .bind(&order.customer_id)
+    .bind(order.status.as_str())
+    .bind(order.total_cents)
+    .bind(&order.currency)
+    .bind(&order.payment_method)
+    .bind(new.idempotency_key)
+    .bind(new.request_fingerprint)
+    .bind(&order.correlation_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = order
+        .lines
+        .iter()
+        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price_cents).collect();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
+         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])",
+    )
+    .bind(order.id.0)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some((
+        row.try_get("created_at")?,
+        row.try_get("updated_at")?,
+    )))
+}
+
+/// The order with its lines, in SKU order.
+pub async fn get_order(conn: &mut PgConnection, id: OrderId) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT customer_id, status, total_cents, currency, payment_method, payment_id, \
+             failure_reason, correlation_id, created_at, updated_at \
+         FROM orders WHERE order_id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let lines = sqlx::query(
+        "SELECT sku, quantity, unit_price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
+    )
+    .bind(id.0)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|line| {
+        let quantity: i32 = line.try_get("quantity")?;
+        Ok(OrderLine {
+            sku: line.try_get("sku")?,
+            quantity: u32::try_from(quantity).map_err(|e| decode_error("quantity", e))?,
+            unit_price_cents: line.try_get("unit_price_cents")?,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Some(Order {
+        id,
+        customer_id: row.try_get("customer_id")?,
+        status: status(&row)?,
+        lines,
+        total_cents: row.try_get("total_cents")?,
+        currency: row.try_get("currency")?,
+        payment_method: row.try_get("payment_method")?,
+        payment_id: row.try_get::<Option<Uuid>, _>("payment_id")?.map(PaymentId),
+        failure_reason: row.try_get("failure_reason")?,
+        correlation_id: row.try_get("correlation_id")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    }))
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The order moved to the command's status.
+    Moved,
+    /// The order's status does not allow the command (a repeated, stale or late command).
+    Ignored {
+        status: OrderStatus,
+        payment_id: Option<PaymentId>,
+    },
+    UnknownOrder,
+}
+
+/// Moves the order as `command` says when its current status allows it
+/// ([`OrderCommand::applies_from`]); one statement in the common case.
+pub async fn apply(
+    conn: &mut PgConnection,
+    id: OrderId,
+    command: &OrderCommand,
+) -> Result<Applied, sqlx::Error> {
+    let (payment_id, failure_reason) = match command {
+        OrderCommand::MarkPaymentInitiated { payment_id } => (Some(payment_id.0), None),
+        OrderCommand::Complete => (None, None),
+        OrderCommand::Fail { reason } => (None, Some(reason.as_str())),
+    };
+    let from: Vec<&str> = command
+        .applies_from()
+        .into_iter()
+        .map(OrderStatus::as_str)
+        .collect();
+    let moved = sqlx::query(
+        "UPDATE orders SET status = $2, \
+             payment_id = COALESCE($3, payment_id), \
+             failure_reason = COALESCE($4, failure_reason), \
+             updated_at = now() \
+         WHERE order_id = $1 AND status = ANY($5)",
+    )
+    .bind(id.0)
+    .bind(command.target().as_str())
+    .bind(payment_id)
+    .bind(failure_reason)
+    .bind(&from)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        return Ok(Applied::Moved);
+    }
+    let row = sqlx::query("SELECT status, payment_id FROM orders WHERE order_id = $1")
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        None => Ok(Applied::UnknownOrder),
+        Some(row) => Ok(Applied::Ignored {
+            status: status(&row)?,
+            payment_id: row.try_get::<Option<Uuid>, _>("payment_id")?.map(PaymentId),
+        }),
+    }
+}
+
+fn status(row: &PgRow) -> Result<OrderStatus, sqlx::Error> {
+    let name: &str = row.try_get("status")?;
+    OrderStatus::from_db(name)
+        .ok_or_else(|| decode_error("status", format!("unknown order status {name:?}")))
+}
+
+fn decode_error(column: &str, error: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: error.to_string().into(),
+    }
+}

@@ -1,0 +1,260 @@
+//! The saga's commands on `order.commands`: the handler directly in a transaction, and once
+//! end to end through the broker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{incoming, TestApp};
+use messaging::{Handler as _, HandlerError, Incoming, Outbox};
+use order_svc::handler::OrderCommands;
+use proto::order::v1 as pb;
+use uuid::Uuid;
+
+/// Handles `message` in its own committed transaction, as the consumer does.
+async fn handle(app: &TestApp, message: &Incoming) -> Result<(), HandlerError> {
+    let mut tx = app.pool.begin().await.unwrap();
+    let result = OrderCommands.handle(&mut tx, message).await;
+    if result.is_ok() {
+        tx.commit().await.unwrap();
+    }
+    result
+}
+
+fn mark_payment_initiated(order_id: &str, payment_id: &str) -> Incoming {
+    incoming(
+        order_id,
+        &pb::MarkPaymentInitiated {
+            order_id: order_id.into(),
+            payment_id: payment_id.into(),
+        },
+    )
+}
+
+fn complete(order_id: &str) -> Incoming {
+    incoming(
+        order_id,
+        &pb::CompleteOrder {
+            order_id: order_id.into(),
+        },
+    )
+}
+
+fn fail(order_id: &str, reason: &str) -> Incoming {
+    incoming(
+        order_id,
+        &pb::FailOrder {
+            order_id: order_id.into(),
+            reason: reason.into(),
+        },
+    )
+}
+
+#[tokio::test]
+async fn commands_move_the_order_forward() {
+    let app = TestApp::start().await;
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    let payment_id = Uuid::now_v7().to_string();
+
+    handle(&app, &mark_payment_initiated(id, &payment_id))
+        .await
+        .unwrap();
+    let got = app.get(id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::PaymentInitiated);
+    assert_eq!(got.payment_id, payment_id);
+    assert!(got.updated_at_ms >= order.updated_at_ms);
+
+    handle(&app, &complete(id)).await.unwrap();
+    let got = app.get(id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Completed);
+    assert_eq!(got.payment_id, payment_id);
+    assert_eq!(got.failure_reason, "");
+    // Commands to order-svc send nothing back.
+    assert_eq!(app.outbox_writes().await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fail_order_records_its_reason_from_pending_or_payment_initiated() {
+    let app = TestApp::start().await;
+    let pending = app.place_order().await;
+    handle(&app, &fail(&pending.order_id, "out of stock: SKU-MOUSE"))
+        .await
+        .unwrap();
+    let got = app.get(&pending.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Failed);
+    assert_eq!(got.failure_reason, "out of stock: SKU-MOUSE");
+
+    let paying = app.place_order().await;
+    let payment_id = Uuid::now_v7().to_string();
+    handle(&app, &mark_payment_initiated(&paying.order_id, &payment_id))
+        .await
+        .unwrap();
+    handle(&app, &fail(&paying.order_id, "payment declined"))
+        .await
+        .unwrap();
+    let got = app.get(&paying.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Failed);
+    assert_eq!(got.failure_reason, "payment declined");
+    assert_eq!(got.payment_id, payment_id);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_mark_payment_initiated_leaves_a_completed_order_completed() {
+    let app = TestApp::start().await;
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    handle(&app, &complete(id)).await.unwrap();
+    let completed = app.get(id).await.unwrap();
+
+    handle(
+        &app,
+        &mark_payment_initiated(id, &Uuid::now_v7().to_string()),
+    )
+    .await
+    .unwrap();
+    let got = app.get(id).await.unwrap();
+    assert_eq!(got, completed, "a terminal order is not touched");
+    assert_eq!(got.status(), pb::OrderStatus::Completed);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn terminal_statuses_never_change() {
+    let app = TestApp::start().await;
+    let completed = app.place_order().await;
+    handle(&app, &complete(&completed.order_id)).await.unwrap();
+    let before = app.get(&completed.order_id).await.unwrap();
+    handle(&app, &fail(&completed.order_id, "too late"))
+        .await
+        .unwrap();
+    assert_eq!(app.get(&completed.order_id).await.unwrap(), before);
+
+    let failed = app.place_order().await;
+    handle(&app, &fail(&failed.order_id, "out of stock"))
+        .await
+        .unwrap();
+    let before = app.get(&failed.order_id).await.unwrap();
+    handle(&app, &complete(&failed.order_id)).await.unwrap();
+    handle(&app, &fail(&failed.order_id, "another reason"))
+        .await
+        .unwrap();
+    handle(
+        &app,
+        &mark_payment_initiated(&failed.order_id, &Uuid::now_v7().to_string()),
+    )
+    .await
+    .unwrap();
+    let got = app.get(&failed.order_id).await.unwrap();
+    assert_eq!(got, before);
+    assert_eq!(got.failure_reason, "out of stock");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_commands_change_nothing_more() {
+    let app = TestApp::start().await;
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    let first_payment = Uuid::now_v7().to_string();
+    handle(&app, &mark_payment_initiated(id, &first_payment))
+        .await
+        .unwrap();
+    let initiated = app.get(id).await.unwrap();
+    // The same command again, as a new message (the inbox cannot catch it): no change, no error.
+    handle(&app, &mark_payment_initiated(id, &first_payment))
+        .await
+        .unwrap();
+    handle(
+        &app,
+        &mark_payment_initiated(id, &Uuid::now_v7().to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(app.get(id).await.unwrap(), initiated);
+
+    handle(&app, &complete(id)).await.unwrap();
+    let completed = app.get(id).await.unwrap();
+    handle(&app, &complete(id)).await.unwrap();
+    assert_eq!(app.get(id).await.unwrap(), completed);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_commands_are_permanent_errors() {
+    let app = TestApp::start().await;
+    let order = app.place_order().await;
+    let unknown = Uuid::now_v7().to_string();
+
+    let permanent = |result: Result<(), HandlerError>| match result {
+        Err(HandlerError::Permanent(message)) => message,
+        other => panic!("expected a permanent error, got {other:?}"),
+    };
+    assert!(permanent(handle(&app, &complete(&unknown)).await).contains(&unknown));
+    assert!(permanent(handle(&app, &complete("not-a-uuid")).await).contains("order_id"));
+    assert!(
+        permanent(handle(&app, &mark_payment_initiated(&order.order_id, "nope")).await)
+            .contains("payment_id")
+    );
+    let wrong_type = incoming(&order.order_id, &pb::OrderCreated::default());
+    assert!(permanent(handle(&app, &wrong_type).await).contains("unknown message type"));
+    let mut garbage = complete(&order.order_id);
+    garbage.payload = vec![0xff, 0xff, 0xff];
+    assert!(permanent(handle(&app, &garbage).await).contains("undecodable"));
+
+    assert_eq!(
+        app.get(&order.order_id).await.unwrap().status(),
+        pb::OrderStatus::Pending
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_arrive_through_the_broker() {
+    let app = TestApp::start().await;
+    let order = app.place_order().await;
+    let order_id = Uuid::parse_str(&order.order_id).unwrap();
+    let payment_id = Uuid::now_v7().to_string();
+
+    // Sent as the orchestrator sends them: through an outbox (here the app's own, which its
+    // relay publishes) to `order.commands`, where the app's consumer picks them up.
+    let orchestrator = Outbox::new("orchestrator", app.config.kafka.clone());
+    let context = messaging::MessageContext {
+        correlation_id: order.correlation_id.clone(),
+        ..Default::default()
+    };
+    let messages = [
+        orchestrator.message(
+            proto::topics::ORDER_COMMANDS,
+            order_id,
+            &pb::MarkPaymentInitiated {
+                order_id: order.order_id.clone(),
+                payment_id: payment_id.clone(),
+            },
+            &context,
+        ),
+        orchestrator.message(
+            proto::topics::ORDER_COMMANDS,
+            order_id,
+            &pb::CompleteOrder {
+                order_id: order.order_id.clone(),
+            },
+            &context,
+        ),
+    ];
+    let mut conn = app.pool.acquire().await.unwrap();
+    orchestrator.enqueue(&mut conn, &messages).await.unwrap();
+    drop(conn);
+
+    let got = common::eventually(Duration::from_secs(60), "the order to complete", || async {
+        let got = app.get(&order.order_id).await.unwrap();
+        (got.status() == pb::OrderStatus::Completed).then_some(got)
+    })
+    .await;
+    assert_eq!(got.payment_id, payment_id);
+    // Both recorded in the inbox: a redelivery would be skipped.
+    assert_eq!(app.count("inbox").await, 2);
+    app.stop().await;
+}
