@@ -182,7 +182,8 @@ impl Consumer {
         handler: H,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
-        let consumer: StreamConsumer = self.kafka.consumer(&self.group)?;
+        let holder = DropOffThread(Some(self.kafka.consumer(&self.group)?));
+        let consumer = holder.consumer();
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(group = %self.group, topics = ?self.topics, "consuming");
@@ -354,6 +355,27 @@ impl Consumer {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// Owns the Kafka consumer and drops it on a thread of its own. librdkafka's close, run on
+/// drop, can block forever in a rebalance callback (rust-rdkafka #509, librdkafka #4041);
+/// that must not hang a runtime shutting down, nor a test's end.
+struct DropOffThread(Option<StreamConsumer>);
+
+impl DropOffThread {
+    fn consumer(&self) -> &StreamConsumer {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for DropOffThread {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(consumer));
+        }
     }
 }
 
