@@ -138,6 +138,17 @@ impl Incoming {
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, conn: &mut PgConnection, message: &Incoming)
         -> Result<(), HandlerError>;
+
+    /// Called in the transaction that dead-letters `message`, e.g. to flag its saga for an
+    /// operator. Does nothing by default.
+    async fn on_dead_letter(
+        &self,
+        _conn: &mut PgConnection,
+        _message: &Incoming,
+        _error: &str,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// Headers added to a dead-lettered message.
@@ -275,7 +286,9 @@ impl Consumer {
         let mut backoff = crate::retry::backoff();
         loop {
             let result = match self.try_batch(handler, std::slice::from_ref(message)).await {
-                Err(HandlerError::Permanent(error)) => self.dead_letter(message, &error).await,
+                Err(HandlerError::Permanent(error)) => {
+                    self.dead_letter(handler, message, &error).await
+                }
                 other => other,
             };
             match result {
@@ -312,7 +325,12 @@ impl Consumer {
 
     /// Sends `message` to `<topic>.dlq` through the outbox, with its inbox row when it has a
     /// valid id, so that a redelivery is not dead-lettered twice.
-    async fn dead_letter(&self, message: &Incoming, error: &str) -> Result<(), HandlerError> {
+    async fn dead_letter<H: Handler>(
+        &self,
+        handler: &H,
+        message: &Incoming,
+        error: &str,
+    ) -> Result<(), HandlerError> {
         tracing::error!(
             %error,
             topic = %message.topic,
@@ -353,6 +371,7 @@ impl Consumer {
         self.outbox
             .enqueue(&mut tx, std::slice::from_ref(&dead))
             .await?;
+        handler.on_dead_letter(&mut tx, message, error).await?;
         tx.commit().await?;
         Ok(())
     }

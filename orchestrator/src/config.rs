@@ -28,6 +28,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400 * 7))]
     pub payment_deadline_secs: u64,
 
+    /// Time a service has to answer a saga step before the step's command is sent again
+    /// (doubling at every attempt, up to 10 minutes).
+    #[arg(long, env = "STEP_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub step_timeout_secs: u64,
+
+    /// Attempts of one step after which its saga is flagged as needing an operator; it keeps
+    /// retrying.
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub step_max_attempts: u32,
+
     /// How often due timers are looked for.
     #[arg(long, env = "TIMER_POLL_INTERVAL_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -38,8 +50,12 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn payment_deadline(&self) -> Duration {
-        Duration::from_secs(self.payment_deadline_secs)
+    pub fn timing(&self) -> crate::engine::Timing {
+        crate::engine::Timing {
+            payment_deadline: Duration::from_secs(self.payment_deadline_secs),
+            step_timeout: Duration::from_secs(self.step_timeout_secs),
+            step_max_attempts: self.step_max_attempts,
+        }
     }
 
     /// Logs the settings, with the database password masked.
@@ -48,6 +64,8 @@ impl Config {
             database_url = %runtime::redact_url(&self.database_url),
             grpc_addr = %self.grpc_addr,
             payment_deadline_secs = self.payment_deadline_secs,
+            step_timeout_secs = self.step_timeout_secs,
+            step_max_attempts = self.step_max_attempts,
             timer_poll_interval_ms = self.timer_poll_interval_ms,
             kafka = ?self.kafka,
             "configuration"

@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::saga::{self, Command, Input, Outcome, Saga};
-use crate::store::{self, Cause, Origin, StoreError};
+use crate::store::{self, Bookkeeping, Cause, Origin, StoreError};
 
 /// What caused a step: a message, or a timer.
 #[derive(Clone, Debug)]
@@ -22,17 +22,56 @@ pub struct Trigger {
     pub context: Option<MessageContext>,
 }
 
+/// The engine's policy for sagas whose services do not answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Time the client has to verify the payment.
+    pub payment_deadline: std::time::Duration,
+    /// Time a service has to answer a step before its command is sent again; doubled at every
+    /// attempt, up to [`MAX_STEP_DELAY`].
+    pub step_timeout: std::time::Duration,
+    /// Attempts of one step after which the saga is flagged as needing an operator (it keeps
+    /// retrying: compensations are retried until they succeed).
+    pub step_max_attempts: u32,
+}
+
+/// The longest wait between two attempts of a step.
+pub const MAX_STEP_DELAY: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct Engine {
     outbox: Outbox,
-    deadline: chrono::Duration,
+    timing: Timing,
 }
 
 impl Engine {
-    pub fn new(outbox: Outbox, deadline: std::time::Duration) -> Self {
-        Self {
-            outbox,
-            deadline: chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::MAX),
+    pub fn new(outbox: Outbox, timing: Timing) -> Self {
+        Self { outbox, timing }
+    }
+
+    /// Bookkeeping of a saga after a transition to `next`.
+    fn bookkeeping(&self, next: &Saga) -> Bookkeeping {
+        let chrono =
+            |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let step_timer = next.state.awaits_service().then(|| {
+            let factor = 2u32.saturating_pow(next.attempts.min(16));
+            chrono(
+                self.timing
+                    .step_timeout
+                    .saturating_mul(factor)
+                    .min(MAX_STEP_DELAY),
+            )
+        });
+        let needs_operator = (next.attempts >= self.timing.step_max_attempts).then(|| {
+            format!(
+                "step {} not answered after {} attempts; still retrying",
+                next.state, next.attempts
+            )
+        });
+        Bookkeeping {
+            deadline: chrono(self.timing.payment_deadline),
+            step_timer,
+            needs_operator,
         }
     }
 
@@ -45,13 +84,27 @@ impl Engine {
         input: &Input,
         trigger: &Trigger,
     ) -> Result<Option<Saga>, HandlerError> {
+        match self.try_step(conn, order_id, input, trigger).await? {
+            Ok(saga) => Ok(Some(saga)),
+            Err(why) => {
+                tracing::debug!(%order_id, input = input.name(), why, "input ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Like [`Engine::step`], but says why an input was ignored (for operators' requests).
+    pub async fn try_step(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+    ) -> Result<Result<Saga, &'static str>, HandlerError> {
         let stored = store::load(conn, order_id).await.map_err(store_error)?;
         let transition = match saga::apply(stored.as_ref().map(|s| &s.saga), order_id, input) {
             Outcome::Changed(t) => t,
-            Outcome::Ignored(why) => {
-                tracing::debug!(%order_id, input = input.name(), state = ?stored.as_ref().map(|s| s.saga.state), why, "input ignored");
-                return Ok(None);
-            }
+            Outcome::Ignored(why) => return Ok(Err(why)),
         };
         let incoming = trigger.context.clone().unwrap_or_default();
         let origin = match &stored {
@@ -85,7 +138,7 @@ impl Engine {
             &transition.commands,
             &cause,
             &origin,
-            self.deadline,
+            &self.bookkeeping(&transition.saga),
         )
         .await
         .map_err(store_error)?;
@@ -103,7 +156,7 @@ impl Engine {
             correlation_id = %context.correlation_id,
             "saga transition"
         );
-        Ok(Some(transition.saga))
+        Ok(Ok(transition.saga))
     }
 
     /// The Kafka message of a command; timer commands have none.

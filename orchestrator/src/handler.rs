@@ -32,6 +32,26 @@ impl Handler for SagaHandler {
         self.engine.step(conn, order_id, &input, &trigger).await?;
         Ok(())
     }
+
+    /// A message of a saga that can never be handled leaves the saga waiting: flag it.
+    async fn on_dead_letter(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming,
+        error: &str,
+    ) -> Result<(), HandlerError> {
+        let saga_id = Uuid::parse_str(&message.envelope.saga_id)
+            .or_else(|_| message.key.as_deref().unwrap_or_default().parse());
+        if let Ok(saga_id) = saga_id {
+            crate::store::flag_for_operator(
+                conn,
+                saga_id,
+                &format!("{} dead-lettered: {error}", message.message_type()),
+            )
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 /// The order id and saga input a message carries.

@@ -59,7 +59,7 @@ impl App {
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let outbox = Outbox::new(SERVICE, self.config.kafka.clone());
-        let engine = engine::Engine::new(outbox.clone(), self.config.payment_deadline());
+        let engine = engine::Engine::new(outbox.clone(), self.config.timing());
         let mut tasks = JoinSet::new();
 
         let relay = Relay::new(self.pool.clone(), &self.config.kafka)?;

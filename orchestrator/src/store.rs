@@ -8,6 +8,19 @@ use crate::saga::{Command, Saga};
 
 /// The timer that fires the payment deadline.
 pub const DEADLINE_TIMER: &str = "payment_deadline";
+/// The timer that sends a step's command again when its service has not answered.
+pub const STEP_TIMER: &str = "step";
+
+/// What the engine decides besides the state machine: timers and the operator flag.
+#[derive(Clone, Debug)]
+pub struct Bookkeeping {
+    /// Time from now to the payment deadline, used when the saga starts it.
+    pub deadline: chrono::Duration,
+    /// Time from now to the step timer, or `None` when no step is in flight.
+    pub step_timer: Option<chrono::Duration>,
+    /// The saga needs an operator, and why; `None` clears the flag.
+    pub needs_operator: Option<String>,
+}
 
 /// A saga as stored, with its optimistic-concurrency version.
 #[derive(Clone, Debug)]
@@ -82,7 +95,7 @@ pub async fn save(
     commands: &[Command],
     cause: &Cause<'_>,
     origin: &Origin,
-    deadline: chrono::Duration,
+    bookkeeping: &Bookkeeping,
 ) -> Result<i64, StoreError> {
     let data = serde_json::to_value(next).map_err(|source| StoreError::Corrupt {
         saga_id: next.order_id,
@@ -111,13 +124,16 @@ pub async fn save(
         }
         Some(previous) => {
             let updated = sqlx::query(
-                "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now() \
+                "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
+                     needs_operator = $5, last_error = COALESCE($6, last_error) \
                  WHERE saga_id = $1 AND version = $4",
             )
             .bind(next.order_id)
             .bind(next.state.as_str())
             .bind(&data)
             .bind(previous.version)
+            .bind(bookkeeping.needs_operator.is_some())
+            .bind(bookkeeping.needs_operator.as_deref())
             .execute(&mut *conn)
             .await?
             .rows_affected();
@@ -149,42 +165,79 @@ pub async fn save(
     for command in commands {
         match command {
             Command::StartDeadline => {
-                let fire_at: DateTime<Utc> = Utc::now() + deadline;
-                sqlx::query(
-                    "INSERT INTO saga_timers (saga_id, kind, fire_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at",
+                set_timer(
+                    conn,
+                    next.order_id,
+                    DEADLINE_TIMER,
+                    Some(bookkeeping.deadline),
                 )
-                .bind(next.order_id)
-                .bind(DEADLINE_TIMER)
-                .bind(fire_at)
-                .execute(&mut *conn)
-                .await?;
+                .await?
             }
-            Command::CancelDeadline => {
-                sqlx::query("DELETE FROM saga_timers WHERE saga_id = $1 AND kind = $2")
-                    .bind(next.order_id)
-                    .bind(DEADLINE_TIMER)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            Command::CancelDeadline => set_timer(conn, next.order_id, DEADLINE_TIMER, None).await?,
             _ => {}
         }
     }
+    set_timer(conn, next.order_id, STEP_TIMER, bookkeeping.step_timer).await?;
     Ok(version)
 }
 
-/// Claims up to `limit` due timers for this transaction; other replicas skip them.
+/// Arms timer `kind` of a saga to fire `after` from now, or disarms it (`None`).
+async fn set_timer(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    kind: &str,
+    after: Option<chrono::Duration>,
+) -> Result<(), sqlx::Error> {
+    match after {
+        Some(after) => {
+            let fire_at: DateTime<Utc> = Utc::now() + after;
+            sqlx::query(
+                "INSERT INTO saga_timers (saga_id, kind, fire_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at",
+            )
+            .bind(saga_id)
+            .bind(kind)
+            .bind(fire_at)
+            .execute(conn)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM saga_timers WHERE saga_id = $1 AND kind = $2")
+                .bind(saga_id)
+                .bind(kind)
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Flags a saga as needing an operator (a message of it could not be handled at all).
+pub async fn flag_for_operator(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE sagas SET needs_operator = true, last_error = $2, updated_at = now() WHERE saga_id = $1")
+        .bind(saga_id)
+        .bind(error)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` due timers (saga id and kind) for this transaction; other replicas
+/// skip them.
 pub async fn claim_due_timers(
     conn: &mut PgConnection,
     limit: i64,
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
         "DELETE FROM saga_timers WHERE (saga_id, kind) IN ( \
-             SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() AND kind = $1 \
-             ORDER BY fire_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         RETURNING saga_id",
+             SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() \
+             ORDER BY fire_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING saga_id, kind",
     )
-    .bind(DEADLINE_TIMER)
     .bind(limit)
     .fetch_all(conn)
     .await

@@ -35,16 +35,24 @@ pub async fn run(
 pub async fn fire_due(pool: &PgPool, engine: &Engine) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let due = store::claim_due_timers(&mut tx, BATCH).await?;
-    for saga_id in &due {
+    for (saga_id, kind) in &due {
+        let input = match kind.as_str() {
+            store::DEADLINE_TIMER => Input::DeadlineExpired,
+            store::STEP_TIMER => Input::StepTimedOut,
+            other => {
+                tracing::warn!(%saga_id, kind = other, "unknown timer kind dropped");
+                continue;
+            }
+        };
         let trigger = Trigger {
-            message_id: format!("timer:{}:{saga_id}", store::DEADLINE_TIMER),
+            message_id: format!("timer:{kind}:{saga_id}"),
             message_type: "timer".to_owned(),
             context: None,
         };
         engine
-            .step(&mut tx, *saga_id, &Input::DeadlineExpired, &trigger)
+            .step(&mut tx, *saga_id, &input, &trigger)
             .await
-            .map_err(|e| anyhow::anyhow!("deadline of saga {saga_id}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{kind} timer of saga {saga_id}: {e}"))?;
     }
     tx.commit().await?;
     Ok(due.len())

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use messaging::{HandlerError, KafkaArgs, MessageContext, Outbox};
-use orchestrator::engine::{Engine, Trigger};
+use orchestrator::engine::{Engine, Timing, Trigger};
 use orchestrator::saga::{Input, Line, OrderDetails, SagaState};
 use orchestrator::{store, timers};
 use sqlx::PgPool;
@@ -30,7 +30,14 @@ async fn setup(deadline: Duration) -> (PgPool, Engine) {
             .expect("migrate");
     (
         pool,
-        Engine::new(Outbox::new("orchestrator", kafka()), deadline),
+        Engine::new(
+            Outbox::new("orchestrator", kafka()),
+            Timing {
+                payment_deadline: deadline,
+                step_timeout: Duration::from_secs(30),
+                step_max_attempts: 3,
+            },
+        ),
     )
 }
 
@@ -75,6 +82,13 @@ async fn step(
     Ok(saga.map(|s| s.state))
 }
 
+async fn timer_kinds(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT kind FROM saga_timers ORDER BY kind")
+        .fetch_all(pool)
+        .await
+        .expect("timers")
+}
+
 async fn outbox_types(pool: &PgPool) -> Vec<(String, String)> {
     sqlx::query_as("SELECT topic, message_type FROM outbox ORDER BY id")
         .fetch_all(pool)
@@ -99,11 +113,11 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
             .expect("again"),
         None
     );
-    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_timers")
-        .fetch_one(&pool)
-        .await
-        .expect("timers");
-    assert_eq!(timers, 1, "the payment deadline is armed");
+    assert_eq!(
+        timer_kinds(&pool).await,
+        ["payment_deadline", "step"],
+        "the payment deadline and the reservation's step timer are armed"
+    );
 
     let steps = [
         (
@@ -291,4 +305,63 @@ async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
             .await
             .expect("outbox");
     assert_eq!(last, "order.v1.FailOrder");
+}
+
+#[tokio::test]
+async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_limit() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    // The inventory service does not answer: the step timer fires (made due here).
+    for attempt in 1..=3 {
+        sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE kind = 'step'")
+            .execute(&pool)
+            .await
+            .expect("due");
+        assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+        let (needs_operator, last_error): (bool, Option<String>) =
+            sqlx::query_as("SELECT needs_operator, last_error FROM sagas WHERE saga_id = $1")
+                .bind(order_id)
+                .fetch_one(&pool)
+                .await
+                .expect("saga");
+        assert_eq!(needs_operator, attempt >= 3, "attempt {attempt}");
+        if attempt >= 3 {
+            assert!(last_error
+                .unwrap_or_default()
+                .contains("RESERVING not answered after 3 attempts"));
+        }
+    }
+    let reserves = outbox_types(&pool)
+        .await
+        .into_iter()
+        .filter(|t| t.1 == "inventory.v1.ReserveInventory")
+        .count();
+    assert_eq!(reserves, 4, "the first send and three attempts");
+    assert_eq!(
+        timer_kinds(&pool).await,
+        ["payment_deadline", "step"],
+        "it keeps retrying"
+    );
+
+    // The service answers at last: the saga moves on and the flag is cleared.
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+    )
+    .await
+    .expect("reserved");
+    let needs_operator: bool =
+        sqlx::query_scalar("SELECT needs_operator FROM sagas WHERE saga_id = $1")
+            .bind(order_id)
+            .fetch_one(&pool)
+            .await
+            .expect("saga");
+    assert!(!needs_operator);
 }

@@ -255,7 +255,7 @@ impl World {
     }
 
     fn act(&mut self, action: u8) {
-        match action % 8 {
+        match action % 11 {
             0 => self.inventory_step(),
             1 => self.payment_step(),
             2 => {
@@ -270,6 +270,12 @@ impl World {
             }
             4 | 5 => self.verify(),
             6 => self.fire_deadline(),
+            // The step timer or an operator sends the current step again.
+            8 => self.deliver(Input::StepTimedOut),
+            9 => self.deliver(Input::Retry),
+            10 => self.deliver(Input::Abort {
+                reason: "operator".into(),
+            }),
             _ => {
                 // At-least-once delivery: an earlier reply arrives again.
                 if let Some(again) = self
@@ -361,7 +367,7 @@ proptest! {
         // A saga that could succeed and was verified in time does succeed.
         if scenario.in_stock && scenario.approves && !scenario.reservation_expires
             && world.delivered.iter().any(|i| matches!(i, Input::PaymentSucceeded { .. }))
-            && !world.delivered.iter().any(|i| matches!(i, Input::DeadlineExpired))
+            && !world.delivered.iter().any(|i| matches!(i, Input::DeadlineExpired | Input::Abort { .. }))
         {
             prop_assert_eq!(saga.state, SagaState::Completed);
         }

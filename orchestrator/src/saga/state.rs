@@ -98,4 +98,21 @@ pub struct Saga {
     pub failure_reason: Option<String>,
     /// Compensations sent and not yet confirmed (while `Compensating`).
     pub pending: BTreeSet<Compensation>,
+    /// How many times the current step's commands were sent again (by its timer or an
+    /// operator); 0 when the step starts.
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+impl SagaState {
+    /// States waiting on a service's reply, which a step timer watches.
+    pub fn awaits_service(self) -> bool {
+        matches!(
+            self,
+            SagaState::Reserving
+                | SagaState::Charging
+                | SagaState::Committing
+                | SagaState::Compensating
+        )
+    }
 }

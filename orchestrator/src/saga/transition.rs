@@ -36,6 +36,14 @@ pub enum Input {
     PaymentRefunded,
     /// The payment deadline passed.
     DeadlineExpired,
+    /// The service of the current step has not answered in time: send its command again.
+    StepTimedOut,
+    /// An operator asks to send the current step's command again.
+    Retry,
+    /// An operator asks to compensate now.
+    Abort {
+        reason: String,
+    },
 }
 
 impl Input {
@@ -53,6 +61,9 @@ impl Input {
             Input::PaymentVoided => "PaymentVoided",
             Input::PaymentRefunded => "PaymentRefunded",
             Input::DeadlineExpired => "DeadlineExpired",
+            Input::StepTimedOut => "StepTimedOut",
+            Input::Retry => "Retry",
+            Input::Abort { .. } => "Abort",
         }
     }
 }
@@ -91,6 +102,17 @@ pub enum Outcome {
 
 /// Applies `input` to `saga` (`None` before the saga starts). Pure: no I/O, no clock.
 pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
+    let mut outcome = transition(saga, order_id, input);
+    if let (Some(before), Outcome::Changed(t)) = (saga, &mut outcome) {
+        if t.saga.state != before.state {
+            // A new step starts its count of attempts afresh.
+            t.saga.attempts = 0;
+        }
+    }
+    outcome
+}
+
+fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
     let Some(saga) = saga else {
         return match input {
             Input::OrderCreated { order } => Outcome::Changed(Transition {
@@ -102,6 +124,7 @@ pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
                     payment_id: None,
                     failure_reason: None,
                     pending: BTreeSet::new(),
+                    attempts: 0,
                 },
                 commands: vec![Command::ReserveInventory, Command::StartDeadline],
             }),
@@ -195,7 +218,68 @@ pub fn apply(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             changed(next, vec![])
         }
 
+        (Reserving | Charging | Committing | Compensating, Input::StepTimedOut | Input::Retry) => {
+            let mut next = saga.clone();
+            next.attempts += 1;
+            changed(next, step_commands(saga))
+        }
+        (AwaitingVerification, Input::Retry) => {
+            Outcome::Ignored("waiting for the client to verify the payment")
+        }
+        (_, Input::StepTimedOut) => Outcome::Ignored("no step in flight"),
+
+        (Reserving, Input::Abort { reason }) => compensate(
+            saga,
+            &format!("aborted by an operator: {reason}"),
+            &[Compensation::ReleaseInventory],
+        )
+        .with_first(Command::CancelDeadline),
+        (Charging | AwaitingVerification, Input::Abort { reason }) => compensate(
+            saga,
+            &format!("aborted by an operator: {reason}"),
+            &[Compensation::VoidPayment, Compensation::ReleaseInventory],
+        )
+        .with_first(Command::CancelDeadline),
+        (Committing, Input::Abort { .. }) => Outcome::Ignored(
+            "the payment succeeded and the stock is being committed: retry instead",
+        ),
+        (Compensating, Input::Abort { .. }) => Outcome::Ignored("already compensating"),
+
         _ => Outcome::Ignored("input does not apply in this state"),
+    }
+}
+
+impl Outcome {
+    fn with_first(mut self, command: Command) -> Outcome {
+        if let Outcome::Changed(t) = &mut self {
+            t.commands.insert(0, command);
+        }
+        self
+    }
+}
+
+/// The commands of the step the saga is waiting on, to send again.
+fn step_commands(saga: &Saga) -> Vec<Command> {
+    let reason = saga.failure_reason.clone().unwrap_or_default();
+    match saga.state {
+        SagaState::Reserving => vec![Command::ReserveInventory],
+        SagaState::Charging => vec![Command::ChargePayment],
+        SagaState::Committing => vec![Command::CommitInventory],
+        SagaState::Compensating => saga
+            .pending
+            .iter()
+            .map(|c| compensation_command(*c, &reason))
+            .collect(),
+        SagaState::AwaitingVerification | SagaState::Completed | SagaState::Failed => vec![],
+    }
+}
+
+fn compensation_command(compensation: Compensation, reason: &str) -> Command {
+    let reason = reason.to_owned();
+    match compensation {
+        Compensation::ReleaseInventory => Command::ReleaseInventory { reason },
+        Compensation::VoidPayment => Command::VoidPayment { reason },
+        Compensation::RefundPayment => Command::RefundPayment { reason },
     }
 }
 
