@@ -102,6 +102,7 @@ pub struct StockLevel {
     pub available: i64,
     pub reserved: i64,
     pub committed: i64,
+    pub written_off: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use proto::inventory::v1 as pb;
 use proto::inventory::v1::inventory_service_server::InventoryService;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use crate::domain::MAX_AVAILABLE;
 use crate::error::Error;
@@ -73,6 +74,49 @@ impl InventoryApi {
         Ok(convert::stock_level(level))
     }
 
+    async fn write_off(
+        &self,
+        request: pb::WriteOffStockRequest,
+    ) -> Result<pb::WriteOffStockResponse, Error> {
+        let sku = convert::sku(&request.sku)?;
+        if !(1..=MAX_AVAILABLE).contains(&request.quantity) {
+            return Err(Error::invalid(
+                "quantity",
+                format!(
+                    "must be between 1 and {MAX_AVAILABLE}, got {}",
+                    request.quantity
+                ),
+            ));
+        }
+        let reason = request.reason.trim();
+        if reason.is_empty() {
+            return Err(Error::invalid("reason", "is required"));
+        }
+        let mut tx = self.pool.begin().await?;
+        let (level, released) = match store::stock::write_off(&mut tx, &sku, request.quantity, reason).await? {
+            Ok(done) => done,
+            Err(store::stock::WriteOffRefused::UnknownSku) => {
+                return Err(Error::NotFound(format!("unknown SKU: {}", sku.as_str())))
+            }
+            Err(store::stock::WriteOffRefused::NotEnough { available, reserved }) => {
+                return Err(Error::invalid(
+                    "quantity",
+                    format!(
+                        "only {} units of {} can be written off ({available} available, {reserved} reserved; committed units are sold)",
+                        available + reserved,
+                        sku.as_str()
+                    ),
+                ))
+            }
+        };
+        tx.commit().await?;
+        tracing::warn!(sku = %level.sku, quantity = request.quantity, reason, released_orders = ?released, "stock written off");
+        Ok(pb::WriteOffStockResponse {
+            level: Some(convert::stock_level(level)),
+            released_order_ids: released.iter().map(Uuid::to_string).collect(),
+        })
+    }
+
     async fn reservation(
         &self,
         request: pb::GetReservationRequest,
@@ -104,6 +148,13 @@ impl InventoryService for InventoryApi {
         Ok(Response::new(
             self.set_stock_level(request.into_inner()).await?,
         ))
+    }
+
+    async fn write_off_stock(
+        &self,
+        request: Request<pb::WriteOffStockRequest>,
+    ) -> Result<Response<pb::WriteOffStockResponse>, Status> {
+        Ok(Response::new(self.write_off(request.into_inner()).await?))
     }
 
     async fn get_reservation(

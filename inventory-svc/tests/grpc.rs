@@ -91,7 +91,8 @@ async fn set_stock_updates_or_adds_a_sku_and_audits_it() {
             sku: "SKU-MOUSE".into(),
             available: 25,
             reserved: 4,
-            committed: 0
+            committed: 0,
+            written_off: 0,
         }
     );
 
@@ -270,5 +271,94 @@ async fn health_check_reports_the_service_serving() {
         serving.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn write_off_takes_available_units_first_then_the_newest_reservations() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+    set_available(&app.pool, "SKU-WEBCAM", 5).await;
+    let older = Uuid::new_v4();
+    let newer = Uuid::new_v4();
+    handle(
+        &app.pool,
+        &app.handler,
+        &reserve(older, &[("SKU-WEBCAM", 2)]),
+    )
+    .await
+    .unwrap();
+    handle(
+        &app.pool,
+        &app.handler,
+        &reserve(newer, &[("SKU-WEBCAM", 2), ("SKU-MOUSE", 1)]),
+    )
+    .await
+    .unwrap();
+    // 1 available, 4 reserved: writing off 2 takes the available unit and releases the newer
+    // reservation, whose other line goes back to available too.
+    let response = client
+        .write_off_stock(pb::WriteOffStockRequest {
+            sku: "SKU-WEBCAM".into(),
+            quantity: 2,
+            reason: "water damage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.released_order_ids, [newer.to_string()]);
+    let level = response.level.unwrap();
+    assert_eq!(
+        (
+            level.available,
+            level.reserved,
+            level.committed,
+            level.written_off
+        ),
+        (1, 2, 0, 2),
+        "5 = 1 available + 2 reserved + 2 written off"
+    );
+    assert_eq!(stock(&app.pool, "SKU-MOUSE").await, (1000, 0, 0));
+    assert_eq!(
+        reservation_status(&app.pool, newer).await,
+        Some((
+            "RELEASED".into(),
+            Some("stock written off: water damage".into())
+        ))
+    );
+    assert_eq!(
+        reservation_status(&app.pool, older).await.map(|s| s.0),
+        Some("RESERVED".into())
+    );
+
+    for (quantity, reason, code) in [
+        (0, "x", Code::InvalidArgument),
+        (4, "x", Code::InvalidArgument), // only 1 available + 2 reserved remain
+        (1, " ", Code::InvalidArgument),
+    ] {
+        let status = client
+            .write_off_stock(pb::WriteOffStockRequest {
+                sku: "SKU-WEBCAM".into(),
+                quantity,
+                reason: reason.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            code,
+            "{quantity} {reason:?}: {}",
+            status.message()
+        );
+    }
+    let unknown = client
+        .write_off_stock(pb::WriteOffStockRequest {
+            sku: "SKU-NOPE".into(),
+            quantity: 1,
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
     app.stop().await;
 }

@@ -22,6 +22,8 @@ pub fn stock_level(level: StockLevel) -> pb::StockLevel {
         available: level.available,
         reserved: level.reserved,
         committed: level.committed,
+        written_off: level.written_off,
+        ..Default::default()
     }
 }
 

@@ -6,23 +6,25 @@ use uuid::Uuid;
 
 use crate::domain::{Sku, StockLevel};
 
-type StockRow = (String, i64, i64, i64);
+type StockRow = (String, i64, i64, i64, i64);
 
-fn level((sku, available, reserved, committed): StockRow) -> StockLevel {
+fn level((sku, available, reserved, committed, written_off): StockRow) -> StockLevel {
     StockLevel {
         sku,
         available,
         reserved,
         committed,
+        written_off,
     }
 }
 
 /// Every SKU, in SKU order.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<StockLevel>, sqlx::Error> {
-    let rows: Vec<StockRow> =
-        sqlx::query_as("SELECT sku, available, reserved, committed FROM stock ORDER BY sku")
-            .fetch_all(conn)
-            .await?;
+    let rows: Vec<StockRow> = sqlx::query_as(
+        "SELECT sku, available, reserved, committed, written_off FROM stock ORDER BY sku",
+    )
+    .fetch_all(conn)
+    .await?;
     Ok(rows.into_iter().map(level).collect())
 }
 
@@ -32,7 +34,7 @@ pub async fn some(
     skus: &[String],
 ) -> Result<Vec<StockLevel>, sqlx::Error> {
     let rows: Vec<StockRow> = sqlx::query_as(
-        "SELECT sku, available, reserved, committed FROM stock WHERE sku = ANY($1) ORDER BY sku",
+        "SELECT sku, available, reserved, committed, written_off FROM stock WHERE sku = ANY($1) ORDER BY sku",
     )
     .bind(skus)
     .fetch_all(conn)
@@ -52,7 +54,7 @@ pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel,
     let row: StockRow = sqlx::query_as(
         "INSERT INTO stock (sku, available) VALUES ($1, $2) \
          ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available, updated_at = now() \
-         RETURNING sku, available, reserved, committed",
+         RETURNING sku, available, reserved, committed, written_off",
     )
     .bind(sku.as_str())
     .bind(available)
@@ -144,4 +146,91 @@ pub async fn settle(
     };
     sqlx::query(sql).bind(reservation_ids).execute(conn).await?;
     Ok(())
+}
+
+/// Writes off `quantity` units of `sku`: from the available units first, then by releasing
+/// the newest reservations holding the SKU. Returns the level after, and the orders whose
+/// reservations were released; `None` when the SKU is unknown, an error message when there
+/// are not enough units outside committed ones.
+pub async fn write_off(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    quantity: i64,
+    reason: &str,
+) -> Result<Result<(StockLevel, Vec<Uuid>), WriteOffRefused>, sqlx::Error> {
+    // Reservations first, then stock: the order every other path locks in.
+    let holders: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "SELECT r.reservation_id, r.order_id, l.quantity::bigint FROM reservations r \
+         JOIN reservation_lines l USING (reservation_id) \
+         WHERE l.sku = $1 AND r.status = 'RESERVED' \
+         ORDER BY r.created_at DESC FOR UPDATE OF r",
+    )
+    .bind(sku.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some((available, reserved)): Option<(i64, i64)> =
+        sqlx::query_as("SELECT available, reserved FROM stock WHERE sku = $1 FOR UPDATE")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(Err(WriteOffRefused::UnknownSku));
+    };
+    if quantity > available + reserved {
+        return Ok(Err(WriteOffRefused::NotEnough {
+            available,
+            reserved,
+        }));
+    }
+    let mut short = quantity - available;
+    let mut released = Vec::new();
+    let mut released_orders = Vec::new();
+    for (reservation_id, order_id, held) in holders {
+        if short <= 0 {
+            break;
+        }
+        short -= held;
+        released.push(reservation_id);
+        released_orders.push(order_id);
+    }
+    if !released.is_empty() {
+        settle(conn, &released, Settle::Return).await?;
+        sqlx::query(
+            "UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
+             WHERE reservation_id = ANY($1)",
+        )
+        .bind(&released)
+        .bind(format!("stock written off: {reason}"))
+        .execute(&mut *conn)
+        .await?;
+    }
+    let row: StockRow = sqlx::query_as(
+        "UPDATE stock SET available = available - $2, written_off = written_off + $2, updated_at = now() \
+         WHERE sku = $1 RETURNING sku, available, reserved, committed, written_off",
+    )
+    .bind(sku.as_str())
+    .bind(quantity)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO stock_write_offs (sku, quantity, reason, released_order_ids) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(sku.as_str())
+    .bind(quantity)
+    .bind(reason)
+    .bind(&released_orders)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok((level(row), released_orders)))
+}
+
+/// Why a write-off was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteOffRefused {
+    UnknownSku,
+    /// Committed units are sold: only available and reserved ones can be written off.
+    NotEnough {
+        available: i64,
+        reserved: i64,
+    },
 }
