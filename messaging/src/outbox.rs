@@ -129,6 +129,7 @@ impl Outbox {
 /// that wrote to the outbox commits) and polls as a fallback.
 pub struct Relay {
     pool: PgPool,
+    kafka: KafkaArgs,
     producer: FutureProducer,
     batch_size: i64,
     poll_interval: Duration,
@@ -138,6 +139,7 @@ impl Relay {
     pub fn new(pool: PgPool, kafka: &KafkaArgs) -> anyhow::Result<Self> {
         Ok(Self {
             pool,
+            kafka: kafka.clone(),
             producer: kafka.producer()?,
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
@@ -145,7 +147,7 @@ impl Relay {
     }
 
     /// Runs until `cancel`; database and broker failures are retried with backoff.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut listener = None;
         let mut backoff = crate::retry::backoff();
         loop {
@@ -169,6 +171,7 @@ impl Relay {
                     }
                 }
                 Err(e) => {
+                    self.replace_failed_producer();
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(
                         error = format!("{e:#}"),
@@ -199,6 +202,22 @@ impl Relay {
                 _ = cancel.cancelled() => return,
                 _ = wake => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    /// An idempotent producer that hit a fatal error (the broker lost its producer state, say,
+    /// after a restart) refuses everything from then on: start a new one.
+    fn replace_failed_producer(&mut self) {
+        use rdkafka::producer::Producer as _;
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::warn!(?code, %reason, "outbox relay: the producer failed fatally; starting a new one");
+            match self.kafka.producer() {
+                Ok(producer) => self.producer = producer,
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "outbox relay: cannot create a producer"
+                ),
             }
         }
     }

@@ -365,3 +365,60 @@ async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_
             .expect("saga");
     assert!(!needs_operator);
 }
+
+/// The commands a saga sends and where it ends, for a sequence of inputs.
+async fn run(inputs: &[Input]) -> (Option<SagaState>, Vec<(String, String)>) {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    let mut last = None;
+    for input in inputs {
+        if let Some(state) = step(&pool, &engine, order_id, input.clone())
+            .await
+            .expect("step")
+        {
+            last = Some(state);
+        }
+    }
+    (last, outbox_types(&pool).await)
+}
+
+#[tokio::test]
+async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end() {
+    let reservation_id = Uuid::now_v7();
+    let payment_id = Uuid::now_v7();
+    let happy = [
+        created(),
+        Input::InventoryReserved { reservation_id },
+        Input::PaymentInitiated { payment_id },
+        Input::PaymentSucceeded { payment_id },
+        Input::InventoryCommitted,
+    ];
+    let twice: Vec<Input> = happy.iter().flat_map(|i| [i.clone(), i.clone()]).collect();
+    assert_eq!(run(&happy).await, run(&twice).await);
+    assert_eq!(run(&happy).await.0, Some(SagaState::Completed));
+
+    // A commit that fails: the refund and the release may be confirmed in either order.
+    let commit_fails = |first: Input, second: Input| {
+        vec![
+            created(),
+            Input::InventoryReserved { reservation_id },
+            Input::PaymentInitiated { payment_id },
+            Input::PaymentSucceeded { payment_id },
+            Input::InventoryCommitFailed {
+                reason: "reservation expired".into(),
+            },
+            first,
+            second,
+        ]
+    };
+    let in_order = commit_fails(Input::PaymentRefunded, Input::InventoryReleased);
+    let reordered = commit_fails(Input::InventoryReleased, Input::PaymentRefunded);
+    let reordered_twice: Vec<Input> = reordered
+        .iter()
+        .flat_map(|i| [i.clone(), i.clone()])
+        .collect();
+    let single = run(&in_order).await;
+    assert_eq!(single.0, Some(SagaState::Failed));
+    assert_eq!(single, run(&reordered).await);
+    assert_eq!(single, run(&reordered_twice).await);
+}

@@ -309,15 +309,26 @@ async fn provision_broker(options: &Options) -> anyhow::Result<(String, Option<C
         eprintln!("platform: using the Kafka broker already running on port {port}");
         return Ok((brokers, None));
     }
-    let tansu = tansu_binary().await?;
     let dir = options.state_dir.join("tansu");
-    fs::create_dir_all(&dir)?;
-    let storage = if options.durable_broker {
+    let child = start_broker(&dir, port, options.durable_broker).await?;
+    Ok((brokers, Some(child)))
+}
+
+/// Starts a tansu broker on 127.0.0.1:`port` with its storage and log in `dir` (`sqlite://`
+/// when `durable`, surviving a `kill -9`; in memory otherwise) and waits until it answers.
+pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Result<Child> {
+    let brokers = format!("127.0.0.1:{port}");
+    let tansu = tansu_binary().await?;
+    fs::create_dir_all(dir)?;
+    let storage = if durable {
         "sqlite://tansu.db"
     } else {
         "memory://tansu/"
     };
-    let log = fs::File::create(dir.join("broker.log"))?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("broker.log"))?;
     eprintln!("platform: starting the tansu broker on port {port} ({storage})");
     let listener = format!("tcp://127.0.0.1:{port}");
     let mut command = Command::new(&tansu);
@@ -330,7 +341,7 @@ async fn provision_broker(options: &Options) -> anyhow::Result<(String, Option<C
             &listener,
         ])
         .args(["--storage-engine", storage])
-        .current_dir(&dir)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -347,7 +358,7 @@ async fn provision_broker(options: &Options) -> anyhow::Result<(String, Option<C
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if check_broker(&brokers).is_ok() {
-            return Ok((brokers, Some(child)));
+            return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
             bail!(

@@ -90,6 +90,12 @@ impl TestPlatform {
     /// Starts the platform; `extra_env` is given to every service (e.g. a short
     /// `PAYMENT_DEADLINE_SECS`).
     pub async fn start(extra_env: &[(&str, &str)]) -> TestPlatform {
+        Self::start_with_brokers(&kafka_brokers(), extra_env).await
+    }
+
+    /// Like [`TestPlatform::start`], on the given brokers (a broker of the test's own, which it
+    /// may stop and start).
+    pub async fn start_with_brokers(brokers: &str, extra_env: &[(&str, &str)]) -> TestPlatform {
         let server = server_url();
         if let Err(e) = sqlx::PgConnection::connect(&server).await {
             panic!("PostgreSQL is not reachable at {server} ({DATABASE_ENV}): {e}.\nTo fix: {HOW_TO_START}.");
@@ -98,7 +104,7 @@ impl TestPlatform {
         let config = crate::services::PlatformConfig {
             database_server_url: server,
             database_prefix: format!("{TEST_DATABASE_PREFIX}{suffix}_"),
-            kafka_brokers: kafka_brokers(),
+            kafka_brokers: brokers.to_owned(),
             topic_prefix: format!("t{suffix}."),
             addresses: crate::services::Addresses::free().expect("free ports"),
             extra_env: extra_env
@@ -124,7 +130,7 @@ impl TestPlatform {
             .unwrap_or_else(|e| panic!("{e:#}"));
             children.push((service, child));
         }
-        let platform = TestPlatform {
+        let mut platform = TestPlatform {
             gateway: format!("http://{}", config.addresses.gateway),
             config,
             http: reqwest::Client::builder()
@@ -138,7 +144,7 @@ impl TestPlatform {
         platform
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let orchestrator = self.config.addresses.orchestrator;
         loop {
@@ -151,6 +157,18 @@ impl TestPlatform {
             let orchestrator_up = tokio::net::TcpStream::connect(orchestrator).await.is_ok();
             if gateway_ready && orchestrator_up {
                 return;
+            }
+            for (service, child) in self.children.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = self.log_dir.join(format!("{service}.log"));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    panic!(
+                        "{service} exited at start ({status}); the end of {}:\n{}",
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
             }
             if std::time::Instant::now() > deadline {
                 panic!(
@@ -230,6 +248,139 @@ impl TestPlatform {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stock of `sku` as the inventory service reports it.
+    pub async fn stock(&self, sku: &str) -> proto::inventory::v1::StockLevel {
+        let mut client = self.inventory().await;
+        let levels = client
+            .get_stock(proto::inventory::v1::GetStockRequest {
+                skus: vec![sku.to_owned()],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("GetStock {sku}: {e}"))
+            .into_inner()
+            .levels;
+        levels
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no stock level for {sku}"))
+    }
+
+    pub async fn set_stock(&self, sku: &str, available: i64) {
+        self.inventory()
+            .await
+            .set_stock(proto::inventory::v1::SetStockRequest {
+                sku: sku.to_owned(),
+                available,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("SetStock {sku}: {e}"));
+    }
+
+    /// The reservation of an order, if the inventory service has one.
+    pub async fn reservation(&self, order_id: &str) -> Option<proto::inventory::v1::Reservation> {
+        match self
+            .inventory()
+            .await
+            .get_reservation(proto::inventory::v1::GetReservationRequest {
+                order_id: order_id.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => Some(r.into_inner()),
+            Err(status) if status.code() == tonic::Code::NotFound => None,
+            Err(e) => panic!("GetReservation {order_id}: {e}"),
+        }
+    }
+
+    /// The payment of an order, if the payment service has one.
+    pub async fn payment_of_order(&self, order_id: &str) -> Option<proto::payment::v1::Payment> {
+        let mut client = proto::payment::v1::payment_service_client::PaymentServiceClient::connect(
+            self.grpc_url("payment-svc"),
+        )
+        .await
+        .expect("payment-svc gRPC");
+        match client
+            .get_payment(proto::payment::v1::GetPaymentRequest {
+                payment_id: String::new(),
+                order_id: order_id.to_owned(),
+            })
+            .await
+        {
+            Ok(p) => Some(p.into_inner()),
+            Err(status) if status.code() == tonic::Code::NotFound => None,
+            Err(e) => panic!("GetPayment of order {order_id}: {e}"),
+        }
+    }
+
+    pub async fn inventory(
+        &self,
+    ) -> proto::inventory::v1::inventory_service_client::InventoryServiceClient<
+        tonic::transport::Channel,
+    > {
+        proto::inventory::v1::inventory_service_client::InventoryServiceClient::connect(
+            self.grpc_url("inventory-svc"),
+        )
+        .await
+        .expect("inventory-svc gRPC")
+    }
+
+    /// Places an order through the gateway and returns its id, asserting a 201.
+    pub async fn place_order(&self, sku: &str, quantity: u32, payment_method: &str) -> String {
+        let (status, body) = self
+            .post(
+                "/orders",
+                &serde_json::json!({
+                    "customer_id": "test-customer",
+                    "items": [{"sku": sku, "quantity": quantity}],
+                    "payment_method": payment_method,
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "POST /orders: {body}");
+        body["order_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no order_id in {body}"))
+            .to_owned()
+    }
+
+    /// Waits until the order is `COMPLETED` or `FAILED` and returns it.
+    pub async fn final_order(&self, order_id: &str) -> serde_json::Value {
+        self.wait_for_order(order_id, Duration::from_secs(60), |o| {
+            o["status"] == "COMPLETED" || o["status"] == "FAILED"
+        })
+        .await
+    }
+
+    /// Waits for the payment id of an order (its status `PAYMENT_INITIATED` or later).
+    pub async fn payment_id(&self, order_id: &str) -> String {
+        let order = self
+            .wait_for_order(order_id, Duration::from_secs(60), |o| {
+                o["payment_id"].is_string()
+            })
+            .await;
+        order["payment_id"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Runs one order of SKU-HEADSET to its end, so that every consumer has joined its group:
+    /// tests with short deadlines start their clock after this. (With a deadline shorter than
+    /// the groups take to form, that order may fail; only its having ended matters.)
+    pub async fn warm_up(&self) {
+        let order_id = self.place_order("SKU-HEADSET", 1, "pm_card_visa").await;
+        let order = self
+            .wait_for_order(&order_id, Duration::from_secs(60), |o| {
+                o["payment_id"].is_string() || o["status"] == "FAILED"
+            })
+            .await;
+        if let Some(payment_id) = order["payment_id"].as_str() {
+            self.post(
+                "/payment/verify",
+                &serde_json::json!({ "payment_id": payment_id }),
+            )
+            .await;
+        }
+        self.final_order(&order_id).await;
     }
 
     /// Kills every service (as `kill -9` would).
