@@ -7,6 +7,7 @@ const FILES: &[&str] = &[
     "order/v1/order.proto",
     "inventory/v1/inventory.proto",
     "payment/v1/payment.proto",
+    "saga/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

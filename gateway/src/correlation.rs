@@ -57,14 +57,24 @@ impl RequestContext {
         }
     }
 
-    /// A gRPC request for `message` carrying the correlation id and the trace context.
+    /// A gRPC request for `message` carrying the correlation id and the trace context: the
+    /// current span's (the request's span, a child of the client's `traceparent`) when spans
+    /// have one, else the client's as it came.
     pub fn grpc<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         let metadata = request.metadata_mut();
+        let current = telemetry::propagation::TraceContext::current();
+        let (traceparent, tracestate) = match &current {
+            Some(current) => (
+                Some(&current.traceparent),
+                Some(&current.tracestate).filter(|s| !s.is_empty()),
+            ),
+            None => (self.traceparent.as_ref(), self.tracestate.as_ref()),
+        };
         let entries = [
             ("x-correlation-id", Some(&self.correlation_id)),
-            ("traceparent", self.traceparent.as_ref()),
-            ("tracestate", self.tracestate.as_ref()),
+            ("traceparent", traceparent),
+            ("tracestate", tracestate),
         ];
         for (key, value) in entries {
             if let Some(value) = value.and_then(|v| MetadataValue::try_from(v.as_str()).ok()) {

@@ -394,6 +394,7 @@ mod tests {
             available: 7,
             reserved: 2,
             committed: 1,
+            ..Default::default()
         }];
         let json =
             serde_json::to_value(super::products(vec![product("A"), product("B")], stock)).unwrap();

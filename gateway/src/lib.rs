@@ -37,6 +37,7 @@ impl App {
             backends,
             // Half the request timeout at most, so that a slow probe still gets its 503 body.
             readiness_timeout: Duration::from_secs(2).min(config.request_timeout() / 2),
+            request_timeout: config.request_timeout(),
         };
         let router = routes::router(state, config.request_timeout());
         let listener = TcpListener::bind(config.http_addr)

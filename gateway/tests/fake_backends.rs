@@ -87,6 +87,15 @@ struct FakeOrders(Calls);
 
 #[tonic::async_trait]
 impl OrderService for FakeOrders {
+    type ListOrdersStream = tonic::codegen::BoxStream<Order>;
+
+    async fn list_orders(
+        &self,
+        _: Request<proto::order::v1::ListOrdersRequest>,
+    ) -> Result<Response<Self::ListOrdersStream>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
@@ -145,6 +154,15 @@ struct FakeInventory(Calls);
 
 #[tonic::async_trait]
 impl InventoryService for FakeInventory {
+    type ListReservationsStream = tonic::codegen::BoxStream<Reservation>;
+
+    async fn list_reservations(
+        &self,
+        _: Request<proto::inventory::v1::ListReservationsRequest>,
+    ) -> Result<Response<Self::ListReservationsStream>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn get_stock(
         &self,
         request: Request<GetStockRequest>,
@@ -155,6 +173,7 @@ impl InventoryService for FakeInventory {
             available: 7,
             reserved: 1,
             committed: 2,
+            ..Default::default()
         };
         Ok(Response::new(GetStockResponse {
             levels: vec![level],
@@ -162,6 +181,13 @@ impl InventoryService for FakeInventory {
     }
 
     async fn set_stock(&self, _: Request<SetStockRequest>) -> Result<Response<StockLevel>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    async fn write_off_stock(
+        &self,
+        _: Request<proto::inventory::v1::WriteOffStockRequest>,
+    ) -> Result<Response<proto::inventory::v1::WriteOffStockResponse>, Status> {
         Err(Status::unimplemented("not faked"))
     }
 
@@ -177,6 +203,15 @@ struct FakePayments(Calls);
 
 #[tonic::async_trait]
 impl PaymentService for FakePayments {
+    type ListPaymentsStream = tonic::codegen::BoxStream<Payment>;
+
+    async fn list_payments(
+        &self,
+        _: Request<proto::payment::v1::ListPaymentsRequest>,
+    ) -> Result<Response<Self::ListPaymentsStream>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
     async fn verify_payment(
         &self,
         request: Request<VerifyPaymentRequest>,

@@ -103,6 +103,9 @@ pub struct StockLevel {
     pub reserved: i64,
     pub committed: i64,
     pub written_off: i64,
+    /// Every unit ever put in stock (the ledger SetStock keeps):
+    /// `available + reserved + committed + written_off` when nothing went wrong.
+    pub received: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

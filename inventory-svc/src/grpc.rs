@@ -14,6 +14,9 @@ use crate::store;
 
 pub use proto::inventory::v1::inventory_service_server::InventoryServiceServer;
 
+/// Reservations read at a time by ListReservations.
+const LIST_PAGE_SIZE: usize = 1000;
+
 #[derive(Clone, Debug)]
 pub struct InventoryApi {
     pool: PgPool,
@@ -132,6 +135,32 @@ impl InventoryApi {
 
 #[tonic::async_trait]
 impl InventoryService for InventoryApi {
+    type ListReservationsStream = runtime::grpc::ServerStream<pb::Reservation>;
+
+    async fn list_reservations(
+        &self,
+        _request: Request<pb::ListReservationsRequest>,
+    ) -> Result<Response<Self::ListReservationsStream>, Status> {
+        let pool = self.pool.clone();
+        Ok(Response::new(runtime::grpc::keyset_stream(
+            LIST_PAGE_SIZE,
+            move |after| {
+                let pool = pool.clone();
+                async move {
+                    let mut conn = pool.acquire().await.map_err(Error::from)?;
+                    let page =
+                        store::reservations::list_page(&mut conn, after, LIST_PAGE_SIZE as i64)
+                            .await
+                            .map_err(Error::from)?;
+                    Ok(page
+                        .into_iter()
+                        .map(|r| (r.order_id, convert::reservation(r)))
+                        .collect())
+                }
+            },
+        )))
+    }
+
     async fn get_stock(
         &self,
         request: Request<pb::GetStockRequest>,

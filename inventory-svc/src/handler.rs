@@ -36,12 +36,16 @@ impl CommandHandler {
         message: &Incoming,
     ) -> Result<(), HandlerError> {
         let message_type = message.message_type();
+        let order_id = &message.envelope.saga_id;
         if message_type == pb::ReserveInventory::full_name() {
-            self.reserve(conn, message).await
+            let span = tracing::info_span!("inventory.reserve", %order_id);
+            self.reserve(conn, message).instrument(span).await
         } else if message_type == pb::CommitInventory::full_name() {
-            self.commit(conn, message).await
+            let span = tracing::info_span!("inventory.commit", %order_id);
+            self.commit(conn, message).instrument(span).await
         } else if message_type == pb::ReleaseInventory::full_name() {
-            self.release(conn, message).await
+            let span = tracing::info_span!("inventory.release", %order_id);
+            self.release(conn, message).instrument(span).await
         } else {
             Err(message.unknown_type())
         }
@@ -63,7 +67,7 @@ impl CommandHandler {
                 reservation_id,
                 expires_at,
             } => {
-                tracing::debug!(%order_id, %reservation_id, "reserved");
+                tracing::info!(%order_id, %reservation_id, "reserved");
                 let reply = pb::InventoryReserved {
                     order_id: order_id.to_string(),
                     reservation_id: reservation_id.to_string(),
@@ -92,7 +96,7 @@ impl CommandHandler {
         let order_id = order_id(&command.order_id)?;
         match reservations::commit(conn, order_id).await? {
             CommitOutcome::Committed { reservation_id } => {
-                tracing::debug!(%order_id, %reservation_id, "committed");
+                tracing::info!(%order_id, %reservation_id, "committed");
                 let reply = pb::InventoryCommitted {
                     order_id: order_id.to_string(),
                     reservation_id: reservation_id.to_string(),
@@ -169,12 +173,7 @@ impl Handler for CommandHandler {
         conn: &mut PgConnection,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let span = tracing::info_span!(
-            "inventory_command",
-            message_type = %message.message_type(),
-            message_id = %message.envelope.message_id,
-            correlation_id = %message.envelope.correlation_id,
-        );
-        self.dispatch(conn, message).instrument(span).await
+        // The consumer's span of this message names it and carries its correlation id.
+        self.dispatch(conn, message).await
     }
 }

@@ -104,6 +104,7 @@ impl App {
         let shutdown = cancel.clone().cancelled_owned();
         tasks.spawn(cancel_when_done(cancel.clone(), async move {
             tonic::transport::Server::builder()
+                .layer(telemetry::grpc::ServerLayer)
                 .add_service(health)
                 .add_service(reflection)
                 .add_service(api)

@@ -93,6 +93,8 @@ async fn set_stock_updates_or_adds_a_sku_and_audits_it() {
             reserved: 4,
             committed: 0,
             written_off: 0,
+            // 1000 received, 996 of them available when 25 were set: 29 = 25 + 4.
+            received: 29,
         }
     );
 

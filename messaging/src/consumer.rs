@@ -14,12 +14,15 @@ use proto::messaging::v1::Envelope;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use sqlx::{PgConnection, PgPool};
+use telemetry::metric;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::envelope::{self, MessageContext};
 use crate::inbox;
 use crate::kafka::KafkaArgs;
+use crate::lag::{self, LagContext};
 use crate::outbox::{Outbox, OutboxMessage};
 
 /// Why a message could not be handled.
@@ -164,8 +167,18 @@ pub struct Consumer {
     kafka: KafkaArgs,
     group: String,
     topics: Vec<String>,
+    /// What is made once per topic rather than per message: span name and counters.
+    per_topic: Vec<TopicTelemetry>,
     pool: PgPool,
     outbox: Outbox,
+}
+
+struct TopicTelemetry {
+    topic: String,
+    /// `<topic> process`, the name of the span of each message (OpenTelemetry's convention).
+    span_name: String,
+    handled: metrics::Counter,
+    dead_letters: metrics::Counter,
 }
 
 impl Consumer {
@@ -177,8 +190,19 @@ impl Consumer {
         pool: PgPool,
         outbox: Outbox,
     ) -> Self {
+        let topics: Vec<String> = topics.iter().map(|t| kafka.topic(t)).collect();
+        let per_topic = topics
+            .iter()
+            .map(|topic| TopicTelemetry {
+                topic: topic.clone(),
+                span_name: format!("{topic} process"),
+                handled: metrics::counter!(metric::MESSAGES_HANDLED, "topic" => topic.clone()),
+                dead_letters: metrics::counter!(metric::DEAD_LETTERS, "topic" => topic.clone()),
+            })
+            .collect();
         Self {
-            topics: topics.iter().map(|t| kafka.topic(t)).collect(),
+            topics,
+            per_topic,
             kafka: kafka.clone(),
             group: group.to_owned(),
             pool,
@@ -193,7 +217,11 @@ impl Consumer {
         handler: H,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
-        let holder = DropOffThread(Some(self.kafka.consumer(&self.group)?));
+        let holder = DropOffThread(Some(self.kafka.consumer_with_context(
+            &self.group,
+            LagContext,
+            lag::INTERVAL,
+        )?));
         let consumer = holder.consumer();
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -295,7 +323,14 @@ impl Consumer {
                 Ok(()) => return true,
                 Err(error) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, message_id = %message.envelope.message_id, "message failed, retrying");
+                    tracing::warn!(
+                        %error,
+                        ?delay,
+                        message_id = %message.envelope.message_id,
+                        order_id = %message.envelope.saga_id,
+                        correlation_id = %message.envelope.correlation_id,
+                        "message failed, retrying"
+                    );
                     if !sleep_unless_cancelled(delay, cancel).await {
                         return false;
                     }
@@ -304,23 +339,70 @@ impl Consumer {
         }
     }
 
+    /// Handles `batch` in one transaction; the work handlers defer with
+    /// [`crate::after_commit`] runs once it has committed.
     async fn try_batch<H: Handler>(
         &self,
         handler: &H,
         batch: &[Incoming],
     ) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
+        crate::after_commit::scope::<(), HandlerError, _>(async {
+            let mut tx = self.pool.begin().await?;
+            for message in batch {
+                let tx = &mut *tx;
+                async move {
+                    let id = message.message_id()?;
+                    let fresh =
+                        inbox::record(tx, id, message.message_type(), &message.topic).await?;
+                    if fresh {
+                        handler.handle(tx, message).await
+                    } else {
+                        tracing::debug!(message_id = %id, "duplicate message skipped");
+                        Ok(())
+                    }
+                }
+                .instrument(self.span(message))
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await?;
         for message in batch {
-            let id = message.message_id()?;
-            let fresh = inbox::record(&mut tx, id, message.message_type(), &message.topic).await?;
-            if fresh {
-                handler.handle(&mut tx, message).await?;
-            } else {
-                tracing::debug!(message_id = %id, "duplicate message skipped");
+            if let Some(t) = self.telemetry(&message.topic) {
+                t.handled.increment(1);
             }
         }
-        tx.commit().await?;
         Ok(())
+    }
+
+    fn telemetry(&self, topic: &str) -> Option<&TopicTelemetry> {
+        self.per_topic.iter().find(|t| t.topic == topic)
+    }
+
+    /// The span a message is handled in: a child of the span that produced it (its
+    /// `traceparent`), carrying its order and correlation ids for every log line within.
+    fn span(&self, message: &Incoming) -> tracing::Span {
+        let name = self
+            .telemetry(&message.topic)
+            .map_or("process", |t| t.span_name.as_str());
+        let envelope = &message.envelope;
+        let span = tracing::info_span!(
+            "message",
+            otel.name = name,
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %message.topic,
+            messaging.kafka.destination.partition = message.partition,
+            messaging.kafka.message.offset = message.offset,
+            messaging.message.id = %envelope.message_id,
+            message_type = %envelope.message_type,
+            order_id = %envelope.saga_id,
+            correlation_id = %envelope.correlation_id,
+        );
+        telemetry::propagation::set_parent(&span, &envelope.traceparent, &envelope.tracestate);
+        span
     }
 
     /// Sends `message` to `<topic>.dlq` through the outbox, with its inbox row when it has a
@@ -338,6 +420,8 @@ impl Consumer {
             offset = message.offset,
             message_id = %message.envelope.message_id,
             message_type = %message.envelope.message_type,
+            order_id = %message.envelope.saga_id,
+            correlation_id = %message.envelope.correlation_id,
             "message cannot be handled: dead-lettered"
         );
         let mut tx = self.pool.begin().await?;
@@ -373,6 +457,9 @@ impl Consumer {
             .await?;
         handler.on_dead_letter(&mut tx, message, error).await?;
         tx.commit().await?;
+        if let Some(t) = self.telemetry(&message.topic) {
+            t.dead_letters.increment(1);
+        }
         Ok(())
     }
 }
@@ -380,10 +467,10 @@ impl Consumer {
 /// Owns the Kafka consumer and drops it on a thread of its own. librdkafka's close, run on
 /// drop, can block forever in a rebalance callback (rust-rdkafka #509, librdkafka #4041);
 /// that must not hang a runtime shutting down, nor a test's end.
-struct DropOffThread(Option<StreamConsumer>);
+struct DropOffThread(Option<StreamConsumer<LagContext>>);
 
 impl DropOffThread {
-    fn consumer(&self) -> &StreamConsumer {
+    fn consumer(&self) -> &StreamConsumer<LagContext> {
         self.0.as_ref().expect("present until dropped")
     }
 }

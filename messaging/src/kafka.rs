@@ -83,17 +83,40 @@ impl KafkaArgs {
     /// A consumer in `group` (prefixed) that stores offsets only when told to: see
     /// [`crate::Consumer`].
     pub fn consumer(&self, group: &str) -> anyhow::Result<StreamConsumer> {
-        self.client_config()
+        self.consumer_config(group)
+            .create()
+            .context("creating the Kafka consumer")
+    }
+
+    /// Like [`KafkaArgs::consumer`], with a context of the caller's (librdkafka's statistics
+    /// every few seconds, say).
+    pub fn consumer_with_context<C: rdkafka::consumer::ConsumerContext + 'static>(
+        &self,
+        group: &str,
+        context: C,
+        statistics_interval: Duration,
+    ) -> anyhow::Result<StreamConsumer<C>> {
+        self.consumer_config(group)
+            .set(
+                "statistics.interval.ms",
+                statistics_interval.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .context("creating the Kafka consumer")
+    }
+
+    fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut config = self.client_config();
+        config
             .set("group.id", format!("{}{}", self.topic_prefix, group))
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "200")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .create()
-            .context("creating the Kafka consumer")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000");
+        config
     }
 
     /// Creates the platform's topics and their dead-letter topics where missing.

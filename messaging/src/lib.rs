@@ -7,14 +7,18 @@
 //! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
 //!   after the commit, transient errors retried with backoff, the rest dead-lettered.
 //! - [`kafka`]: broker settings, clients and topic creation.
+//! - [`after_commit`]: work deferred until the consumer's transaction commits (metrics).
 
+pub mod after_commit;
 pub mod consumer;
 pub mod envelope;
 pub mod inbox;
 pub mod kafka;
+mod lag;
 pub mod outbox;
 mod retry;
 
+pub use after_commit::after_commit;
 pub use consumer::{Consumer, Handler, HandlerError, Incoming};
 pub use envelope::MessageContext;
 pub use kafka::KafkaArgs;

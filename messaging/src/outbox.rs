@@ -12,7 +12,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
+
+use telemetry::metric;
+use telemetry::propagation::{self, KeyValue, TraceContext};
 
 use crate::envelope::{self, MessageContext};
 use crate::kafka::KafkaArgs;
@@ -22,6 +26,8 @@ const CHANNEL: &str = "outbox";
 /// Advisory lock held by the one relay publishing a service's outbox at a time, so that the
 /// rows of one key are published in the order they were written, whatever the replicas.
 const RELAY_LOCK: i64 = 0x6f75_7462_6f78;
+/// Least time between two measures of the outbox's backlog.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One message to record in the outbox.
 #[derive(Clone, Debug)]
@@ -50,6 +56,10 @@ impl Outbox {
     }
 
     /// A message for `topic` (a name from [`proto::topics`]), keyed by the saga (order) id.
+    ///
+    /// It carries the trace context of the current span when spans have one, so that the
+    /// span of its consumer is a child of the span that made it, however much later the relay
+    /// publishes it; otherwise the one of `context`.
     pub fn message<M: Message + Name>(
         &self,
         topic: &str,
@@ -61,7 +71,11 @@ impl Outbox {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
-        OutboxMessage {
+        let (traceparent, tracestate) = match TraceContext::current() {
+            Some(current) => (current.traceparent, current.tracestate),
+            None => (context.traceparent.clone(), context.tracestate.clone()),
+        };
+        let message = OutboxMessage {
             topic: self.kafka.topic(topic),
             key: saga_id.to_string(),
             envelope: Envelope {
@@ -70,14 +84,27 @@ impl Outbox {
                 saga_id: saga_id.to_string(),
                 correlation_id: context.correlation_id.clone(),
                 causation_id: context.causation_id.clone(),
-                traceparent: context.traceparent.clone(),
-                tracestate: context.tracestate.clone(),
+                traceparent,
+                tracestate,
                 source: self.source.clone(),
                 occurred_at_ms,
             },
             payload: payload.encode_to_vec(),
             extra_headers: Vec::new(),
+        };
+        if propagation::enabled() {
+            // Names the message in the producing span, where its consumer's span points.
+            propagation::add_event(
+                &tracing::Span::current(),
+                "message enqueued",
+                vec![
+                    KeyValue::new("messaging.message.id", message.envelope.message_id.clone()),
+                    KeyValue::new("messaging.destination.name", message.topic.clone()),
+                    KeyValue::new("message_type", message.envelope.message_type.clone()),
+                ],
+            );
         }
+        message
     }
 
     /// Records messages in the caller's transaction. They are published once it commits.
@@ -150,9 +177,14 @@ impl Relay {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut listener = None;
         let mut backoff = crate::retry::backoff();
+        let mut measured: Option<std::time::Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return;
+            }
+            if measured.is_none_or(|at| at.elapsed() >= BACKLOG_INTERVAL) {
+                self.measure_backlog().await;
+                measured = Some(std::time::Instant::now());
             }
             if listener.is_none() {
                 match PgListener::connect_with(&self.pool).await {
@@ -244,7 +276,7 @@ impl Relay {
             return Ok(0);
         }
         let mut ids = Vec::with_capacity(rows.len());
-        let mut deliveries = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.try_get("id")?;
             let topic: &str = row.try_get("topic")?;
@@ -254,7 +286,38 @@ impl Relay {
             let extra: &[u8] = row.try_get("extra_headers")?;
             let envelope = Envelope::decode(envelope_bytes)
                 .with_context(|| format!("outbox row {id}: undecodable envelope"))?;
-            let mut headers = envelope::to_headers(&envelope);
+            ids.push(id);
+            records.push((id, topic, key, envelope, payload, extra));
+        }
+        let span = publish_span(&records);
+        self.send(&records).instrument(span).await?;
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.context("outbox: commit")?;
+        // One update per topic of the batch (a batch holds a few topics), not per message.
+        let mut per_topic: Vec<(&str, u64)> = Vec::new();
+        for (_, topic, ..) in &records {
+            match per_topic.iter_mut().find(|(t, _)| t == topic) {
+                Some((_, count)) => *count += 1,
+                None => per_topic.push((topic, 1)),
+            }
+        }
+        for (topic, count) in per_topic {
+            metrics::counter!(metric::OUTBOX_PUBLISHED, "topic" => topic.to_owned())
+                .increment(count);
+        }
+        tracing::debug!(count = ids.len(), "outbox: published");
+        Ok(ids.len())
+    }
+
+    /// Queues every record in order and waits for the broker to acknowledge them all.
+    async fn send(&self, records: &[OutboxRecord<'_>]) -> anyhow::Result<()> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (id, topic, key, envelope, payload, extra) in records {
+            let id = *id;
+            let mut headers = envelope::to_headers(envelope);
             for (key, value) in decode_extra_headers(extra) {
                 headers = headers.insert(Header {
                     key: &key,
@@ -262,10 +325,9 @@ impl Relay {
                 });
             }
             let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
+                .key(*key)
+                .payload(*payload)
                 .headers(headers);
-            ids.push(id);
             // Queued here, synchronously and in order; the idempotent producer keeps that order
             // per partition.
             let delivery = self
@@ -274,21 +336,103 @@ impl Relay {
                 .map_err(|(e, _)| anyhow::anyhow!("queueing outbox row {id}: {e}"))?;
             deliveries.push(async move {
                 match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(delivery)) => Ok(delivery),
                     Ok(Err((e, _))) => Err(anyhow::anyhow!("broker refused outbox row {id}: {e}")),
                     Err(_) => Err(anyhow::anyhow!("producer dropped outbox row {id}")),
                 }
             });
         }
-        try_join_all(deliveries).await?;
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await.context("outbox: commit")?;
-        tracing::debug!(count = ids.len(), "outbox: published");
-        Ok(ids.len())
+        let delivered = try_join_all(deliveries).await?;
+        let span = tracing::Span::current();
+        if let [(_, _, _, _, _, _)] = records {
+            span.record(
+                "messaging.kafka.destination.partition",
+                delivered[0].partition,
+            );
+            span.record("messaging.kafka.message.offset", delivered[0].offset);
+        } else if propagation::enabled() {
+            for ((_, topic, _, envelope, _, _), delivery) in records.iter().zip(&delivered) {
+                propagation::add_event(
+                    &span,
+                    "message published",
+                    vec![
+                        KeyValue::new("messaging.message.id", envelope.message_id.clone()),
+                        KeyValue::new("messaging.destination.name", topic.to_string()),
+                        KeyValue::new(
+                            "messaging.kafka.destination.partition",
+                            i64::from(delivery.partition),
+                        ),
+                        KeyValue::new("messaging.kafka.message.offset", delivery.offset),
+                        KeyValue::new("order_id", envelope.saga_id.clone()),
+                    ],
+                );
+            }
+        }
+        Ok(())
     }
+
+    /// Measures the outbox: how many rows wait and for how long the oldest has. One small
+    /// query, run at most every [`BACKLOG_INTERVAL`] from the relay's loop.
+    async fn measure_backlog(&self) {
+        let measured: Result<(i64, f64), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match measured {
+            Ok((backlog, oldest)) => {
+                metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
+                metrics::gauge!(metric::OUTBOX_OLDEST_AGE).set(oldest.max(0.0));
+            }
+            Err(e) => tracing::debug!(error = %e, "outbox: measuring the backlog failed"),
+        }
+    }
+}
+
+/// An outbox row being published: id, topic, key, envelope, payload, extra headers.
+type OutboxRecord<'a> = (i64, &'a str, &'a str, Envelope, &'a [u8], &'a [u8]);
+
+/// Most span links from one `outbox.publish` span to the messages of its batch.
+const MAX_PUBLISH_LINKS: usize = 32;
+
+/// The span of publishing one batch: a child of the first message's producer, linked to the
+/// others' (a batch mixes sagas). A batch of one names its topic, order and correlation id.
+fn publish_span(records: &[OutboxRecord<'_>]) -> tracing::Span {
+    let span = match records {
+        [(_, topic, _, envelope, _, _)] => tracing::info_span!(
+            "outbox.publish",
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.batch.message_count = 1,
+            messaging.destination.name = %topic,
+            messaging.kafka.destination.partition = tracing::field::Empty,
+            messaging.kafka.message.offset = tracing::field::Empty,
+            messaging.message.id = %envelope.message_id,
+            order_id = %envelope.saga_id,
+            correlation_id = %envelope.correlation_id,
+        ),
+        _ => tracing::info_span!(
+            "outbox.publish",
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.batch.message_count = records.len(),
+        ),
+    };
+    if propagation::enabled() {
+        if let Some((_, _, _, first, _, _)) = records.first() {
+            propagation::set_parent(&span, &first.traceparent, &first.tracestate);
+        }
+        for (_, _, _, envelope, _, _) in records.iter().skip(1).take(MAX_PUBLISH_LINKS) {
+            if let Some(link) =
+                propagation::remote_span_context(&envelope.traceparent, &envelope.tracestate)
+            {
+                propagation::add_link(&span, link);
+            }
+        }
+    }
+    span
 }
 
 /// Extra headers are stored as length-prefixed key and value strings (empty for most rows).

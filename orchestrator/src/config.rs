@@ -22,6 +22,16 @@ pub struct Config {
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50054")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the operators' gRPC API (SagaAdmin, with health and reflection), apart from
+    /// anything customers reach (0 as port picks a free one).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:50055")]
+    pub admin_addr: SocketAddr,
+
+    /// Token operators present as `authorization: Bearer <token>` on the admin API. When not
+    /// set, the development token `dev-admin-token` is accepted and a warning says so.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Time a client has to verify the payment after placing the order; past it the payment is
     /// voided and the stock released.
     #[arg(long, env = "PAYMENT_DEADLINE_SECS", default_value_t = 600,
@@ -49,7 +59,18 @@ pub struct Config {
     pub kafka: KafkaArgs,
 }
 
+/// The admin token accepted when `ADMIN_TOKEN` is not set: for development only.
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
+
 impl Config {
+    /// The admin token, and whether it is the development default.
+    pub fn admin_token(&self) -> (String, bool) {
+        match self.admin_token.as_deref().map(str::trim) {
+            Some(token) if !token.is_empty() => (token.to_owned(), false),
+            _ => (DEV_ADMIN_TOKEN.to_owned(), true),
+        }
+    }
+
     pub fn timing(&self) -> crate::engine::Timing {
         crate::engine::Timing {
             payment_deadline: Duration::from_secs(self.payment_deadline_secs),
@@ -63,6 +84,8 @@ impl Config {
         tracing::info!(
             database_url = %runtime::redact_url(&self.database_url),
             grpc_addr = %self.grpc_addr,
+            admin_addr = %self.admin_addr,
+            admin_token = if self.admin_token().1 { "development default" } else { "***" },
             payment_deadline_secs = self.payment_deadline_secs,
             step_timeout_secs = self.step_timeout_secs,
             step_max_attempts = self.step_max_attempts,

@@ -9,8 +9,12 @@ use proto::topics;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::saga::{self, Command, Input, Outcome, Saga};
-use crate::store::{self, Bookkeeping, Cause, Origin, StoreError};
+use telemetry::propagation::{self, TraceContext};
+use tracing::Instrument as _;
+
+use crate::saga::{self, Command, Input, Outcome, Saga, SagaState};
+use crate::saga_metrics::{self, Observed};
+use crate::store::{self, Bookkeeping, Cause, Origin, StoreError, StoredSaga};
 
 /// What caused a step: a message, or a timer.
 #[derive(Clone, Debug)]
@@ -102,9 +106,27 @@ impl Engine {
         trigger: &Trigger,
     ) -> Result<Result<Saga, &'static str>, HandlerError> {
         let stored = store::load(conn, order_id).await.map_err(store_error)?;
+        let span = transition_span(order_id, input, stored.as_ref(), trigger);
+        self.transition(conn, order_id, input, trigger, stored)
+            .instrument(span)
+            .await
+    }
+
+    /// Applies `input` to the loaded saga and saves the result, in the `saga.transition` span.
+    async fn transition(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+        stored: Option<StoredSaga>,
+    ) -> Result<Result<Saga, &'static str>, HandlerError> {
         let transition = match saga::apply(stored.as_ref().map(|s| &s.saga), order_id, input) {
             Outcome::Changed(t) => t,
-            Outcome::Ignored(why) => return Ok(Err(why)),
+            Outcome::Ignored(why) => {
+                tracing::Span::current().record("to", "-");
+                return Ok(Err(why));
+            }
         };
         let incoming = trigger.context.clone().unwrap_or_default();
         let origin = match &stored {
@@ -148,6 +170,27 @@ impl Engine {
             .filter_map(|command| self.message(&transition.saga, command, &context))
             .collect();
         self.outbox.enqueue(conn, &messages).await?;
+        let observed = Observed {
+            from: stored.as_ref().map(|s| s.saga.state),
+            to: transition.saga.state,
+            time_in_from: stored
+                .as_ref()
+                .and_then(|s| (chrono::Utc::now() - s.updated_at).to_std().ok())
+                .unwrap_or_default(),
+            failure: (transition.saga.state == SagaState::Failed).then(|| {
+                saga_metrics::failure_category(
+                    transition
+                        .saga
+                        .failure_reason
+                        .as_deref()
+                        .unwrap_or_default(),
+                )
+            }),
+        };
+        if observed.counts() {
+            messaging::after_commit(move || observed.record());
+        }
+        tracing::Span::current().record("to", transition.saga.state.as_str());
         tracing::info!(
             %order_id,
             from = stored.as_ref().map(|s| s.saga.state.as_str()).unwrap_or("-"),
@@ -258,6 +301,43 @@ impl Engine {
         };
         Some(message)
     }
+}
+
+/// The span of one step: `saga.transition` with the order, the input and the states. A step
+/// caused by a message is a child of the message's span; one caused by a timer (no span of its
+/// own) or an operator (a request of another trace) continues the saga's trace, linked to the
+/// operator's request.
+fn transition_span(
+    order_id: Uuid,
+    input: &Input,
+    stored: Option<&StoredSaga>,
+    trigger: &Trigger,
+) -> tracing::Span {
+    let correlation_id = match (stored, &trigger.context) {
+        (Some(s), _) if !s.correlation_id.is_empty() => s.correlation_id.as_str(),
+        (_, Some(context)) => context.correlation_id.as_str(),
+        _ => "",
+    };
+    let span = tracing::info_span!(
+        "saga.transition",
+        %order_id,
+        input = input.name(),
+        from = stored.map_or("-", |s| s.saga.state.as_str()),
+        to = tracing::field::Empty,
+        %correlation_id,
+    );
+    if let Some(stored) = stored.filter(|_| propagation::enabled()) {
+        let saga_trace = propagation::remote_span_context(&stored.traceparent, &stored.tracestate);
+        let current = TraceContext::current().and_then(|c| c.span_context());
+        let same_trace = matches!((&saga_trace, &current), (Some(saga), Some(current)) if saga.trace_id() == current.trace_id());
+        if saga_trace.is_some() && !same_trace {
+            propagation::set_parent(&span, &stored.traceparent, &stored.tracestate);
+            if let Some(current) = current {
+                propagation::add_link(&span, current);
+            }
+        }
+    }
+    span
 }
 
 fn non_empty_or(first: &str, second: &str) -> String {

@@ -1,10 +1,12 @@
 //! The saga orchestrator: consumes `OrderCreated` and the services' replies, runs each order's
 //! saga as a pure state machine persisted in PostgreSQL, and sends commands through its outbox.
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod handler;
 pub mod saga;
+pub mod saga_metrics;
 pub mod store;
 pub mod timers;
 
@@ -28,6 +30,7 @@ pub struct App {
     config: Config,
     pool: PgPool,
     listener: TcpListener,
+    admin_listener: TcpListener,
 }
 
 impl App {
@@ -42,15 +45,26 @@ impl App {
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC address {}", config.grpc_addr))?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin gRPC address {}", config.admin_addr))?;
         Ok(App {
             config,
             pool,
             listener,
+            admin_listener,
         })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.grpc_addr)
+    }
+
+    /// The bound address of the operators' API (SagaAdmin).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .unwrap_or(self.config.admin_addr)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -86,6 +100,33 @@ impl App {
             consumer.run(handler, cancel.clone()),
         ));
 
+        let addr = self.grpc_addr();
+        let admin_addr = self.admin_addr();
+        let (admin_token, dev_token) = self.config.admin_token();
+        let admin_grpc = tonic::transport::Server::builder()
+            .layer(telemetry::grpc::ServerLayer)
+            .add_service(runtime::grpc::health::<admin::AdminServer>().await)
+            .add_service(runtime::grpc::reflection()?)
+            .add_service(admin::server(
+                self.pool.clone(),
+                engine.clone(),
+                &admin_token,
+            ))
+            .serve_with_incoming_shutdown(
+                runtime::grpc::incoming(self.admin_listener),
+                cancel.clone().cancelled_owned(),
+            );
+        tasks.spawn(runtime::shutdown::cancel_when_done(
+            cancel.clone(),
+            async move { admin_grpc.await.context("admin gRPC server") },
+        ));
+        if dev_token {
+            tracing::warn!(
+                admin_token = config::DEV_ADMIN_TOKEN,
+                "ADMIN_TOKEN is not set: the admin API accepts the development token; set ADMIN_TOKEN anywhere but on a developer's machine"
+            );
+        }
+
         tasks.spawn(runtime::shutdown::cancel_when_done(
             cancel.clone(),
             timers::run(
@@ -96,8 +137,8 @@ impl App {
             ),
         ));
 
-        let addr = self.grpc_addr();
         let grpc = tonic::transport::Server::builder()
+            .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<tonic_health_marker::Orchestrator>().await)
             .add_service(runtime::grpc::reflection()?)
             .serve_with_incoming_shutdown(
@@ -108,7 +149,7 @@ impl App {
             cancel.clone(),
             async move { grpc.await.context("gRPC server") },
         ));
-        tracing::info!(grpc_addr = %addr, "listening");
+        tracing::info!(grpc_addr = %addr, %admin_addr, "listening");
 
         cancel.cancelled().await;
         runtime::shutdown::drain(tasks, Duration::from_secs(10)).await

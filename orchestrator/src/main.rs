@@ -2,10 +2,15 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(orchestrator::SERVICE);
+    let telemetry = telemetry::init(orchestrator::SERVICE);
     let config = orchestrator::Config::parse();
     config.log();
     let cancel = runtime::shutdown::on_signal();
-    let app = orchestrator::App::build(config).await?;
-    app.run(cancel).await
+    let result = async {
+        let app = orchestrator::App::build(config).await?;
+        app.run(cancel).await
+    }
+    .await;
+    telemetry.shutdown().await;
+    result
 }

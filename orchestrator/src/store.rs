@@ -1,5 +1,7 @@
 //! Sagas in PostgreSQL: the state machine's value, its history and its timers.
 
+pub mod admin;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -30,6 +32,8 @@ pub struct StoredSaga {
     pub correlation_id: String,
     pub traceparent: String,
     pub tracestate: String,
+    /// When the saga last changed (entered its state, for most changes).
+    pub updated_at: DateTime<Utc>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +55,7 @@ pub async fn load(
     saga_id: Uuid,
 ) -> Result<Option<StoredSaga>, StoreError> {
     let row = sqlx::query(
-        "SELECT data, version, correlation_id, traceparent, tracestate FROM sagas WHERE saga_id = $1",
+        "SELECT data, version, correlation_id, traceparent, tracestate, updated_at FROM sagas WHERE saga_id = $1",
     )
     .bind(saga_id)
     .fetch_optional(&mut *conn)
@@ -66,6 +70,7 @@ pub async fn load(
         correlation_id: row.try_get("correlation_id")?,
         traceparent: row.try_get("traceparent")?,
         tracestate: row.try_get("tracestate")?,
+        updated_at: row.try_get("updated_at")?,
     }))
 }
 

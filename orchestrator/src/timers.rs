@@ -33,6 +33,11 @@ pub async fn run(
 
 /// Fires the due deadlines in one transaction. Returns how many were fired.
 pub async fn fire_due(pool: &PgPool, engine: &Engine) -> anyhow::Result<usize> {
+    // The steps' metrics count once the transaction has committed.
+    messaging::after_commit::scope(fire_due_in_transaction(pool, engine)).await
+}
+
+async fn fire_due_in_transaction(pool: &PgPool, engine: &Engine) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let due = store::claim_due_timers(&mut tx, BATCH).await?;
     for (saga_id, kind) in &due {

@@ -9,6 +9,7 @@ pub mod handler;
 pub mod orders;
 pub mod payments;
 pub mod store;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -107,12 +108,16 @@ impl App {
             pool.clone(),
             outbox.clone(),
         );
-        let service = OrderServiceServer::new(OrderGrpc::new(Orders::new(pool, outbox, payments)));
+        let watch = watch::StatusWatch::default();
+        let watch_task = watch.clone().run(pool.clone(), cancel.clone());
+        let service =
+            OrderServiceServer::new(OrderGrpc::new(Orders::new(pool, outbox, payments), watch));
         let health = runtime::grpc::health::<OrderServiceServer<OrderGrpc>>().await;
         let reflection = runtime::grpc::reflection()?;
 
         let mut tasks = JoinSet::new();
         let server = tonic::transport::Server::builder()
+            .layer(telemetry::grpc::ServerLayer)
             .add_service(health)
             .add_service(reflection)
             .add_service(service)
@@ -132,6 +137,10 @@ impl App {
             cancel.clone(),
             consumer.run(OrderCommands, cancel.clone()),
         ));
+        tasks.spawn(async move {
+            watch_task.await;
+            Ok(())
+        });
         tracing::info!(%grpc_addr, "listening");
 
         cancel.cancelled().await;

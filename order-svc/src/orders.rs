@@ -127,6 +127,19 @@ impl Orders {
             .ok_or_else(|| Error::NotFound(format!("order {id} not found")))
     }
 
+    /// One page of a listing of every order (with `statuses`, when not empty), in id order,
+    /// after `after`.
+    pub async fn list_page(
+        &self,
+        after: Option<OrderId>,
+        statuses: &[OrderStatus],
+        limit: usize,
+    ) -> Result<Vec<Order>, Error> {
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let mut conn = self.pool.acquire().await?;
+        Ok(store::list_page(&mut conn, after, &statuses, limit as i64).await?)
+    }
+
     pub async fn products(&self) -> Result<Vec<Product>, Error> {
         Ok(store::list_products(&self.pool).await?)
     }

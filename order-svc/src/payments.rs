@@ -6,14 +6,17 @@ use anyhow::Context as _;
 use messaging::MessageContext;
 use proto::payment::v1::payment_service_client::PaymentServiceClient;
 use proto::payment::v1::ValidatePaymentMethodRequest;
+use telemetry::grpc::ClientInterceptor;
 use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
 
 #[derive(Clone, Debug)]
 pub struct PaymentMethods {
-    client: PaymentServiceClient<Channel>,
+    /// Sends the current span's trace context with every call.
+    client: PaymentServiceClient<InterceptedService<Channel, ClientInterceptor>>,
 }
 
 impl PaymentMethods {
@@ -25,7 +28,10 @@ impl PaymentMethods {
             .connect_timeout(timeout)
             .timeout(timeout);
         Ok(Self {
-            client: PaymentServiceClient::new(endpoint.connect_lazy()),
+            client: PaymentServiceClient::with_interceptor(
+                endpoint.connect_lazy(),
+                ClientInterceptor,
+            ),
         })
     }
 
@@ -39,7 +45,8 @@ impl PaymentMethods {
         let mut request = tonic::Request::new(ValidatePaymentMethodRequest {
             payment_method: payment_method.to_owned(),
         });
-        // The same correlation id and trace across the call.
+        // The same correlation id and trace across the call (the interceptor replaces the
+        // trace context with the current span's when spans have one).
         for (key, value) in [
             ("x-correlation-id", &context.correlation_id),
             ("traceparent", &context.traceparent),

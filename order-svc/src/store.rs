@@ -237,3 +237,66 @@ fn decode_error(column: &str, error: impl std::fmt::Display) -> sqlx::Error {
         source: error.to_string().into(),
     }
 }
+
+/// One page of a listing: up to `limit` orders with their lines whose id comes after `after`
+/// (from the first when `None`), in id order, with any of `statuses` (every status when empty).
+pub async fn list_page(
+    conn: &mut PgConnection,
+    after: Option<OrderId>,
+    statuses: &[&str],
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT order_id, customer_id, status, total_cents, currency, payment_method, payment_id, \
+             failure_reason, correlation_id, created_at, updated_at \
+         FROM orders WHERE order_id > $1 AND (cardinality($2::text[]) = 0 OR status = ANY($2)) \
+         ORDER BY order_id LIMIT $3",
+    )
+    .bind(after.map_or(Uuid::nil(), |id| id.0))
+    .bind(statuses)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .map(|row| row.try_get("order_id"))
+        .collect::<Result<_, _>>()?;
+    let mut lines: HashMap<Uuid, Vec<OrderLine>> = HashMap::with_capacity(ids.len());
+    for line in sqlx::query(
+        "SELECT order_id, sku, quantity, unit_price_cents FROM order_lines \
+         WHERE order_id = ANY($1) ORDER BY order_id, sku",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let quantity: i32 = line.try_get("quantity")?;
+        lines
+            .entry(line.try_get("order_id")?)
+            .or_default()
+            .push(OrderLine {
+                sku: line.try_get("sku")?,
+                quantity: u32::try_from(quantity).map_err(|e| decode_error("quantity", e))?,
+                unit_price_cents: line.try_get("unit_price_cents")?,
+            });
+    }
+    rows.iter()
+        .map(|row| {
+            let id: Uuid = row.try_get("order_id")?;
+            Ok(Order {
+                id: OrderId(id),
+                customer_id: row.try_get("customer_id")?,
+                status: status(row)?,
+                lines: lines.remove(&id).unwrap_or_default(),
+                total_cents: row.try_get("total_cents")?,
+                currency: row.try_get("currency")?,
+                payment_method: row.try_get("payment_method")?,
+                payment_id: row.try_get::<Option<Uuid>, _>("payment_id")?.map(PaymentId),
+                failure_reason: row.try_get("failure_reason")?,
+                correlation_id: row.try_get("correlation_id")?,
+                created_at: row.try_get("created_at")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .collect()
+}

@@ -10,6 +10,7 @@ use proto::payment::v1::payment_service_server::PaymentService;
 use proto::topics::SAGA_REPLIES;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -21,6 +22,9 @@ use crate::store;
 pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 const TRACEPARENT_HEADER: &str = "traceparent";
 const TRACESTATE_HEADER: &str = "tracestate";
+
+/// Payments read at a time by ListPayments.
+const LIST_PAGE_SIZE: usize = 1000;
 
 pub struct PaymentGrpc {
     pool: PgPool,
@@ -40,11 +44,43 @@ impl PaymentGrpc {
     /// Lets the provider decide a payment awaiting verification, and tells the saga, in one
     /// transaction. The row lock makes concurrent verifications of one payment take turns, so
     /// the provider is asked once and one outcome is sent; later ones return that outcome.
+    ///
+    /// The verification joins the saga's trace: its span is a child of the span that asked for
+    /// the payment (stored with it), linked to the client's request, which has a trace of its
+    /// own; the reply it sends continues the saga's trace.
     async fn verify(&self, id: PaymentId, request: &MessageContext) -> Result<Payment, Error> {
         let mut tx = self.pool.begin().await?;
         let payment = store::lock(&mut tx, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
+        let correlation_id = if payment.correlation_id.is_empty() {
+            &request.correlation_id
+        } else {
+            &payment.correlation_id
+        };
+        let span = tracing::info_span!(
+            "payment.verify",
+            payment_id = %id,
+            order_id = %payment.order_id,
+            %correlation_id,
+        );
+        if telemetry::propagation::set_parent(&span, &payment.traceparent, "") {
+            if let Some(request_span) = telemetry::propagation::TraceContext::current()
+                .and_then(|current| current.span_context())
+            {
+                telemetry::propagation::add_link(&span, request_span);
+            }
+        }
+        self.decide(tx, payment, request).instrument(span).await
+    }
+
+    async fn decide(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        payment: Payment,
+        request: &MessageContext,
+    ) -> Result<Payment, Error> {
+        let id = payment.payment_id;
         match payment.status {
             PaymentStatus::AwaitingVerification => {}
             // Decided before: the same answer, and nothing sent or charged again.
@@ -161,6 +197,30 @@ fn request_context<T>(request: &Request<T>) -> MessageContext {
 
 #[tonic::async_trait]
 impl PaymentService for PaymentGrpc {
+    type ListPaymentsStream = runtime::grpc::ServerStream<pb::Payment>;
+
+    async fn list_payments(
+        &self,
+        _request: Request<pb::ListPaymentsRequest>,
+    ) -> Result<Response<Self::ListPaymentsStream>, Status> {
+        let pool = self.pool.clone();
+        Ok(Response::new(runtime::grpc::keyset_stream(
+            LIST_PAGE_SIZE,
+            move |after| {
+                let pool = pool.clone();
+                async move {
+                    let page = store::list_page(&pool, after, LIST_PAGE_SIZE as i64)
+                        .await
+                        .map_err(Error::from)?;
+                    Ok(page
+                        .iter()
+                        .map(|p| (p.order_id, convert::payment(p)))
+                        .collect())
+                }
+            },
+        )))
+    }
+
     async fn verify_payment(
         &self,
         request: Request<pb::VerifyPaymentRequest>,

@@ -12,6 +12,7 @@ use prost::Name as _;
 use proto::payment::v1 as pb;
 use proto::topics::SAGA_REPLIES;
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::grpc::convert;
@@ -196,12 +197,16 @@ impl Handler for PaymentCommands {
         message: &Incoming,
     ) -> Result<(), HandlerError> {
         let kind = message.message_type();
+        let order_id = &message.envelope.saga_id;
         if kind == pb::ChargePayment::full_name() {
-            self.charge(conn, message).await
+            let span = tracing::info_span!("payment.charge", %order_id);
+            self.charge(conn, message).instrument(span).await
         } else if kind == pb::VoidPayment::full_name() {
-            self.void(conn, message).await
+            let span = tracing::info_span!("payment.void", %order_id);
+            self.void(conn, message).instrument(span).await
         } else if kind == pb::RefundPayment::full_name() {
-            self.refund(conn, message).await
+            let span = tracing::info_span!("payment.refund", %order_id);
+            self.refund(conn, message).instrument(span).await
         } else {
             Err(message.unknown_type())
         }

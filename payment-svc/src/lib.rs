@@ -113,6 +113,7 @@ impl App {
         let service =
             PaymentServiceServer::new(PaymentGrpc::new(pool.clone(), outbox.clone(), provider));
         let server = tonic::transport::Server::builder()
+            .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<PaymentServiceServer<PaymentGrpc>>().await)
             .add_service(runtime::grpc::reflection()?)
             .add_service(service);

@@ -158,3 +158,20 @@ pub async fn set_status(
     .await?;
     Payment::try_from(row)
 }
+
+/// One page of a listing: up to `limit` payments of orders whose id comes after `after` (from
+/// the first when `None`), in order id order.
+pub async fn list_page<'e>(
+    db: impl PgExecutor<'e>,
+    after: Option<OrderId>,
+    limit: i64,
+) -> Result<Vec<Payment>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE order_id > $1 ORDER BY order_id LIMIT $2"
+    ))
+    .bind(after.map_or(Uuid::nil(), |id| id.0))
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter().map(Payment::try_from).collect()
+}

@@ -81,14 +81,10 @@ impl Infra {
             terminate(&mut broker, Duration::from_secs(5)).await;
             eprintln!("platform: broker stopped");
         }
-        if let Some(data) = self.postgres.take() {
-            let status = pg_command("pg_ctl").map(|mut c| {
-                c.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
-                c
-            });
-            if let Ok(mut c) = status {
-                let _ = c.stdout(Stdio::null()).status().await;
-                eprintln!("platform: PostgreSQL stopped");
+        if let Some(root) = self.postgres.take() {
+            match stop_postgres(&root, false).await {
+                Ok(()) => eprintln!("platform: PostgreSQL stopped"),
+                Err(e) => eprintln!("platform: stopping PostgreSQL: {e:#}"),
             }
         }
     }
@@ -184,11 +180,19 @@ async fn provision_postgres(options: &Options) -> anyhow::Result<(String, Option
         return Ok((url, None));
     }
     let root = postgres_dir(options)?;
+    let url = start_postgres(&root, port, options.fast_postgres).await?;
+    Ok((url, Some(root)))
+}
+
+/// Starts a PostgreSQL cluster kept in `root` (made with initdb on first use) on `port`, and
+/// returns its URL. `fast`: `fsync=off`, safe when only processes crash.
+pub async fn start_postgres(root: &Path, port: u16, fast: bool) -> anyhow::Result<String> {
+    let url = format!("postgres://postgres@localhost:{port}/postgres");
     let data = root.join("data");
     let run = root.join("run");
     fs::create_dir_all(&run)?;
     if running_as_root() {
-        chown_to_postgres(&root).await?;
+        chown_to_postgres(root).await?;
     }
     if !data.join("PG_VERSION").exists() {
         eprintln!(
@@ -216,7 +220,7 @@ async fn provision_postgres(options: &Options) -> anyhow::Result<(String, Option
         "-p {port} -k {} -c listen_addresses=localhost -c max_connections=500 -c shared_buffers=256MB",
         run.display()
     );
-    if options.fast_postgres {
+    if fast {
         settings.push_str(" -c fsync=off -c full_page_writes=off");
     }
     eprintln!("platform: starting PostgreSQL on port {port}");
@@ -239,7 +243,28 @@ async fn provision_postgres(options: &Options) -> anyhow::Result<(String, Option
     check_postgres(&url)
         .await
         .context("PostgreSQL started but refuses connections")?;
-    Ok((url, Some(data)))
+    Ok(url)
+}
+
+/// Stops the cluster in `root`: `immediate` is a crash (no checkpoint; WAL replay at the next
+/// start), otherwise a clean fast shutdown.
+pub async fn stop_postgres(root: &Path, immediate: bool) -> anyhow::Result<()> {
+    let status = pg_command("pg_ctl")?
+        .arg("-D")
+        .arg(root.join("data"))
+        .args([
+            "-m",
+            if immediate { "immediate" } else { "fast" },
+            "-w",
+            "stop",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("pg_ctl stop failed ({status})");
+    }
+    Ok(())
 }
 
 /// The cluster's directory. When running as root the cluster belongs to `postgres`, which

@@ -1,7 +1,10 @@
 //! Whole-system tools: the local platform runner (PostgreSQL, the broker and the five
 //! services) and the helpers that integration tests share.
 
+pub mod chaos;
 pub mod infra;
+pub mod load;
+pub mod ops;
 pub mod services;
 pub mod testing;
 

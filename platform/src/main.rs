@@ -30,6 +30,38 @@ enum Cmd {
     /// Start PostgreSQL and the broker, build, and run every test of the workspace; arguments
     /// after `--` go to `cargo test`.
     Test(TestArgs),
+    /// Fault injection under load: the platform on a PostgreSQL and a broker of its own, the
+    /// load generator running, services killed with SIGKILL at random moments, a second
+    /// orchestrator for a while, the broker and PostgreSQL restarted; then the audit.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Args)]
+struct ChaosArgs {
+    /// Orders to place.
+    #[arg(long, short = 'n', default_value_t = 5000)]
+    orders: u64,
+    /// Orders in flight at once.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// Orders started per second.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Services killed with SIGKILL during the run.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Outcomes asked for, by weight.
+    #[arg(
+        long,
+        default_value = "succeed=70,decline=10,out-of-stock=10,deadline=10"
+    )]
+    mix: platform::load::Mix,
+    /// The platform's payment deadline during the run.
+    #[arg(long, default_value_t = 20)]
+    payment_deadline_secs: u64,
+    /// Skip `cargo build` of the services.
+    #[arg(long)]
+    no_build: bool,
 }
 
 #[derive(Args, Clone)]
@@ -93,6 +125,7 @@ async fn main() -> ExitCode {
         Cmd::Up(args) => up(args).await,
         Cmd::Infra(args) => infra_only(args).await,
         Cmd::Test(args) => test(args).await,
+        Cmd::Chaos(args) => chaos(args).await,
     };
     match result {
         Ok(code) => code,
@@ -176,6 +209,8 @@ const SERVICE_SETTINGS: &[&str] = &[
     "ORDER_SVC_URL",
     "INVENTORY_SVC_URL",
     "PAYMENT_SVC_URL",
+    "ADMIN_ADDR",
+    "ADMIN_TOKEN",
 ];
 
 /// Databases left by earlier test runs.
@@ -193,6 +228,43 @@ async fn drop_test_databases(server_url: &str) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+async fn build_services() -> anyhow::Result<bool> {
+    let mut build = cargo();
+    build.args(["build", "--bins"]).args(profile_args());
+    for service in services::SERVICES {
+        build.args(["-p", service]);
+    }
+    Ok(build
+        .status()
+        .await
+        .context("running cargo build")?
+        .success())
+}
+
+async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    if !args.no_build && !build_services().await? {
+        return Ok(ExitCode::FAILURE);
+    }
+    let config = platform::chaos::ChaosConfig {
+        orders: args.orders,
+        concurrency: args.concurrency,
+        rate: Some(args.rate),
+        kills: args.kills,
+        mix: args.mix,
+        payment_deadline_secs: args.payment_deadline_secs,
+        pause: std::time::Duration::from_secs(3)..std::time::Duration::from_secs(8),
+        work_dir: platform::state_dir().join("chaos"),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = platform::chaos::run(&config, &services::binary_dir()).await?;
+    report.print();
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {

@@ -22,7 +22,11 @@ pub struct Addresses {
     pub inventory: SocketAddr,
     pub payment: SocketAddr,
     pub orchestrator: SocketAddr,
+    /// The orchestrator's operators' API (SagaAdmin).
+    pub admin: SocketAddr,
     pub gateway: SocketAddr,
+    /// Where each service serves Prometheus `/metrics` (`METRICS_ADDR`), in [`SERVICES`] order.
+    pub metrics: [SocketAddr; 5],
 }
 
 impl Default for Addresses {
@@ -34,7 +38,18 @@ impl Default for Addresses {
             inventory: local(50052),
             payment: local(50053),
             orchestrator: local(50054),
+            admin: local(50055),
             gateway: local(3000),
+            // The telemetry crate's defaults: gateway 9100, then 9101 to 9104.
+            metrics: SERVICES.map(|service| {
+                local(match service {
+                    "order-svc" => 9101,
+                    "inventory-svc" => 9102,
+                    "payment-svc" => 9103,
+                    "orchestrator" => 9104,
+                    _ => 9100,
+                })
+            }),
         }
     }
 }
@@ -50,8 +65,18 @@ impl Addresses {
             inventory: free()?,
             payment: free()?,
             orchestrator: free()?,
+            admin: free()?,
             gateway: free()?,
+            metrics: [free()?, free()?, free()?, free()?, free()?],
         })
+    }
+
+    /// Where `service` serves `/metrics`.
+    pub fn metrics_of(&self, service: &str) -> Option<SocketAddr> {
+        SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .map(|i| self.metrics[i])
     }
 }
 
@@ -103,6 +128,7 @@ impl PlatformConfig {
             "orchestrator" => vec![
                 ("DATABASE_URL", self.database_url("orchestrator")),
                 ("GRPC_ADDR", a.orchestrator.to_string()),
+                ("ADMIN_ADDR", a.admin.to_string()),
             ],
             "gateway" => vec![
                 ("HTTP_ADDR", a.gateway.to_string()),
@@ -113,6 +139,9 @@ impl PlatformConfig {
             _ => vec![],
         };
         env.extend(own.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        if let Some(metrics) = a.metrics_of(service) {
+            env.push(("METRICS_ADDR".into(), metrics.to_string()));
+        }
         env.extend(self.extra_env.iter().cloned());
         env
     }

@@ -20,6 +20,9 @@ pub const DEFAULT_KAFKA_BROKERS: &str = "localhost:9092";
 const HOW_TO_START: &str = "run the tests with `cargo run -p platform -- test`, which starts \
 PostgreSQL and the broker, or start them with `cargo run -p platform -- infra` and keep it running";
 
+/// The orchestrator's setting of its admin token.
+const ADMIN_TOKEN_ENV: &str = "ADMIN_TOKEN";
+
 /// Prefix of every database made by tests, so a test run can drop those of earlier runs.
 pub const TEST_DATABASE_PREFIX: &str = "test_";
 
@@ -110,7 +113,11 @@ impl TestPlatform {
             extra_env: extra_env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .chain([("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned())])
+                .chain([
+                    ("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned()),
+                    // The orchestrator's admin API takes a token of this platform's own.
+                    (ADMIN_TOKEN_ENV.to_owned(), format!("test-admin-{suffix}")),
+                ])
                 .collect(),
         };
         let bin_dir = crate::services::binary_dir();
@@ -178,6 +185,21 @@ impl TestPlatform {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The URL of the orchestrator's operators' API (SagaAdmin).
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.config.addresses.admin)
+    }
+
+    /// The token the orchestrator's admin API takes.
+    pub fn admin_token(&self) -> String {
+        self.config
+            .extra_env
+            .iter()
+            .find(|(k, _)| k == ADMIN_TOKEN_ENV)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| crate::ops::DEV_ADMIN_TOKEN.to_owned())
     }
 
     /// The gRPC URL of a service, for checks through its own API.

@@ -26,6 +26,13 @@ pub mod payment {
     }
 }
 
+/// The orchestrator's operators' API (`SagaAdmin`).
+pub mod saga {
+    pub mod v1 {
+        tonic::include_proto!("saga.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every package, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 

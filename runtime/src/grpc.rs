@@ -28,3 +28,90 @@ pub async fn health<S: tonic::server::NamedService>(
 pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+/// What a server-streaming RPC built by [`keyset_stream`] returns.
+pub type ServerStream<T> = tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>>;
+
+/// A server stream of rows read one page at a time with keyset pagination, so that listing
+/// any number of rows holds one page in memory and no transaction stays open.
+///
+/// `fetch(after)` reads up to `page_size` rows whose key comes after `after` (`None`: from the
+/// start), in key order, each with its key. The stream ends after a page shorter than
+/// `page_size`, or as soon as the client goes away; a failed fetch ends it with that status.
+pub fn keyset_stream<K, T, F, Fut>(page_size: usize, mut fetch: F) -> ServerStream<T>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+    F: FnMut(Option<K>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<(K, T)>, tonic::Status>> + Send,
+{
+    let page_size = page_size.max(1);
+    // One page in flight while the next is read.
+    let (tx, rx) = tokio::sync::mpsc::channel(page_size);
+    tokio::spawn(async move {
+        let mut after = None;
+        loop {
+            let page = match fetch(after.take()).await {
+                Ok(page) => page,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let last_page = page.len() < page_size;
+            for (key, item) in page {
+                if tx.send(Ok(item)).await.is_err() {
+                    return; // the client went away
+                }
+                after = Some(key);
+            }
+            if last_page {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::keyset_stream;
+
+    #[tokio::test]
+    async fn pages_are_read_after_the_last_key_until_a_short_page() {
+        let rows: Vec<u32> = (1..=7).collect();
+        let stream = keyset_stream(3, move |after: Option<u32>| {
+            let page: Vec<(u32, u32)> = rows
+                .iter()
+                .filter(|r| after.is_none_or(|a| **r > a))
+                .take(3)
+                .map(|r| (*r, *r * 10))
+                .collect();
+            async move { Ok(page) }
+        });
+        let got: Vec<u32> = stream.map(|r| r.expect("row")).collect().await;
+        assert_eq!(got, [10, 20, 30, 40, 50, 60, 70]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_page_ends_the_stream_with_its_status() {
+        let mut calls = 0;
+        let stream = keyset_stream(2, move |_after: Option<u32>| {
+            calls += 1;
+            let result = if calls == 1 {
+                Ok(vec![(1, 1), (2, 2)])
+            } else {
+                Err(tonic::Status::unavailable("database down"))
+            };
+            async move { result }
+        });
+        let got: Vec<Result<u32, tonic::Status>> = stream.collect().await;
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[2].as_ref().expect_err("error").code(),
+            tonic::Code::Unavailable
+        );
+    }
+}

@@ -1,14 +1,18 @@
 //! The REST routes and the layers every request goes through.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{Method, Request, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{BoxError, Router};
+use telemetry::metric;
 use tower::ServiceBuilder;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, OnResponse as _, TraceLayer};
 use tracing::Level;
 
 use crate::backends::Backends;
@@ -26,6 +30,8 @@ pub(crate) struct AppState {
     pub backends: Backends,
     /// How long `/readyz` waits for each service's health check.
     pub readiness_timeout: Duration,
+    /// Every request's time limit; long polls end before it.
+    pub request_timeout: Duration,
 }
 
 pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
@@ -53,22 +59,70 @@ pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
                 .timeout(request_timeout),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::from_fn(measure))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|request: &Request<_>| {
-                    let correlation_id = request
-                        .headers()
-                        .get(X_CORRELATION_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    let (method, path) = (request.method(), request.uri().path());
-                    tracing::info_span!("http", %method, path, correlation_id)
-                })
-                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                .make_span_with(request_span)
+                .on_response(
+                    |response: &Response, latency: Duration, span: &tracing::Span| {
+                        span.record("http.response.status_code", response.status().as_u16());
+                        DefaultOnResponse::new()
+                            .level(Level::INFO)
+                            .on_response(response, latency, span);
+                    },
+                )
                 // A 5xx is already logged, with its cause, where the error is made.
                 .on_failure(DefaultOnFailure::new().level(Level::WARN)),
         )
         .layer(axum::middleware::from_fn(correlation::middleware))
+}
+
+/// The span of a request: named by its route (`POST /orders`), with the correlation id the
+/// correlation middleware settled, a child of the client's `traceparent` when it sent one
+/// (otherwise the root of a new trace).
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let correlation_id = header(X_CORRELATION_ID.as_str());
+    let (method, path) = (request.method(), request.uri().path());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(path, MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        %method,
+        path,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        correlation_id,
+    );
+    telemetry::propagation::set_parent(&span, header("traceparent"), header("tracestate"));
+    span
+}
+
+/// Counts every request and its latency by route (the route's pattern, so that ids in paths
+/// make no new series) and status.
+async fn measure(route: Option<MatchedPath>, request: Request<Body>, next: Next) -> Response {
+    let route = route.map_or_else(|| "unmatched".to_owned(), |r| r.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(metric::HTTP_REQUEST_DURATION, "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(
+        metric::HTTP_REQUESTS,
+        "route" => route,
+        "status" => response.status().as_str().to_owned(),
+    )
+    .increment(1);
+    response
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

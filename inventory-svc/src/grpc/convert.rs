@@ -23,7 +23,7 @@ pub fn stock_level(level: StockLevel) -> pb::StockLevel {
         reserved: level.reserved,
         committed: level.committed,
         written_off: level.written_off,
-        ..Default::default()
+        received: level.received,
     }
 }
 

@@ -318,6 +318,51 @@ pub async fn find(
     }))
 }
 
+/// One page of a listing: up to `limit` reservations (with their lines) of orders whose id
+/// comes after `after` (from the first when `None`), in order id order. Tombstones included.
+pub async fn list_page(
+    conn: &mut PgConnection,
+    after: Option<OrderId>,
+    limit: i64,
+) -> Result<Vec<Reservation>, sqlx::Error> {
+    type Row = (Uuid, Uuid, String, Option<DateTime<Utc>>, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT reservation_id, order_id, status, expires_at, release_reason FROM reservations \
+         WHERE order_id > $1 ORDER BY order_id LIMIT $2",
+    )
+    .bind(after.map_or(Uuid::nil(), |id| id.0))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.0).collect();
+    let mut lines: HashMap<Uuid, Vec<ReservationLine>> = HashMap::with_capacity(ids.len());
+    let stored: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT reservation_id, sku, quantity FROM reservation_lines \
+         WHERE reservation_id = ANY($1) ORDER BY reservation_id, sku",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (reservation_id, sku, quantity) in stored {
+        lines
+            .entry(reservation_id)
+            .or_default()
+            .push(ReservationLine { sku, quantity });
+    }
+    rows.into_iter()
+        .map(|(id, order_id, status, expires_at, release_reason)| {
+            Ok(Reservation {
+                id: ReservationId(id),
+                order_id: OrderId(order_id),
+                status: ReservationStatus::from_db(&status)?,
+                expires_at,
+                release_reason,
+                lines: lines.remove(&id).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::released_reason;

@@ -6,22 +6,23 @@ use uuid::Uuid;
 
 use crate::domain::{Sku, StockLevel};
 
-type StockRow = (String, i64, i64, i64, i64);
+type StockRow = (String, i64, i64, i64, i64, i64);
 
-fn level((sku, available, reserved, committed, written_off): StockRow) -> StockLevel {
+fn level((sku, available, reserved, committed, written_off, received): StockRow) -> StockLevel {
     StockLevel {
         sku,
         available,
         reserved,
         committed,
         written_off,
+        received,
     }
 }
 
 /// Every SKU, in SKU order.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<StockLevel>, sqlx::Error> {
     let rows: Vec<StockRow> = sqlx::query_as(
-        "SELECT sku, available, reserved, committed, written_off FROM stock ORDER BY sku",
+        "SELECT sku, available, reserved, committed, written_off, received FROM stock ORDER BY sku",
     )
     .fetch_all(conn)
     .await?;
@@ -34,7 +35,7 @@ pub async fn some(
     skus: &[String],
 ) -> Result<Vec<StockLevel>, sqlx::Error> {
     let rows: Vec<StockRow> = sqlx::query_as(
-        "SELECT sku, available, reserved, committed, written_off FROM stock WHERE sku = ANY($1) ORDER BY sku",
+        "SELECT sku, available, reserved, committed, written_off, received FROM stock WHERE sku = ANY($1) ORDER BY sku",
     )
     .bind(skus)
     .fetch_all(conn)
@@ -43,7 +44,8 @@ pub async fn some(
 }
 
 /// Sets the units available for sale of `sku`, creating the SKU if new, and records the change
-/// in `stock_adjustments`. Reserved and committed units are left as they are.
+/// in `stock_adjustments` and in the ledger (`received`). Reserved and committed units are left
+/// as they are.
 pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let before: Option<i64> =
@@ -52,9 +54,10 @@ pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel,
             .fetch_optional(&mut *tx)
             .await?;
     let row: StockRow = sqlx::query_as(
-        "INSERT INTO stock (sku, available) VALUES ($1, $2) \
-         ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available, updated_at = now() \
-         RETURNING sku, available, reserved, committed, written_off",
+        "INSERT INTO stock (sku, available, received) VALUES ($1, $2, $2) \
+         ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available, \
+             received = stock.received + EXCLUDED.available - stock.available, updated_at = now() \
+         RETURNING sku, available, reserved, committed, written_off, received",
     )
     .bind(sku.as_str())
     .bind(available)
@@ -206,7 +209,7 @@ pub async fn write_off(
     }
     let row: StockRow = sqlx::query_as(
         "UPDATE stock SET available = available - $2, written_off = written_off + $2, updated_at = now() \
-         WHERE sku = $1 RETURNING sku, available, reserved, committed, written_off",
+         WHERE sku = $1 RETURNING sku, available, reserved, committed, written_off, received",
     )
     .bind(sku.as_str())
     .bind(quantity)

@@ -64,6 +64,22 @@ pub fn status(status: OrderStatus) -> pb::OrderStatus {
     }
 }
 
+/// The statuses a listing asks for; an unknown or unspecified one is refused.
+pub fn status_filter(values: &[i32]) -> Result<Vec<OrderStatus>, Error> {
+    values
+        .iter()
+        .map(|value| match pb::OrderStatus::try_from(*value) {
+            Ok(pb::OrderStatus::Pending) => Ok(OrderStatus::Pending),
+            Ok(pb::OrderStatus::PaymentInitiated) => Ok(OrderStatus::PaymentInitiated),
+            Ok(pb::OrderStatus::Completed) => Ok(OrderStatus::Completed),
+            Ok(pb::OrderStatus::Failed) => Ok(OrderStatus::Failed),
+            Ok(pb::OrderStatus::Unspecified) | Err(_) => Err(Error::Invalid(format!(
+                "statuses: {value} is not an order status"
+            ))),
+        })
+        .collect()
+}
+
 pub fn priced_line(line: &OrderLine) -> pb::PricedLine {
     pb::PricedLine {
         sku: line.sku.clone(),

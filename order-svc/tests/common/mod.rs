@@ -39,6 +39,15 @@ pub struct FakePayments {
 
 #[tonic::async_trait]
 impl PaymentService for FakePayments {
+    type ListPaymentsStream = tonic::codegen::BoxStream<pay::Payment>;
+
+    async fn list_payments(
+        &self,
+        _request: Request<pay::ListPaymentsRequest>,
+    ) -> Result<Response<Self::ListPaymentsStream>, Status> {
+        Err(Status::unimplemented("not part of the fake"))
+    }
+
     async fn verify_payment(
         &self,
         _request: Request<pay::VerifyPaymentRequest>,
@@ -197,6 +206,7 @@ impl TestApp {
             .clone()
             .get_order(pb::GetOrderRequest {
                 order_id: order_id.to_owned(),
+                ..Default::default()
             })
             .await
             .map(Response::into_inner)
