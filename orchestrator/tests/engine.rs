@@ -237,7 +237,7 @@ async fn a_concurrent_writer_makes_the_other_retry() {
         "{result:?}"
     );
     second.rollback().await.expect("rollback");
-    let saga = store::load(&mut *pool.acquire().await.expect("conn"), order_id)
+    let saga = store::load(&mut pool.acquire().await.expect("conn"), order_id)
         .await
         .expect("load")
         .expect("saga");

@@ -194,7 +194,7 @@ async fn a_commit_that_fails_after_a_write_off_refunds_the_payment() {
         .await
         .expect("write off")
         .into_inner();
-    assert_eq!(written.released_order_ids, [order_id.clone()]);
+    assert_eq!(written.released_order_ids, std::slice::from_ref(&order_id));
 
     let (status, verified) = platform
         .post("/payment/verify", &json!({ "payment_id": payment_id }))

@@ -92,6 +92,9 @@ pub struct Transition {
     pub commands: Vec<Command>,
 }
 
+// Returned once per input and taken apart at once: boxing the large variant would only add an
+// allocation to every transition.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Changed(Transition),
