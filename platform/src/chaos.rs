@@ -195,7 +195,11 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
     let _ = std::fs::remove_dir_all(&config.work_dir);
     let log_dir = config.work_dir.join("logs");
     std::fs::create_dir_all(&log_dir)?;
-    let pg_root = config.work_dir.join("postgres");
+    let pg_root = infra::cluster_dir(
+        &config.work_dir,
+        &format!("postgres-{}", crate::testing::unique_suffix()),
+    );
+    let _ = std::fs::remove_dir_all(&pg_root);
     let broker_dir = config.work_dir.join("broker");
     let pg_port = free_port()?;
     let kafka_port = free_port()?;
@@ -335,5 +339,6 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
     fleet.stop_all().await;
     let _ = broker.kill().await;
     let _ = infra::stop_postgres(&pg_root, false).await;
+    let _ = std::fs::remove_dir_all(&pg_root);
     result
 }

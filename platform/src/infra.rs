@@ -270,11 +270,19 @@ pub async fn stop_postgres(root: &Path, immediate: bool) -> anyhow::Result<()> {
 /// The cluster's directory. When running as root the cluster belongs to `postgres`, which
 /// must be able to reach it; a state directory it cannot reach falls back to /var/tmp.
 fn postgres_dir(options: &Options) -> anyhow::Result<PathBuf> {
-    let preferred = options.state_dir.join("postgres");
-    if !running_as_root() || reachable_by_postgres(&options.state_dir) {
-        return Ok(preferred);
+    Ok(cluster_dir(&options.state_dir, "postgres"))
+}
+
+/// `parent/name` for a PostgreSQL cluster, or `/var/tmp/saga-platform/name` when we are root
+/// and the `postgres` user, who owns the cluster, cannot reach `parent`.
+pub fn cluster_dir(parent: &Path, name: &str) -> PathBuf {
+    // The parent must exist for the check to mean anything.
+    let _ = fs::create_dir_all(parent);
+    if !running_as_root() || reachable_by_postgres(parent) {
+        parent.join(name)
+    } else {
+        PathBuf::from("/var/tmp/saga-platform").join(name)
     }
-    Ok(PathBuf::from("/var/tmp/saga-platform/postgres"))
 }
 
 fn reachable_by_postgres(dir: &Path) -> bool {

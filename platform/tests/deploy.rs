@@ -2,7 +2,8 @@
 //! Kubernetes manifests against their schemas, the Dockerfile with hadolint, and all of them
 //! against the code: every environment variable they set is one the service reads (its
 //! `src/config.rs`, the shared Kafka settings, the telemetry crate), every port and health path
-//! is the service's, and the Dockerfile builds exactly the workspace's service binaries.
+//! is the service's (the Prometheus `/metrics` listener of the telemetry crate included), and
+//! the Dockerfile builds exactly the workspace's service binaries.
 //!
 //! Tools, which these tests never skip: a missing one fails its test with how to install it.
 //! `docker-compose` (Debian's package), `kubernetes-validate` and `hadolint`
@@ -195,6 +196,67 @@ fn telemetry_variables() -> BTreeSet<String> {
     names
 }
 
+/// The variable the telemetry crate's Prometheus exporter listens on (`/metrics`).
+const METRICS_ADDR: &str = "METRICS_ADDR";
+
+/// The default `/metrics` port of each service, by the name given to `telemetry::init`: the
+/// `"name" => port` arms of `fn default_addr` in `source` (the telemetry crate's exporter).
+/// A catch-all arm (`_ => 0`, any free port) names no service and is left out.
+fn metrics_default_ports(source: &str) -> BTreeMap<String, u16> {
+    let Some(start) = source.find("fn default_addr(") else {
+        return BTreeMap::new();
+    };
+    // The function's body: from its first brace to the one that closes it.
+    let body = &source[start..];
+    let body = &body[body.find('{').expect("the function's body")..];
+    let mut depth = 0usize;
+    let end = body
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+            depth == 0
+        })
+        .map_or(body.len(), |(i, _)| i);
+    body[..end]
+        .lines()
+        .filter_map(|line| {
+            let (name, port) = line.trim().split_once("=>")?;
+            let name = name.trim().strip_prefix('"')?.strip_suffix('"')?;
+            let port = port.trim().trim_end_matches(',').trim().parse().ok()?;
+            Some((name.to_owned(), port))
+        })
+        .collect()
+}
+
+/// The name `service`'s `main` gives `telemetry::init`: a string literal, or the `SERVICE`
+/// constant of its library crate.
+fn telemetry_service_name(service: &str, main: &str) -> String {
+    let call = "telemetry::init(";
+    let at = main
+        .find(call)
+        .unwrap_or_else(|| panic!("{service}/src/main.rs does not call {call}...)"));
+    let argument = &main[at + call.len()..];
+    let argument = argument[..argument.find(')').expect("closing parenthesis")].trim();
+    if let Some(literal) = argument.strip_prefix('"') {
+        return literal.trim_end_matches('"').to_owned();
+    }
+    assert!(
+        argument.ends_with("::SERVICE"),
+        "{service}: telemetry::init({argument}): neither a string literal nor a SERVICE constant"
+    );
+    let lib = read(&format!("{service}/src/lib.rs"));
+    let declaration = "const SERVICE: &str = \"";
+    let at = lib
+        .find(declaration)
+        .unwrap_or_else(|| panic!("{service}/src/lib.rs has no `{declaration}...\"`"));
+    let rest = &lib[at + declaration.len()..];
+    rest[..rest.find('"').expect("closing quote")].to_owned()
+}
+
 /// What a deployed service reads from its environment.
 #[derive(Debug)]
 struct ServiceSettings {
@@ -203,6 +265,9 @@ struct ServiceSettings {
     clap: BTreeMap<String, Setting>,
     /// Read by the telemetry crate that its `main` initialises.
     telemetry: BTreeSet<String>,
+    /// The port of the telemetry crate's default `METRICS_ADDR` for this service, when the
+    /// telemetry crate reads `METRICS_ADDR`.
+    metrics_port: Option<u16>,
 }
 
 impl ServiceSettings {
@@ -222,7 +287,23 @@ impl ServiceSettings {
         } else {
             BTreeSet::new()
         };
-        ServiceSettings { clap, telemetry }
+        let metrics_port = telemetry.contains(METRICS_ADDR).then(|| {
+            let name = telemetry_service_name(service, &main);
+            let ports = metrics_default_ports(&read("telemetry/src/prometheus.rs"));
+            let port = *ports.get(&name).unwrap_or_else(|| {
+                panic!(
+                    "{service}: telemetry::init({name:?}), which has no default port in \
+                     telemetry/src/prometheus.rs's default_addr: {ports:?}"
+                )
+            });
+            assert_ne!(port, 0, "{service}: a fixed metrics port, not any free one");
+            port
+        });
+        ServiceSettings {
+            clap,
+            telemetry,
+            metrics_port,
+        }
     }
 
     fn reads(&self, variable: &str) -> bool {
@@ -238,8 +319,9 @@ impl ServiceSettings {
             .unwrap_or_else(|| panic!("no default for {variable}"))
     }
 
-    /// Every address the service listens on (`*_ADDR`), with the port of its default. In a
-    /// container each must be bound on every interface, or nothing outside reaches it.
+    /// Every address the service listens on (`*_ADDR`, and the telemetry crate's
+    /// `METRICS_ADDR`), with the port of its default. In a container each must be bound on
+    /// every interface, or nothing outside reaches it.
     fn listeners(&self) -> BTreeMap<String, u16> {
         self.clap
             .iter()
@@ -248,7 +330,18 @@ impl ServiceSettings {
                 let default = setting.default.as_deref().unwrap_or_default();
                 (name.clone(), port_of(default))
             })
+            .chain(
+                self.metrics_port
+                    .map(|port| (METRICS_ADDR.to_owned(), port)),
+            )
             .collect()
+    }
+
+    /// The port of `/metrics`.
+    fn metrics_port(&self, service: &str) -> u16 {
+        self.metrics_port.unwrap_or_else(|| {
+            panic!("{service}: the telemetry crate does not read {METRICS_ADDR}")
+        })
     }
 
     /// Settings that hold credentials: the secret ones, and the database URL (its password).
@@ -395,6 +488,31 @@ fn deployable_binaries() -> BTreeSet<String> {
         .into_iter()
         .filter(|b| !NOT_DEPLOYED.contains(&b.as_str()))
         .collect()
+}
+
+#[test]
+fn every_service_serves_metrics_on_a_port_of_its_own() {
+    let mut seen = BTreeMap::new();
+    for service in deployed_services() {
+        let reads = settings(service);
+        assert!(
+            reads.reads(METRICS_ADDR),
+            "{service}: {METRICS_ADDR} is not read (by the telemetry crate its main initialises)"
+        );
+        let port = reads.metrics_port(service);
+        let others: Vec<(String, u16)> = reads
+            .listeners()
+            .into_iter()
+            .filter(|(name, _)| name != METRICS_ADDR)
+            .collect();
+        assert!(
+            others.iter().all(|(_, other)| *other != port),
+            "{service}: /metrics on {port}, a port it already listens on: {others:?}"
+        );
+        if let Some(previous) = seen.insert(port, service) {
+            panic!("{previous} and {service} both default to /metrics on {port}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1340,6 +1458,25 @@ fn k8s_ports_probes_resources_and_services_match_the_code() {
             "kustomization.yaml's images let users point {image_name} at their registry"
         );
 
+        let metrics_port = settings(service).metrics_port(service);
+        assert_eq!(
+            resolve_port(container, &Value::from("metrics")),
+            metrics_port,
+            "{service}: a container port named metrics, on the code's default /metrics port"
+        );
+        let annotations = &pod["metadata"]["annotations"];
+        for (key, expected) in [
+            ("prometheus.io/scrape", "true".to_owned()),
+            ("prometheus.io/port", metrics_port.to_string()),
+            ("prometheus.io/path", "/metrics".to_owned()),
+        ] {
+            assert_eq!(
+                annotations[key].as_str(),
+                Some(expected.as_str()),
+                "{service}: the pod's {key} annotation (a string)"
+            );
+        }
+
         let labels = &pod["metadata"]["labels"];
         let selector = deployment["spec"]["selector"]["matchLabels"]
             .as_mapping()
@@ -1397,6 +1534,9 @@ fn readmes_say_how_to_run_with_docker_and_on_kubernetes() {
         "## Running several replicas",
         "KAFKA_PARTITIONS",
         "FOR UPDATE SKIP LOCKED",
+        "METRICS_ADDR",
+        "/metrics",
+        "prometheus.io/scrape",
     ] {
         assert!(
             deploy.contains(expected),
@@ -1441,4 +1581,31 @@ fn the_parsers_of_this_file_read_the_code_as_written() {
     );
     assert_eq!(database_name("postgres://u:p@db:5432/orders?x=y"), "orders");
     assert_eq!(port_of("0.0.0.0:50051"), 50051);
+
+    let exporter = r#"
+        fn default_addr(service: &str) -> SocketAddr {
+            let port = match service {
+                "gateway" => 9100,
+                "order-svc" => 9101,
+                _ => 0,
+            };
+            SocketAddr::from(([127, 0, 0, 1], port))
+        }
+
+        fn other(y: &str) -> u16 {
+            match y {
+                "not-a-service" => 1,
+                _ => 2,
+            }
+        }
+    "#;
+    assert_eq!(
+        metrics_default_ports(exporter),
+        BTreeMap::from([("gateway".to_owned(), 9100), ("order-svc".to_owned(), 9101)])
+    );
+    assert_eq!(
+        metrics_default_ports(&read("telemetry/src/prometheus.rs")).len(),
+        deployed_services().len(),
+        "a default /metrics port for each deployed service"
+    );
 }
