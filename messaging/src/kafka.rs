@@ -65,6 +65,9 @@ impl KafkaArgs {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("socket.keepalive.enable", "true")
+            // Nagle's algorithm holds small requests back for tens of milliseconds: every
+            // message of a saga is small, and each waits on the one before.
+            .set("socket.nagle.disable", "true")
             .set("log_level", "4");
         config
     }
