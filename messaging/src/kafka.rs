@@ -117,7 +117,7 @@ impl KafkaArgs {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "6000")
+            .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
         config
     }

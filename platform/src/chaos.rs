@@ -29,7 +29,7 @@ pub struct ChaosConfig {
     /// The platform's payment deadline: long enough for a client to verify through the
     /// outages, short enough for `deadline` orders to end within the run.
     pub payment_deadline_secs: u64,
-    /// Pause between two faults. tansu's consumer groups take a session timeout (6 s) to
+    /// Pause between two faults. tansu's consumer groups take a session timeout (10 s) to
     /// move a killed member's partitions; faults closer than that pile rebalances up.
     pub pause: std::ops::Range<Duration>,
     /// Where the cluster, the broker's storage and the logs go (made anew).
