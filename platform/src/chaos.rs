@@ -25,6 +25,8 @@ pub struct ChaosConfig {
     pub rate: Option<f64>,
     /// SIGKILLs of services (each service in turn, the orchestrator more often).
     pub kills: usize,
+    /// Kill and restart the broker once during the run.
+    pub restart_broker: bool,
     pub mix: Mix,
     /// The platform's payment deadline: long enough for a client to verify through the
     /// outages, short enough for `deadline` orders to end within the run.
@@ -75,7 +77,7 @@ enum Fault {
     RestartPostgres,
 }
 
-fn plan(kills: usize) -> Vec<Fault> {
+fn plan(kills: usize, restart_broker: bool) -> Vec<Fault> {
     let mut rng = rand::rng();
     // Each service in turn, then the orchestrator again and again.
     let order = [
@@ -97,8 +99,10 @@ fn plan(kills: usize) -> Vec<Fault> {
     faults.insert(start, Fault::ReplicaStart);
     let stop = rng.random_range(start + 1..=faults.len());
     faults.insert(stop, Fault::ReplicaStop);
-    let at = rng.random_range(0..=faults.len());
-    faults.insert(at, Fault::RestartBroker);
+    if restart_broker {
+        let at = rng.random_range(0..=faults.len());
+        faults.insert(at, Fault::RestartBroker);
+    }
     let at = rng.random_range(0..=faults.len());
     faults.insert(at, Fault::RestartPostgres);
     faults
@@ -253,7 +257,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
         let started = Instant::now();
         let load = tokio::spawn(async move { load::run(&load_config).await });
         let mut actions = Vec::new();
-        let mut faults = plan(config.kills).into_iter();
+        let mut faults = plan(config.kills, config.restart_broker).into_iter();
         while !load.is_finished() {
             let pause = rand::rng().random_range(config.pause.clone());
             tokio::time::sleep(pause).await;

@@ -50,6 +50,9 @@ struct ChaosArgs {
     /// Services killed with SIGKILL during the run.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Do not kill and restart the broker during the run.
+    #[arg(long)]
+    no_broker_restart: bool,
     /// Outcomes asked for, by weight.
     #[arg(
         long,
@@ -252,9 +255,10 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         rate: Some(args.rate),
         kills: args.kills,
+        restart_broker: !args.no_broker_restart,
         mix: args.mix,
         payment_deadline_secs: args.payment_deadline_secs,
-        pause: std::time::Duration::from_secs(3)..std::time::Duration::from_secs(8),
+        pause: std::time::Duration::from_secs(12)..std::time::Duration::from_secs(15),
         work_dir: platform::state_dir().join("chaos"),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
