@@ -171,9 +171,7 @@ impl Fleet {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(services::free_port()?.port())
 }
 
 async fn wait_ready(gateway: &str, timeout: Duration) -> anyhow::Result<()> {

@@ -57,17 +57,20 @@ impl Default for Addresses {
 impl Addresses {
     /// Free ports on 127.0.0.1, for tests running several platforms at once.
     pub fn free() -> std::io::Result<Self> {
-        let free = || -> std::io::Result<SocketAddr> {
-            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-        };
         Ok(Self {
-            order: free()?,
-            inventory: free()?,
-            payment: free()?,
-            orchestrator: free()?,
-            admin: free()?,
-            gateway: free()?,
-            metrics: [free()?, free()?, free()?, free()?, free()?],
+            order: free_port()?,
+            inventory: free_port()?,
+            payment: free_port()?,
+            orchestrator: free_port()?,
+            admin: free_port()?,
+            gateway: free_port()?,
+            metrics: [
+                free_port()?,
+                free_port()?,
+                free_port()?,
+                free_port()?,
+                free_port()?,
+            ],
         })
     }
 
@@ -183,4 +186,31 @@ pub fn spawn(
         .stderr(stderr)
         .kill_on_drop(true);
     Ok(command.spawn()?)
+}
+
+/// A free port on 127.0.0.1, below Linux's ephemeral range (32768 and up by default). A port
+/// the kernel hands out for `bind(0)` can be taken by an outgoing connection before the
+/// service binds it; ports below the range are only ever taken by listeners.
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    // Never hand the same port out twice in one process, even once its probe is closed.
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    let start = (std::process::id() as u64 * 7919 + given.len() as u64 * 104_729) % 12_000;
+    for i in 0..12_000u64 {
+        let port = 20_000 + ((start + i * 7) % 12_000) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            return listener.local_addr();
+        }
+    }
+    // Everything below the ephemeral range is taken: let the kernel choose.
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -14,10 +14,7 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
     let dir = platform::services::binary_dir()
         .join("test-brokers")
         .join(unique_suffix());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = platform::services::free_port().expect("free port").port();
     let mut broker = infra::start_broker(&dir, port, true)
         .await
         .expect("start the broker");
