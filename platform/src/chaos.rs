@@ -174,23 +174,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(services::free_port()?.port())
 }
 
-async fn wait_ready(gateway: &str, timeout: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if http
-            .get(format!("{gateway}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("the platform did not become ready within {timeout:?}")
-}
-
 /// Runs load with faults injected, then audits. The services' binaries are taken from
 /// `bin_dir`.
 pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosReport> {
@@ -239,7 +222,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
         for service in services::SERVICES {
             fleet.start(service)?;
         }
-        wait_ready(&gateway, Duration::from_secs(60)).await?;
+        services::wait_ready(&gateway, Duration::from_secs(60)).await?;
         load::restock(&inventory_url).await?;
 
         let load_config = LoadConfig {

@@ -337,23 +337,10 @@ async fn run_services(infra: &Infra, http_addr: std::net::SocketAddr) -> anyhow:
         }
         children.push((service, child));
     }
-    let ready_url = format!("http://{http_addr}/readyz");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if client
-            .get(&ready_url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            eprintln!("platform: the services did not become ready within 120 s");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Err(e) =
+        services::wait_ready(&format!("http://{http_addr}"), Duration::from_secs(120)).await
+    {
+        eprintln!("platform: {e:#}");
     }
     eprintln!(
         "\nplatform: ready. Gateway on http://localhost:{}  (Ctrl-C stops everything)\n",

@@ -214,3 +214,22 @@ pub fn free_port() -> std::io::Result<SocketAddr> {
     // Everything below the ephemeral range is taken: let the kernel choose.
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
+
+/// Waits until the gateway at `gateway` (e.g. `http://127.0.0.1:3000`) answers `/readyz`,
+/// which it does once every service behind it answers its health check.
+pub async fn wait_ready(gateway: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if http
+            .get(format!("{gateway}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the services did not become ready within {timeout:?}")
+}
