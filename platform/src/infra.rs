@@ -31,8 +31,8 @@ pub struct Options {
     pub kafka_brokers: Option<String>,
     pub postgres_port: u16,
     pub kafka_port: u16,
-    /// Keep the broker's messages on disk (`sqlite://`), surviving a restart of the broker.
-    pub durable_broker: bool,
+    /// Start the broker on an empty store instead of the messages of the last run.
+    pub fresh_broker: bool,
     /// Run PostgreSQL with `fsync=off`: faster, and still safe when only processes crash,
     /// which is all tests do; not for data you want to keep across a machine crash.
     pub fast_postgres: bool,
@@ -343,21 +343,41 @@ async fn provision_broker(options: &Options) -> anyhow::Result<(String, Option<C
         return Ok((brokers, None));
     }
     let dir = options.state_dir.join("tansu");
-    let child = start_broker(&dir, port, options.durable_broker).await?;
+    if options.fresh_broker {
+        remove_broker_store(&dir)?;
+    }
+    let child = start_broker(&dir, port).await?;
     Ok((brokers, Some(child)))
 }
 
-/// Starts a tansu broker on 127.0.0.1:`port` with its storage and log in `dir` (`sqlite://`
-/// when `durable`, surviving a `kill -9`; in memory otherwise) and waits until it answers.
-pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Result<Child> {
+/// The broker's store in its directory.
+const BROKER_STORE: &str = "tansu.db";
+
+/// Deletes the broker's store in `dir` (the broker must not be running on it).
+pub fn remove_broker_store(dir: &Path) -> anyhow::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{BROKER_STORE}{suffix}"));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Starts a tansu broker on 127.0.0.1:`port` with its log and its store in `dir`, and waits
+/// until it answers. The store is `sqlite://`, which survives a `kill -9` of the broker and
+/// keeps its messages across restarts.
+///
+/// tansu's in-memory store is not used: it lists every stored batch of a partition on each
+/// fetch, so a broker slows down as messages accumulate.
+pub async fn start_broker(dir: &Path, port: u16) -> anyhow::Result<Child> {
     let brokers = format!("127.0.0.1:{port}");
     let tansu = tansu_binary().await?;
     fs::create_dir_all(dir)?;
-    let storage = if durable {
-        "sqlite://tansu.db"
-    } else {
-        "memory://tansu/"
-    };
+    let storage = format!("sqlite://{BROKER_STORE}");
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -373,7 +393,7 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
             "--advertised-listener-url",
             &listener,
         ])
-        .args(["--storage-engine", storage])
+        .args(["--storage-engine", &storage])
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -391,6 +411,7 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if check_broker(&brokers).is_ok() {
+            index_broker_store(&dir.join(BROKER_STORE), &mut child).await?;
             return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
@@ -406,6 +427,50 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Adds the index tansu 0.6's store lacks: it reads a fetched record's headers with a join on
+/// `header (topition, offset_id)`, which has no index, so every record fetched scanned every
+/// header stored, and a broker used CPU in proportion to all the messages it ever kept (a
+/// full core after a few thousand sagas). Idempotent; run once tansu has made its tables.
+async fn index_broker_store(store: &Path, child: &mut Child) -> anyhow::Result<()> {
+    let path = store.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let path = path.clone();
+        let made = tokio::task::spawn_blocking(move || -> rusqlite::Result<bool> {
+            let db = rusqlite::Connection::open(&path)?;
+            db.busy_timeout(Duration::from_secs(10))?;
+            let tables: i64 = db.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'header'",
+                [],
+                |row| row.get(0),
+            )?;
+            if tables == 0 {
+                return Ok(false);
+            }
+            db.execute(
+                "CREATE INDEX IF NOT EXISTS header_record ON header (topition, offset_id)",
+                [],
+            )?;
+            Ok(true)
+        })
+        .await?
+        .with_context(|| format!("indexing the broker's store {}", store.display()))?;
+        if made {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the broker exited ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the broker made no tables in {} within 30 s",
+                store.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -108,13 +108,15 @@ struct TestArgs {
 }
 
 impl InfraArgs {
+    /// `durable`: keep the broker's messages of the last run and run PostgreSQL with fsync
+    /// (`up`); otherwise start the broker empty and PostgreSQL with `fsync=off` (tests).
     fn options(&self, durable: bool) -> infra::Options {
         infra::Options {
             database_url: self.database_url.clone(),
             kafka_brokers: self.kafka_brokers.clone(),
             postgres_port: self.postgres_port,
             kafka_port: self.kafka_port,
-            durable_broker: durable,
+            fresh_broker: !durable,
             fast_postgres: !durable,
             state_dir: self.state_dir.clone(),
         }
@@ -258,7 +260,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         restart_broker: !args.no_broker_restart,
         mix: args.mix,
         payment_deadline_secs: args.payment_deadline_secs,
-        pause: std::time::Duration::from_secs(12)..std::time::Duration::from_secs(15),
+        pause: std::time::Duration::from_secs(4)..std::time::Duration::from_secs(8),
         work_dir: platform::state_dir().join("chaos"),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

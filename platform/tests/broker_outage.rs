@@ -15,7 +15,7 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
         .join("test-brokers")
         .join(unique_suffix());
     let port = platform::services::free_port().expect("free port").port();
-    let mut broker = infra::start_broker(&dir, port, true)
+    let mut broker = infra::start_broker(&dir, port)
         .await
         .expect("start the broker");
     let brokers = format!("127.0.0.1:{port}");
@@ -32,7 +32,7 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
         join_all((0..5).map(|_| platform.place_order("SKU-KEYBOARD", 1, "pm_card_visa"))).await,
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _broker = infra::start_broker(&dir, port, true)
+    let _broker = infra::start_broker(&dir, port)
         .await
         .expect("restart the broker");
 
