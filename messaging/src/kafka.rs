@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -60,6 +60,37 @@ impl KafkaArgs {
         format!("{}{}", self.topic_prefix, name)
     }
 
+    /// The deployed name of a consumer group.
+    pub fn group(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    /// The partition count of each topic, from the broker's metadata (blocking).
+    pub fn partition_counts(&self, topics: &[String]) -> anyhow::Result<Vec<(String, i32)>> {
+        let client: BaseConsumer = self
+            .client_config()
+            .create()
+            .context("creating a Kafka metadata client")?;
+        topics
+            .iter()
+            .map(|topic| {
+                let metadata = client
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .with_context(|| format!("metadata of {topic}"))?;
+                let count = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map_or(0, |t| t.partitions().len());
+                anyhow::ensure!(
+                    count > 0,
+                    "topic {topic} has no partitions (does it exist?)"
+                );
+                Ok((topic.clone(), i32::try_from(count)?))
+            })
+            .collect()
+    }
+
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
@@ -111,7 +142,7 @@ impl KafkaArgs {
     fn consumer_config(&self, group: &str) -> ClientConfig {
         let mut config = self.client_config();
         config
-            .set("group.id", format!("{}{}", self.topic_prefix, group))
+            .set("group.id", self.group(group))
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "200")
             .set("enable.auto.offset.store", "false")

@@ -19,6 +19,8 @@ pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
 pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
 /// Messages on the consumer's partitions not yet consumed, by `topic` (every consumer).
 pub const CONSUMER_LAG: &str = "consumer_lag";
+/// Partitions this consumer holds the lease of and reads, by `group` (every consumer).
+pub const CONSUMER_PARTITIONS: &str = "consumer_partitions";
 /// Messages handled by a consumer, by `topic` (every consumer).
 pub const MESSAGES_HANDLED: &str = "messages_handled_total";
 /// Messages sent to a dead-letter topic, by the original `topic` (every consumer).
@@ -59,6 +61,10 @@ pub(crate) fn describe() {
     describe_counter!(
         OUTBOX_PUBLISHED,
         "Messages the outbox relay published, by topic."
+    );
+    describe_gauge!(
+        CONSUMER_PARTITIONS,
+        "Partitions whose lease this consumer holds and which it reads, by group."
     );
     describe_gauge!(
         CONSUMER_LAG,
