@@ -31,8 +31,7 @@ pub struct ChaosConfig {
     /// The platform's payment deadline: long enough for a client to verify through the
     /// outages, short enough for `deadline` orders to end within the run.
     pub payment_deadline_secs: u64,
-    /// Pause between two faults. tansu's consumer groups take a session timeout (10 s) to
-    /// move a killed member's partitions; faults closer than that pile rebalances up.
+    /// Pause between two faults.
     pub pause: std::ops::Range<Duration>,
     /// Where the cluster, the broker's storage and the logs go (made anew).
     pub work_dir: PathBuf,
@@ -189,7 +188,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
     let pg_port = free_port()?;
     let kafka_port = free_port()?;
     let database_url = infra::start_postgres(&pg_root, pg_port, true).await?;
-    let mut broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
+    let mut broker = infra::start_broker(&broker_dir, kafka_port).await?;
 
     let deadline = config.payment_deadline_secs.to_string();
     let platform = PlatformConfig {
@@ -267,7 +266,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
                 Fault::RestartBroker => {
                     let _ = broker.kill().await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
+                    broker = infra::start_broker(&broker_dir, kafka_port).await?;
                     actions.push(format!("{at:6.1} s  kill -9 the broker, restarted"));
                 }
                 Fault::RestartPostgres => {
