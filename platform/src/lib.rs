@@ -2,6 +2,7 @@
 //! services) and the helpers that integration tests share.
 
 pub mod chaos;
+pub mod cpu;
 pub mod infra;
 pub mod load;
 pub mod ops;

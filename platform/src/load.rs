@@ -156,6 +156,10 @@ pub struct Report {
     /// Orders that could not be followed to their end (errors, timeouts).
     pub errors: Vec<String>,
     pub retries: u64,
+    /// Milliseconds of CPU per saga of each process of the platform on this machine, when
+    /// measured (`loadgen --cpu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms_per_saga: Option<BTreeMap<String, f64>>,
     #[serde(skip)]
     pub results: Vec<OrderResult>,
 }
@@ -184,6 +188,11 @@ impl Report {
         }
         if self.retries > 0 {
             println!("  {} requests retried after transient errors", self.retries);
+        }
+        if let Some(cpu) = &self.cpu_ms_per_saga {
+            let parts: Vec<String> = cpu.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
+            let total: f64 = cpu.values().sum();
+            println!("  CPU ms per saga: {} (total {total:.1})", parts.join(", "));
         }
         for r in &self.unexpected {
             println!(
@@ -457,6 +466,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<Report> {
             .collect(),
         errors,
         retries: client.retries.load(Ordering::Relaxed),
+        cpu_ms_per_saga: None,
         results,
     })
 }

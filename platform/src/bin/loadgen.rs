@@ -49,6 +49,10 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also report CPU time per saga of each process of the platform (the services, tansu and
+    /// PostgreSQL), read from /proc: only when they run on this machine.
+    #[arg(long)]
+    cpu: bool,
 }
 
 #[tokio::main]
@@ -70,13 +74,27 @@ async fn main() -> ExitCode {
         retry_transient: args.retry,
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let report = match load::run(&config).await {
+    let cpu_before = if args.cpu {
+        match platform::cpu::Sample::take() {
+            Some(sample) => Some(sample),
+            None => {
+                eprintln!("loadgen: --cpu needs /proc (Linux)");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let mut report = match load::run(&config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadgen: {e:#}");
             return ExitCode::from(2);
         }
     };
+    if let (Some(before), Some(after)) = (cpu_before, platform::cpu::Sample::take()) {
+        report.cpu_ms_per_saga = Some(before.per_saga(&after, report.finished));
+    }
     if args.json {
         match serde_json::to_string_pretty(&report) {
             Ok(json) => println!("{json}"),
