@@ -1,16 +1,26 @@
-//! The envelope of every message, as Kafka headers: one header per field of
-//! `messaging.v1.Envelope`.
+//! The envelope of every message, in Kafka headers: the whole `messaging.v1.Envelope`,
+//! protobuf-encoded, in one `envelope` header, and the W3C trace context again in
+//! `traceparent`/`tracestate` headers, where tracing tools outside the platform look for it.
+//!
+//! One header rather than one per field: a broker may store every header as a row of its own
+//! (tansu does, with a statement each), and the envelope is read whole anyway. Messages with
+//! one header per field (this platform's earlier releases) are still read.
 
+use prost::Message as _;
 use proto::messaging::v1::Envelope;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
+/// The header holding the protobuf-encoded envelope.
+pub const ENVELOPE: &str = "envelope";
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+
+// One header per field: how earlier releases sent the envelope, still understood.
 pub const MESSAGE_ID: &str = "message-id";
 pub const MESSAGE_TYPE: &str = "message-type";
 pub const SAGA_ID: &str = "saga-id";
 pub const CORRELATION_ID: &str = "correlation-id";
 pub const CAUSATION_ID: &str = "causation-id";
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
 pub const SOURCE: &str = "source";
 pub const OCCURRED_AT_MS: &str = "occurred-at-ms";
 
@@ -24,34 +34,37 @@ pub struct MessageContext {
     pub tracestate: String,
 }
 
-/// The envelope's fields as Kafka headers. Empty fields are left out.
+/// The envelope as Kafka headers: `envelope`, then the trace context when there is one.
 pub fn to_headers(envelope: &Envelope) -> OwnedHeaders {
-    let occurred_at = envelope.occurred_at_ms.to_string();
-    let fields = [
-        (MESSAGE_ID, envelope.message_id.as_str()),
-        (MESSAGE_TYPE, envelope.message_type.as_str()),
-        (SAGA_ID, envelope.saga_id.as_str()),
-        (CORRELATION_ID, envelope.correlation_id.as_str()),
-        (CAUSATION_ID, envelope.causation_id.as_str()),
-        (TRACEPARENT, envelope.traceparent.as_str()),
-        (TRACESTATE, envelope.tracestate.as_str()),
-        (SOURCE, envelope.source.as_str()),
-        (OCCURRED_AT_MS, occurred_at.as_str()),
-    ];
-    fields
-        .into_iter()
-        .filter(|(_, value)| !value.is_empty())
-        .fold(OwnedHeaders::new(), |headers, (key, value)| {
-            headers.insert(Header {
+    let encoded = envelope.encode_to_vec();
+    let mut headers = OwnedHeaders::new_with_capacity(3).insert(Header {
+        key: ENVELOPE,
+        value: Some(encoded.as_slice()),
+    });
+    for (key, value) in [
+        (TRACEPARENT, &envelope.traceparent),
+        (TRACESTATE, &envelope.tracestate),
+    ] {
+        if !value.is_empty() {
+            headers = headers.insert(Header {
                 key,
-                value: Some(value),
-            })
-        })
+                value: Some(value.as_str()),
+            });
+        }
+    }
+    headers
 }
 
-/// Reads the envelope back from headers; missing or non-UTF-8 headers give empty fields, which
-/// the consumer then rejects where they matter (the message id).
+/// Reads the envelope back from headers. An undecodable `envelope` header, or missing or
+/// non-UTF-8 per-field headers, give empty fields, which the consumer then rejects where they
+/// matter (the message id).
 pub fn from_headers<H: Headers>(headers: &H) -> Envelope {
+    if let Some(header) = headers.iter().find(|h| h.key == ENVELOPE) {
+        return header
+            .value
+            .and_then(|v| Envelope::decode(v).ok())
+            .unwrap_or_default();
+    }
     let mut envelope = Envelope::default();
     for header in headers.iter() {
         let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) else {
@@ -95,14 +108,63 @@ mod tests {
     }
 
     #[test]
-    fn empty_fields_are_not_sent() {
+    fn headers_are_the_envelope_and_the_trace_context() {
         let envelope = Envelope {
             message_id: "id".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             ..Envelope::default()
         };
         let headers = to_headers(&envelope);
-        // message-id and occurred-at-ms (always present, 0 here).
-        assert_eq!(headers.count(), 2);
+        let keys: Vec<&str> = headers.iter().map(|h| h.key).collect();
+        assert_eq!(keys, [ENVELOPE, TRACEPARENT]);
+        assert_eq!(
+            headers.get(1).value,
+            Some(envelope.traceparent.as_bytes()),
+            "W3C traceparent as its own header"
+        );
         assert_eq!(from_headers(&headers), envelope);
+    }
+
+    #[test]
+    fn one_header_per_field_is_still_read() {
+        let headers = [
+            (MESSAGE_ID, "id-1"),
+            (MESSAGE_TYPE, "order.v1.OrderCreated"),
+            (SAGA_ID, "saga-1"),
+            (CORRELATION_ID, "corr-1"),
+            (CAUSATION_ID, "cause-1"),
+            (
+                TRACEPARENT,
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            (TRACESTATE, "vendor=1"),
+            (SOURCE, "order-svc"),
+            (OCCURRED_AT_MS, "1700000000123"),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        let envelope = from_headers(&headers);
+        assert_eq!(envelope.message_id, "id-1");
+        assert_eq!(envelope.message_type, "order.v1.OrderCreated");
+        assert_eq!(envelope.saga_id, "saga-1");
+        assert_eq!(envelope.correlation_id, "corr-1");
+        assert_eq!(envelope.causation_id, "cause-1");
+        assert_eq!(envelope.tracestate, "vendor=1");
+        assert_eq!(envelope.source, "order-svc");
+        assert_eq!(envelope.occurred_at_ms, 1_700_000_000_123);
+    }
+
+    #[test]
+    fn an_undecodable_envelope_reads_as_empty() {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: ENVELOPE,
+            value: Some(&[0xff_u8, 0xff, 0xff][..]),
+        });
+        assert_eq!(from_headers(&headers), Envelope::default());
     }
 }

@@ -301,7 +301,7 @@ async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_else(|| panic!("header {name} missing"))
     };
-    assert_eq!(header(envelope::MESSAGE_ID), bad.to_string());
+    assert_eq!(envelope::from_headers(headers).message_id, bad.to_string());
     assert!(
         header(dead_letter_headers::ERROR).contains("unknown message type"),
         "{}",

@@ -10,7 +10,7 @@ use futures::future::join_all;
 use prost::{Message as _, Name as _};
 use proto::order::v1 as pb;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::Message as _;
 use tonic::Code;
 
 #[tokio::test]
@@ -142,15 +142,9 @@ async fn order_created_is_published_to_the_broker() {
         .expect("OrderCreated is published within 60 s")
         .unwrap();
     assert_eq!(message.key(), Some(order.order_id.as_bytes()));
-    let message_type = message
-        .headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "message-type")
-                .and_then(|h| h.value)
-        })
-        .map(|v| String::from_utf8_lossy(v).into_owned());
-    assert_eq!(message_type.as_deref(), Some("order.v1.OrderCreated"));
+    let envelope = messaging::envelope::from_headers(message.headers().expect("headers"));
+    assert_eq!(envelope.message_type, "order.v1.OrderCreated");
+    assert_eq!(envelope.saga_id, order.order_id);
     let event = pb::OrderCreated::decode(message.payload().unwrap()).unwrap();
     assert_eq!(event.order_id, order.order_id);
     assert_eq!(event.total_cents, 2900);
