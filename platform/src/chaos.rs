@@ -188,7 +188,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
     let pg_port = free_port()?;
     let kafka_port = free_port()?;
     let database_url = infra::start_postgres(&pg_root, pg_port, true).await?;
-    let mut broker = infra::start_broker(&broker_dir, kafka_port).await?;
+    let mut broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
 
     let deadline = config.payment_deadline_secs.to_string();
     let platform = PlatformConfig {
@@ -266,7 +266,7 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
                 Fault::RestartBroker => {
                     let _ = broker.kill().await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    broker = infra::start_broker(&broker_dir, kafka_port).await?;
+                    broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
                     actions.push(format!("{at:6.1} s  kill -9 the broker, restarted"));
                 }
                 Fault::RestartPostgres => {

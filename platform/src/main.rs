@@ -108,15 +108,15 @@ struct TestArgs {
 }
 
 impl InfraArgs {
-    /// `durable`: keep the broker's messages of the last run and run PostgreSQL with fsync
-    /// (`up`); otherwise start the broker empty and PostgreSQL with `fsync=off` (tests).
+    /// `durable`: the broker keeps its messages on disk and PostgreSQL runs with fsync (`up`);
+    /// otherwise the broker keeps them in memory and PostgreSQL runs with `fsync=off` (tests).
     fn options(&self, durable: bool) -> infra::Options {
         infra::Options {
             database_url: self.database_url.clone(),
             kafka_brokers: self.kafka_brokers.clone(),
             postgres_port: self.postgres_port,
             kafka_port: self.kafka_port,
-            fresh_broker: !durable,
+            durable_broker: durable,
             fast_postgres: !durable,
             state_dir: self.state_dir.clone(),
         }

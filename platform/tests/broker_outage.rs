@@ -15,9 +15,21 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
         .join("test-brokers")
         .join(unique_suffix());
     let port = platform::services::free_port().expect("free port").port();
-    let mut broker = infra::start_broker(&dir, port)
+    let mut broker = infra::start_broker(&dir, port, true)
         .await
         .expect("start the broker");
+    // The index tansu's store lacks is there (without it every fetch scans every header).
+    let store = rusqlite::Connection::open(dir.join("tansu.db")).expect("open the broker's store");
+    let indexed: i64 = store
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'header' \
+             AND sql LIKE '%(topition, offset_id)%'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("read the store's schema");
+    assert_eq!(indexed, 1, "header (topition, offset_id) is indexed");
+    drop(store);
     let brokers = format!("127.0.0.1:{port}");
     let platform = TestPlatform::start_with_brokers(&brokers, &[]).await;
     platform.warm_up().await;
@@ -32,7 +44,7 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
         join_all((0..5).map(|_| platform.place_order("SKU-KEYBOARD", 1, "pm_card_visa"))).await,
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _broker = infra::start_broker(&dir, port)
+    let _broker = infra::start_broker(&dir, port, true)
         .await
         .expect("restart the broker");
 
