@@ -531,7 +531,7 @@ async fn reassign(
     if !joining.is_empty() {
         let list = partition_list(joining.iter().copied(), Offset::Stored);
         if let Err(e) = consumer.incremental_assign(&list) {
-            // Not consumed after all: give the leases back at the next round.
+            // Still held, so the next round tries again.
             tracing::warn!(error = %e, "assigning partitions failed");
             return;
         }
