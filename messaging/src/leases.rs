@@ -112,10 +112,10 @@ impl Leases {
             return;
         };
         for index in leaving {
-            let (_, key) = &self.partitions[index];
+            let (partition, key) = &self.partitions[index];
             let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
                 .bind(key)
-                .bind(self.partitions[index].0.partition)
+                .bind(partition.partition)
                 .execute(&mut *conn)
                 .await;
             if let Err(error) = unlocked {
@@ -166,13 +166,7 @@ impl Leases {
         .await?;
         let fair = fair_share(self.partitions.len(), members);
         // Above the fair share: give back the last ones (they are unlocked by `release`).
-        let keep: Vec<usize> = self.held.iter().copied().take(fair).collect();
-        self.leaving = self
-            .held
-            .iter()
-            .copied()
-            .filter(|i| !keep.contains(i))
-            .collect();
+        self.leaving = self.held.iter().copied().skip(fair).collect();
         // Below it: take free ones, first to last.
         let mut index = 0;
         while self.held.len() < fair && index < self.partitions.len() {

@@ -401,10 +401,10 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
         .with_context(|| format!("starting {}", tansu.display()))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if check_broker(&brokers).is_ok() {
-            if durable {
-                index_broker_store(&dir.join(BROKER_STORE), &mut child).await?;
-            }
+        // Ready when it answers and, if durable, its store has its tables and the index.
+        if check_broker(&brokers).is_ok()
+            && (!durable || index_broker_store(&dir.join(BROKER_STORE)).await?)
+        {
             return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
@@ -415,7 +415,7 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
         }
         if Instant::now() > deadline {
             bail!(
-                "the broker did not answer within 30 s; see {}",
+                "the broker was not ready within 30 s; see {}",
                 dir.join("broker.log").display()
             );
         }
@@ -426,45 +426,29 @@ pub async fn start_broker(dir: &Path, port: u16, durable: bool) -> anyhow::Resul
 /// Adds the index tansu 0.6's store lacks: it reads a fetched record's headers with a join on
 /// `header (topition, offset_id)`, which has no index, so every record fetched scanned every
 /// header stored, and a broker used CPU in proportion to all the messages it ever kept (a
-/// full core after a few thousand sagas). Idempotent; run once tansu has made its tables.
-async fn index_broker_store(store: &Path, child: &mut Child) -> anyhow::Result<()> {
+/// full core after a few thousand sagas). Idempotent. Returns false while tansu has not made
+/// its tables yet.
+async fn index_broker_store(store: &Path) -> anyhow::Result<bool> {
     let path = store.to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let path = path.clone();
-        let made = tokio::task::spawn_blocking(move || -> rusqlite::Result<bool> {
-            let db = rusqlite::Connection::open(&path)?;
-            db.busy_timeout(Duration::from_secs(10))?;
-            let tables: i64 = db.query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'header'",
-                [],
-                |row| row.get(0),
-            )?;
-            if tables == 0 {
-                return Ok(false);
-            }
-            db.execute(
-                "CREATE INDEX IF NOT EXISTS header_record ON header (topition, offset_id)",
-                [],
-            )?;
-            Ok(true)
-        })
-        .await?
-        .with_context(|| format!("indexing the broker's store {}", store.display()))?;
-        if made {
-            return Ok(());
+    tokio::task::spawn_blocking(move || -> rusqlite::Result<bool> {
+        let db = rusqlite::Connection::open(&path)?;
+        db.busy_timeout(Duration::from_secs(10))?;
+        let tables: i64 = db.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'header'",
+            [],
+            |row| row.get(0),
+        )?;
+        if tables == 0 {
+            return Ok(false);
         }
-        if let Some(status) = child.try_wait()? {
-            bail!("the broker exited ({status})");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the broker made no tables in {} within 30 s",
-                store.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS header_record ON header (topition, offset_id)",
+            [],
+        )?;
+        Ok(true)
+    })
+    .await?
+    .with_context(|| format!("indexing the broker's store {}", store.display()))
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
