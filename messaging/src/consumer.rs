@@ -6,15 +6,14 @@
 //! backoff; a permanent one sends the batch through one message at a time, so that only the
 //! message at fault goes to `<topic>.dlq`, with the error in its headers.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 use futures::FutureExt as _;
 use proto::messaging::v1::Envelope;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
 use telemetry::metric;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +21,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::envelope::{self, MessageContext};
+use crate::group::{self, GroupContext};
 use crate::inbox;
 use crate::kafka::KafkaArgs;
-use crate::lag::{self, LagContext};
-use crate::leases::{self, Leases, Partition};
 use crate::outbox::{Outbox, OutboxMessage};
 
 /// Why a message could not be handled.
@@ -166,8 +164,7 @@ pub mod dead_letter_headers {
 }
 
 /// A consumer group reading some topics into one [`Handler`]. Its members split the topics'
-/// partitions through [`crate::leases`] (PostgreSQL advisory locks), not the broker's group
-/// protocol; offsets are committed to the broker under the group's id.
+/// partitions through the broker's group protocol (see [`crate::group`]).
 pub struct Consumer {
     kafka: KafkaArgs,
     group: String,
@@ -224,34 +221,20 @@ impl Consumer {
     ) -> anyhow::Result<()> {
         let holder = DropOffThread(Some(self.kafka.consumer_with_context(
             &self.group,
-            LagContext,
-            lag::INTERVAL,
+            GroupContext::new(&self.group),
+            group::INTERVAL,
         )?));
         let consumer = holder.consumer();
-        let Some(counts) = self.partition_counts(&cancel).await else {
-            return Ok(());
-        };
-        let mut leases = Leases::new(
-            (*self.pool.connect_options()).clone(),
-            &self.kafka.group(&self.group),
-            &counts,
-        );
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .with_context(|| format!("subscribing to {topics:?}"))?;
         tracing::info!(group = %self.group, topics = ?self.topics, "consuming");
-        let owned = metrics::gauge!(metric::CONSUMER_PARTITIONS, "group" => self.group.clone());
-        let mut assigned = BTreeSet::new();
-        let mut rounds = tokio::time::interval(leases::ROUND);
-        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let batch_max = usize::from(self.kafka.batch_max);
         loop {
+            // Rebalance callbacks run inside these receives, so between two batches.
             let first = tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = rounds.tick() => {
-                    // Between batches, so that no partition changes hands mid-transaction.
-                    let target = leases.round().await;
-                    reassign(consumer, &mut assigned, target, &mut leases).await;
-                    owned.set(assigned.len() as f64);
-                    continue;
-                }
                 received = consumer.recv() => received,
             };
             let first = match first {
@@ -275,6 +258,13 @@ impl Consumer {
                     None => break,
                 }
             }
+            // A partition revoked while the batch was gathered belongs to its next owner,
+            // which starts at the offset committed on revocation.
+            let context = consumer.context();
+            batch.retain(|m| context.holds(&m.topic, m.partition));
+            if batch.is_empty() {
+                continue;
+            }
             if !self.handle_batch(&handler, &batch, &cancel).await {
                 break;
             }
@@ -286,34 +276,12 @@ impl Consumer {
                 }
             }
         }
-        // Commit what was stored, then give the partitions up (closing the lease session).
-        commit_stored(consumer);
-        drop(leases);
-        Ok(())
-    }
-
-    /// The partition count of each topic, from the broker's metadata; retried until known.
-    /// `None` if cancelled first.
-    async fn partition_counts(&self, cancel: &CancellationToken) -> Option<Vec<(String, i32)>> {
-        let mut backoff = crate::retry::backoff();
-        loop {
-            let kafka = self.kafka.clone();
-            let topics = self.topics.clone();
-            let counts = tokio::task::spawn_blocking(move || kafka.partition_counts(&topics))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
-            match counts {
-                Ok(counts) => return Some(counts),
-                Err(error) => {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %format!("{error:#}"), ?delay, "reading topic metadata failed, retrying");
-                    if !sleep_unless_cancelled(delay, cancel).await {
-                        return None;
-                    }
-                }
-            }
+        // Commit what was stored; closing the consumer (on drop) then leaves the group, and its
+        // partitions go to the other members at once.
+        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(error = %e, "offset commit");
         }
+        Ok(())
     }
 
     /// Handles a batch until it is committed. Returns false if cancelled first.
@@ -509,73 +477,13 @@ impl Consumer {
     }
 }
 
-/// Makes the consumer read exactly `target`: partitions given up are committed and unassigned
-/// first, then their leases released; new ones start at the group's committed offset.
-async fn reassign(
-    consumer: &StreamConsumer<LagContext>,
-    assigned: &mut BTreeSet<Partition>,
-    target: BTreeSet<Partition>,
-    leases: &mut Leases,
-) {
-    let leaving: Vec<&Partition> = assigned.difference(&target).collect();
-    if !leaving.is_empty() {
-        commit_stored(consumer);
-        let list = partition_list(leaving.iter().copied(), Offset::Invalid);
-        if let Err(e) = consumer.incremental_unassign(&list) {
-            tracing::warn!(error = %e, "unassigning partitions failed");
-        }
-        tracing::info!(partitions = %list_of(&leaving), "partitions given up");
-    }
-    leases.release().await;
-    let joining: Vec<&Partition> = target.difference(assigned).collect();
-    if !joining.is_empty() {
-        let list = partition_list(joining.iter().copied(), Offset::Stored);
-        if let Err(e) = consumer.incremental_assign(&list) {
-            // Still held, so the next round tries again.
-            tracing::warn!(error = %e, "assigning partitions failed");
-            return;
-        }
-        tracing::info!(partitions = %list_of(&joining), "partitions taken");
-    }
-    *assigned = target;
-}
-
-fn list_of(partitions: &[&Partition]) -> String {
-    partitions
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn partition_list<'a>(
-    partitions: impl Iterator<Item = &'a Partition>,
-    offset: Offset,
-) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for p in partitions {
-        if let Err(e) = list.add_partition_offset(&p.topic, p.partition, offset) {
-            tracing::warn!(error = %e, "building a partition list");
-        }
-    }
-    list
-}
-
-/// Commits the offsets stored so far (those of committed transactions), synchronously.
-fn commit_stored(consumer: &StreamConsumer<LagContext>) {
-    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        // "No offset stored" is the usual case when nothing was handled since the last commit.
-        tracing::debug!(error = %e, "offset commit");
-    }
-}
-
 /// Owns the Kafka consumer and drops it on a thread of its own. librdkafka's close, run on
 /// drop, can block forever in a rebalance callback (rust-rdkafka #509, librdkafka #4041);
 /// that must not hang a runtime shutting down, nor a test's end.
-struct DropOffThread(Option<StreamConsumer<LagContext>>);
+struct DropOffThread(Option<StreamConsumer<GroupContext>>);
 
 impl DropOffThread {
-    fn consumer(&self) -> &StreamConsumer<LagContext> {
+    fn consumer(&self) -> &StreamConsumer<GroupContext> {
         self.0.as_ref().expect("present until dropped")
     }
 }

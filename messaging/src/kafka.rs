@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -34,15 +34,23 @@ pub struct KafkaArgs {
           value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub partitions: i32,
 
-    /// Longest time the broker may hold a fetch when there is nothing to return. Small for
-    /// tansu, which holds every fetch this long even when a message arrives; Apache Kafka
-    /// answers as soon as data arrives, so 500 is right there.
+    /// Longest time the broker may hold a fetch when there is nothing to return. Apache Kafka
+    /// answers a waiting fetch as soon as a message arrives, so a long wait costs no latency
+    /// and keeps idle consumers from polling; lower it only for a broker that holds every fetch
+    /// this long.
     #[arg(
         long = "kafka-fetch-wait-max-ms",
         env = "KAFKA_FETCH_WAIT_MAX_MS",
-        default_value_t = 5
+        default_value_t = 500
     )]
     pub fetch_wait_max_ms: u32,
+
+    /// How long the broker waits for a consumer's heartbeat before giving its partitions to
+    /// the other members of its group: the time a killed replica's partitions stand still.
+    /// The broker's `group.min.session.timeout.ms` must allow it.
+    #[arg(long = "kafka-session-timeout-ms", env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 6000,
+          value_parser = clap::value_parser!(u32).range(1000..=300_000))]
+    pub session_timeout_ms: u32,
 
     /// Producer linger: how long the relay's producer waits to fill a batch.
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 1)]
@@ -63,32 +71,6 @@ impl KafkaArgs {
     /// The deployed name of a consumer group.
     pub fn group(&self, name: &str) -> String {
         format!("{}{}", self.topic_prefix, name)
-    }
-
-    /// The partition count of each topic, from the broker's metadata (blocking).
-    pub fn partition_counts(&self, topics: &[String]) -> anyhow::Result<Vec<(String, i32)>> {
-        let client: BaseConsumer = self
-            .client_config()
-            .create()
-            .context("creating a Kafka metadata client")?;
-        topics
-            .iter()
-            .map(|topic| {
-                let metadata = client
-                    .fetch_metadata(Some(topic), Duration::from_secs(10))
-                    .with_context(|| format!("metadata of {topic}"))?;
-                let count = metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map_or(0, |t| t.partitions().len());
-                anyhow::ensure!(
-                    count > 0,
-                    "topic {topic} has no partitions (does it exist?)"
-                );
-                Ok((topic.clone(), i32::try_from(count)?))
-            })
-            .collect()
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -148,8 +130,15 @@ impl KafkaArgs {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            // The classic group protocol with incremental (cooperative) rebalances: a member
+            // joining or leaving moves only the partitions that change hands, and the others
+            // keep consuming meanwhile.
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (self.session_timeout_ms / 6).max(100).to_string(),
+            );
         config
     }
 

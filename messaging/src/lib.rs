@@ -6,18 +6,17 @@
 //! - [`inbox`]: deduplication of handled messages in the handler's transaction.
 //! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
 //!   after the commit, transient errors retried with backoff, the rest dead-lettered.
-//! - [`leases`]: which member of a group consumes which partition, as PostgreSQL advisory
-//!   locks rather than the broker's group protocol.
+//! - [`group`]: the member's side of the broker's consumer group: assignment, the commit on
+//!   revocation, lag.
 //! - [`kafka`]: broker settings, clients and topic creation.
 //! - [`after_commit`]: work deferred until the consumer's transaction commits (metrics).
 
 pub mod after_commit;
 pub mod consumer;
 pub mod envelope;
+mod group;
 pub mod inbox;
 pub mod kafka;
-mod lag;
-pub mod leases;
 pub mod outbox;
 mod retry;
 

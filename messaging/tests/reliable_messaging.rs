@@ -41,7 +41,8 @@ async fn setup(label: &str) -> Setup {
         brokers: platform::testing::kafka_brokers(),
         topic_prefix: platform::testing::topic_prefix(),
         partitions: 1,
-        fetch_wait_max_ms: 5,
+        fetch_wait_max_ms: 500,
+        session_timeout_ms: 6000,
         linger_ms: 1,
         batch_max: 64,
     };

@@ -16,7 +16,8 @@ fn kafka() -> KafkaArgs {
         brokers: "unused:9092".into(),
         topic_prefix: String::new(),
         partitions: 1,
-        fetch_wait_max_ms: 5,
+        fetch_wait_max_ms: 500,
+        session_timeout_ms: 6000,
         linger_ms: 1,
         batch_max: 16,
     }

@@ -111,6 +111,8 @@ struct Fleet {
     config: PlatformConfig,
     bin_dir: PathBuf,
     log_dir: PathBuf,
+    /// The pid file of each process, so that a run after a killed one stops what it left.
+    run_dir: PathBuf,
     children: BTreeMap<&'static str, Child>,
     replica: Option<Child>,
 }
@@ -126,13 +128,17 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(self.log_dir.join(format!("{log_name}.log")))?;
-        services::spawn(
+        let child = services::spawn(
             &self.bin_dir,
             service,
             env,
             Stdio::from(log.try_clone()?),
             Stdio::from(log),
-        )
+        )?;
+        if let Some(pid) = child.id() {
+            infra::PidFile::new(self.run_dir.join(format!("{log_name}.pid"))).write(pid)?;
+        }
+        Ok(child)
     }
 
     fn start(&mut self, service: &'static str) -> anyhow::Result<()> {
@@ -173,22 +179,57 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(services::free_port()?.port())
 }
 
-/// Runs load with faults injected, then audits. The services' binaries are taken from
-/// `bin_dir`.
-pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosReport> {
+/// Stops what a fault-injection run in `work_dir` left running (its runner was killed),
+/// saying so.
+async fn stop_leftovers(work_dir: &Path, pg_root: &Path) {
+    if let Ok(entries) = std::fs::read_dir(work_dir.join("run")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(process) = name.strip_suffix(".pid") else {
+                continue;
+            };
+            let service = process.trim_end_matches("-replica");
+            if let Some(pid) = infra::PidFile::new(entry.path()).live(service) {
+                eprintln!("chaos: stopping the {process} an earlier run left running (pid {pid})");
+                infra::process::stop(pid, Duration::from_secs(5)).await;
+            }
+        }
+    }
+    if infra::kafka::stop_leftover(&work_dir.join("broker")).await {
+        eprintln!("chaos: stopped the Kafka broker an earlier run left running");
+    }
+    if let Some(pid) = infra::postgres::running_pid(pg_root) {
+        eprintln!("chaos: stopping the PostgreSQL an earlier run left running (pid {pid})");
+        if infra::stop_postgres(pg_root, true).await.is_err() {
+            infra::process::stop(pid, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Runs load with faults injected, then audits, unless `stopped` completes first; everything
+/// started is stopped either way. The services' binaries are taken from `bin_dir`.
+pub async fn run(
+    config: &ChaosConfig,
+    bin_dir: &Path,
+    stopped: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ChaosReport> {
+    let pg_root = infra::cluster_dir(&config.work_dir, "postgres");
+    stop_leftovers(&config.work_dir, &pg_root).await;
     let _ = std::fs::remove_dir_all(&config.work_dir);
+    let _ = std::fs::remove_dir_all(&pg_root);
     let log_dir = config.work_dir.join("logs");
     std::fs::create_dir_all(&log_dir)?;
-    let pg_root = infra::cluster_dir(
-        &config.work_dir,
-        &format!("postgres-{}", crate::testing::unique_suffix()),
-    );
-    let _ = std::fs::remove_dir_all(&pg_root);
     let broker_dir = config.work_dir.join("broker");
     let pg_port = free_port()?;
     let kafka_port = free_port()?;
     let database_url = infra::start_postgres(&pg_root, pg_port, true).await?;
-    let mut broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
+    let mut broker = match infra::Broker::start(&broker_dir, kafka_port).await {
+        Ok(broker) => Some(broker),
+        Err(e) => {
+            let _ = infra::stop_postgres(&pg_root, false).await;
+            return Err(e);
+        }
+    };
 
     let deadline = config.payment_deadline_secs.to_string();
     let platform = PlatformConfig {
@@ -214,10 +255,11 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
         config: platform.clone(),
         bin_dir: bin_dir.to_path_buf(),
         log_dir: log_dir.clone(),
+        run_dir: config.work_dir.join("run"),
         children: BTreeMap::new(),
         replica: None,
     };
-    let result = async {
+    let body = async {
         for service in services::SERVICES {
             fleet.start(service)?;
         }
@@ -264,9 +306,11 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
                     actions.push(format!("{at:6.1} s  kill -9 the second orchestrator"));
                 }
                 Fault::RestartBroker => {
-                    let _ = broker.kill().await;
+                    if let Some(running) = broker.take() {
+                        running.kill().await;
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    broker = infra::start_broker(&broker_dir, kafka_port, true).await?;
+                    broker = Some(infra::Broker::start(&broker_dir, kafka_port).await?);
                     actions.push(format!("{at:6.1} s  kill -9 the broker, restarted"));
                 }
                 Fault::RestartPostgres => {
@@ -318,10 +362,15 @@ pub async fn run(config: &ChaosConfig, bin_dir: &Path) -> anyhow::Result<ChaosRe
             audit_summary: summary.to_string(),
             log_dir: log_dir.clone(),
         })
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        result = body => result,
+        () = stopped => Err(anyhow::anyhow!("stopped by a signal")),
+    };
     fleet.stop_all().await;
-    let _ = broker.kill().await;
+    if let Some(broker) = broker {
+        broker.stop(Duration::from_secs(10)).await;
+    }
     let _ = infra::stop_postgres(&pg_root, false).await;
     let _ = std::fs::remove_dir_all(&pg_root);
     result

@@ -3,16 +3,18 @@
 
 use std::collections::BTreeMap;
 
-/// The processes counted, by command name: the five services, the broker and PostgreSQL (all
-/// of its processes together).
-pub const PROCESSES: &[&str] = &[
-    "gateway",
-    "order-svc",
-    "inventory-svc",
-    "payment-svc",
-    "orchestrator",
-    "tansu",
-    "postgres",
+/// The processes counted, by name, and the command name (`/proc/<pid>/stat`) each is found
+/// by: the five services, the broker (a JVM: every `java` process of the machine counts as
+/// Kafka, so run nothing else in Java beside a measurement) and PostgreSQL (all of its
+/// processes together).
+pub const PROCESSES: &[(&str, &str)] = &[
+    ("gateway", "gateway"),
+    ("order-svc", "order-svc"),
+    ("inventory-svc", "inventory-svc"),
+    ("payment-svc", "payment-svc"),
+    ("orchestrator", "orchestrator"),
+    ("kafka", "java"),
+    ("postgres", "postgres"),
 ];
 
 /// `/proc/<pid>/stat` counts in USER_HZ, which Linux fixes at 100 for user space.
@@ -36,7 +38,7 @@ impl Sample {
                 continue;
             };
             if let Some((name, seconds)) = parse_stat(&stat) {
-                if let Some(known) = PROCESSES.iter().find(|p| **p == name) {
+                if let Some((known, _)) = PROCESSES.iter().find(|(_, command)| *command == name) {
                     *totals.entry(*known).or_insert(0.0) += seconds;
                 }
             }
@@ -90,10 +92,10 @@ mod tests {
 
     #[test]
     fn per_saga_is_the_difference_over_the_sagas() {
-        let before = Sample(BTreeMap::from([("orchestrator", 1.0), ("tansu", 2.0)]));
-        let after = Sample(BTreeMap::from([("orchestrator", 1.5), ("tansu", 4.0)]));
+        let before = Sample(BTreeMap::from([("orchestrator", 1.0), ("kafka", 2.0)]));
+        let after = Sample(BTreeMap::from([("orchestrator", 1.5), ("kafka", 4.0)]));
         let per = before.per_saga(&after, 100);
         assert_eq!(per["orchestrator"], 5.0);
-        assert_eq!(per["tansu"], 20.0);
+        assert_eq!(per["kafka"], 20.0);
     }
 }

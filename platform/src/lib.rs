@@ -8,6 +8,7 @@ pub mod load;
 pub mod ops;
 pub mod services;
 pub mod testing;
+pub mod tools;
 
 use std::path::PathBuf;
 

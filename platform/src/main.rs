@@ -23,9 +23,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start PostgreSQL, the broker and the five services; the gateway listens until Ctrl-C.
+    /// Start PostgreSQL, Kafka and the five services; the gateway listens until Ctrl-C (or
+    /// SIGTERM, SIGHUP).
     Up(UpArgs),
-    /// Start PostgreSQL and the broker (for running tests by hand) until Ctrl-C.
+    /// Start PostgreSQL and Kafka (for running tests by hand) until Ctrl-C (or SIGTERM, SIGHUP).
     Infra(InfraArgs),
     /// Start PostgreSQL and the broker, build, and run every test of the workspace; arguments
     /// after `--` go to `cargo test`.
@@ -34,6 +35,16 @@ enum Cmd {
     /// load generator running, services killed with SIGKILL at random moments, a second
     /// orchestrator for a while, the broker and PostgreSQL restarted; then the audit.
     Chaos(ChaosArgs),
+    /// Stop whatever the state directory says is still running: runners, services, Kafka and
+    /// PostgreSQL left by a run whose terminal was lost or that was killed.
+    Down(DownArgs),
+}
+
+#[derive(Args)]
+struct DownArgs {
+    /// Where the local cluster, the broker's storage and the logs are kept.
+    #[arg(long, env = "PLATFORM_STATE_DIR", default_value_os_t = platform::state_dir())]
+    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -72,7 +83,7 @@ struct InfraArgs {
     /// PostgreSQL server to use (any database on it); provisioned locally when not given.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// Kafka brokers to use; a local tansu broker is started when not given.
+    /// Kafka brokers to use; a local Apache Kafka is started when not given.
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// Port of the local PostgreSQL.
@@ -108,17 +119,17 @@ struct TestArgs {
 }
 
 impl InfraArgs {
-    /// `durable`: the broker keeps its messages on disk and PostgreSQL runs with fsync (`up`);
-    /// otherwise the broker keeps them in memory and PostgreSQL runs with `fsync=off` (tests).
-    fn options(&self, durable: bool) -> infra::Options {
+    /// `for_tests`: PostgreSQL with `fsync=off` and a broker wiped at each start (`test`,
+    /// `infra`); otherwise fsync on and the broker's data kept (`up`).
+    fn options(&self, for_tests: bool) -> infra::Options {
         infra::Options {
             database_url: self.database_url.clone(),
             kafka_brokers: self.kafka_brokers.clone(),
             postgres_port: self.postgres_port,
             kafka_port: self.kafka_port,
-            durable_broker: durable,
-            fast_postgres: !durable,
+            for_tests,
             state_dir: self.state_dir.clone(),
+            shared_with: infra::runners(&self.state_dir).first().copied(),
         }
     }
 }
@@ -131,6 +142,7 @@ async fn main() -> ExitCode {
         Cmd::Infra(args) => infra_only(args).await,
         Cmd::Test(args) => test(args).await,
         Cmd::Chaos(args) => chaos(args).await,
+        Cmd::Down(args) => down(args).await,
     };
     match result {
         Ok(code) => code,
@@ -155,53 +167,109 @@ fn profile_args() -> Vec<&'static str> {
     }
 }
 
+/// Provisions the infrastructure unless a stop signal comes first (then `Err(signal)`).
+async fn provision_or_stop(
+    options: &infra::Options,
+    stop: &mut signals::Stop,
+) -> anyhow::Result<Result<Infra, signals::Signal>> {
+    tokio::select! {
+        infra = Infra::provision(options) => infra.map(Ok),
+        signal = stop.next() => Ok(Err(signal)),
+    }
+}
+
 async fn infra_only(args: InfraArgs) -> anyhow::Result<ExitCode> {
-    let infra = Infra::provision(&args.options(false)).await?;
+    let mut stop = signals::Stop::new()?;
+    let _runner = infra::register_runner(&args.state_dir)?;
+    let infra = match provision_or_stop(&args.options(true), &mut stop).await? {
+        Ok(infra) => infra,
+        Err(signal) => return Ok(signal.exit_code()),
+    };
     println!("TEST_DATABASE_URL={}", infra.database_url);
     println!("TEST_KAFKA_BROKERS={}", infra.kafka_brokers);
-    eprintln!("platform: infrastructure ready; Ctrl-C stops it");
-    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("platform: infrastructure ready; Ctrl-C (or SIGTERM) stops it");
+    let signal = stop.next().await;
+    eprintln!("platform: {signal}: stopping");
     infra.stop().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(signal.exit_code())
 }
 
 async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let infra = Infra::provision(&args.infra.options(false)).await?;
-    let result = run_tests(&infra, &args.cargo_test_args).await;
+    let mut stop = signals::Stop::new()?;
+    let _runner = infra::register_runner(&args.infra.state_dir)?;
+    let scripts = tokio::select! {
+        tools = platform::tools::ensure_test_tools() => tools?,
+        signal = stop.next() => return Ok(signal.exit_code()),
+    };
+    let infra = match provision_or_stop(&args.infra.options(true), &mut stop).await? {
+        Ok(infra) => infra,
+        Err(signal) => return Ok(signal.exit_code()),
+    };
+    let result = run_tests(&infra, &args.cargo_test_args, scripts, &mut stop).await;
     infra.stop().await;
     eprintln!("platform: test run took {:.0?}", started.elapsed());
     result
 }
 
-async fn run_tests(infra: &Infra, extra: &[String]) -> anyhow::Result<ExitCode> {
+/// Runs `cargo` in a process group of its own, so that a stop signal reaches it and every
+/// test binary and service under it; `Err(signal)` when stopped.
+async fn run_cargo(
+    mut command: tokio::process::Command,
+    stop: &mut signals::Stop,
+) -> anyhow::Result<Result<bool, signals::Signal>> {
+    command.process_group(0);
+    let mut child = command.spawn().context("running cargo")?;
+    tokio::select! {
+        status = child.wait() => Ok(Ok(status?.success())),
+        signal = stop.next() => {
+            eprintln!("platform: {signal}: stopping the tests");
+            if let Some(pid) = child.id() {
+                infra::process::signal(-i64::from(pid), "TERM");
+                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                    infra::process::signal(-i64::from(pid), "KILL");
+                }
+            }
+            let _ = child.wait().await;
+            Ok(Err(signal))
+        }
+    }
+}
+
+async fn run_tests(
+    infra: &Infra,
+    extra: &[String],
+    scripts: Option<PathBuf>,
+    stop: &mut signals::Stop,
+) -> anyhow::Result<ExitCode> {
     drop_test_databases(&infra.database_url).await?;
-    let status = cargo()
-        .args(["build", "--workspace", "--bins"])
-        .status()
-        .await
-        .context("running cargo build")?;
-    if !status.success() {
-        return Ok(ExitCode::FAILURE);
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    match run_cargo(build, stop).await? {
+        Ok(true) => {}
+        Ok(false) => return Ok(ExitCode::FAILURE),
+        Err(signal) => return Ok(signal.exit_code()),
     }
     let mut test = cargo();
+    if let Some(scripts) = scripts {
+        // The Python checkers just installed (pip's scripts directory) come first.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(scripts).chain(std::env::split_paths(&path));
+        test.env("PATH", std::env::join_paths(paths)?);
+    }
     // The services' own settings in our environment are for `platform` itself, not for the
     // services the tests configure.
     for variable in SERVICE_SETTINGS {
         test.env_remove(variable);
     }
-    let status = test
-        .args(["test", "--workspace"])
+    test.args(["test", "--workspace"])
         .args(extra)
         .env(platform::testing::DATABASE_ENV, &infra.database_url)
-        .env(platform::testing::KAFKA_ENV, &infra.kafka_brokers)
-        .status()
-        .await
-        .context("running cargo test")?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        .env(platform::testing::KAFKA_ENV, &infra.kafka_brokers);
+    Ok(match run_cargo(test, stop).await? {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(signal) => signal.exit_code(),
     })
 }
 
@@ -249,6 +317,7 @@ async fn build_services() -> anyhow::Result<bool> {
 }
 
 async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    let mut stop = signals::Stop::new()?;
     if !args.no_build && !build_services().await? {
         return Ok(ExitCode::FAILURE);
     }
@@ -264,7 +333,17 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         work_dir: platform::state_dir().join("chaos"),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let report = platform::chaos::run(&config, &services::binary_dir()).await?;
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
+    let stopped = async move {
+        let signal = stop.next().await;
+        eprintln!("platform: {signal}: stopping the fault injection");
+        let _ = signal_tx.send(signal);
+    };
+    let report = platform::chaos::run(&config, &services::binary_dir(), stopped).await;
+    if let Ok(signal) = signal_rx.await {
+        return Ok(signal.exit_code());
+    }
+    let report = report?;
     report.print();
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -274,28 +353,57 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let mut stop = signals::Stop::new()?;
+    let _runner = infra::register_runner(&args.infra.state_dir)?;
     if !args.no_build {
         let mut build = cargo();
         build.args(["build", "--bins"]).args(profile_args());
         for service in services::SERVICES {
             build.args(["-p", service]);
         }
-        if !build
-            .status()
-            .await
-            .context("running cargo build")?
-            .success()
-        {
-            return Ok(ExitCode::FAILURE);
+        match run_cargo(build, &mut stop).await? {
+            Ok(true) => {}
+            Ok(false) => return Ok(ExitCode::FAILURE),
+            Err(signal) => return Ok(signal.exit_code()),
         }
     }
-    let infra = Infra::provision(&args.infra.options(true)).await?;
-    let result = run_services(&infra, args.http_addr).await;
+    let run_dir = args.infra.state_dir.join("run");
+    stop_services_left(&run_dir).await;
+    let infra = match provision_or_stop(&args.infra.options(false), &mut stop).await? {
+        Ok(infra) => infra,
+        Err(signal) => return Ok(signal.exit_code()),
+    };
+    let result = run_services(&infra, args.http_addr, &run_dir, &mut stop).await;
     infra.stop().await;
     result
 }
 
-async fn run_services(infra: &Infra, http_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+/// The pid file of a service started by `up`.
+fn service_pid_file(run_dir: &std::path::Path, service: &str) -> infra::PidFile {
+    infra::PidFile::new(run_dir.join(format!("{service}.pid")))
+}
+
+/// Stops the services an earlier `up` left running (its runner was killed), saying so.
+async fn stop_services_left(run_dir: &std::path::Path) -> usize {
+    let mut stopped = 0;
+    for service in services::SERVICES {
+        let file = service_pid_file(run_dir, service);
+        if let Some(pid) = file.live(service) {
+            eprintln!("platform: stopping the {service} an earlier run left running (pid {pid})");
+            infra::process::stop(pid, Duration::from_secs(10)).await;
+            stopped += 1;
+        }
+        file.remove();
+    }
+    stopped
+}
+
+async fn run_services(
+    infra: &Infra,
+    http_addr: std::net::SocketAddr,
+    run_dir: &std::path::Path,
+    stop: &mut signals::Stop,
+) -> anyhow::Result<ExitCode> {
     let config = PlatformConfig {
         database_server_url: infra.database_url.clone(),
         database_prefix: String::new(),
@@ -309,46 +417,74 @@ async fn run_services(infra: &Infra, http_addr: std::net::SocketAddr) -> anyhow:
     };
     let bin_dir = services::binary_dir();
     let mut children = Vec::new();
-    for service in services::SERVICES {
-        let mut child = services::spawn(
-            &bin_dir,
-            service,
-            &config.env(service),
-            Stdio::piped(),
-            Stdio::piped(),
-        )?;
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    println!("{service:>13} | {line}");
-                }
-            });
+    let started = async {
+        for service in services::SERVICES {
+            let mut child = services::spawn(
+                &bin_dir,
+                service,
+                &config.env(service),
+                Stdio::piped(),
+                Stdio::piped(),
+            )?;
+            if let Some(pid) = child.id() {
+                service_pid_file(run_dir, service).write(pid)?;
+            }
+            for stream in [
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                tokio::spawn(async move {
+                    let mut lines = BufReader::new(stream).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        println!("{service:>13} | {line}");
+                    }
+                });
+            }
+            children.push((service, child));
         }
-        children.push((service, child));
-    }
-    if let Err(e) =
         services::wait_ready(&format!("http://{http_addr}"), Duration::from_secs(120)).await
-    {
-        eprintln!("platform: {e:#}");
+    };
+    let code = tokio::select! {
+        ready = started => match ready {
+            Ok(()) => {
+                eprintln!(
+                    "\nplatform: ready. Gateway on http://localhost:{}  (Ctrl-C stops everything)\n",
+                    http_addr.port()
+                );
+                watch(&mut children, stop).await
+            }
+            Err(e) => {
+                eprintln!("platform: {e:#}; stopping the platform");
+                ExitCode::FAILURE
+            }
+        },
+        signal = stop.next() => {
+            eprintln!("platform: {signal}: stopping");
+            signal.exit_code()
+        }
+    };
+    // Stop in reverse order: the gateway first, the services it calls last.
+    for (service, child) in children.iter_mut().rev() {
+        infra::terminate(child, Duration::from_secs(10)).await;
+        service_pid_file(run_dir, service).remove();
     }
-    eprintln!(
-        "\nplatform: ready. Gateway on http://localhost:{}  (Ctrl-C stops everything)\n",
-        http_addr.port()
-    );
+    Ok(code)
+}
 
+/// Until a stop signal or the exit of a service.
+async fn watch(
+    children: &mut [(&'static str, tokio::process::Child)],
+    stop: &mut signals::Stop,
+) -> ExitCode {
     let exited = async {
         loop {
             for (service, child) in children.iter_mut() {
@@ -359,16 +495,114 @@ async fn run_services(infra: &Infra, http_addr: std::net::SocketAddr) -> anyhow:
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
-    let code = tokio::select! {
-        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    tokio::select! {
+        signal = stop.next() => {
+            eprintln!("platform: {signal}: stopping");
+            signal.exit_code()
+        }
         (service, status) = exited => {
             eprintln!("platform: {service} exited ({status}); stopping the platform");
             ExitCode::FAILURE
         }
-    };
-    // Stop in reverse order: the gateway first, the services it calls last.
-    for (_, child) in children.iter_mut().rev() {
-        infra::terminate(child, Duration::from_secs(10)).await;
     }
-    Ok(code)
+}
+
+async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    let state_dir = &args.state_dir;
+    let mut stopped = 0;
+    // Runners first: each stops what it started, as on Ctrl-C.
+    for pid in infra::runners(state_dir) {
+        eprintln!("platform: stopping the runner pid {pid}");
+        if infra::process::stop(pid, Duration::from_secs(60)).await {
+            eprintln!("platform: the runner pid {pid} had to be killed");
+        }
+        stopped += 1;
+    }
+    stopped += stop_services_left(&state_dir.join("run")).await;
+    for dir in ["kafka", "kafka-test"] {
+        if infra::kafka::stop_leftover(&state_dir.join(dir)).await {
+            eprintln!(
+                "platform: stopped the Kafka broker of {}",
+                state_dir.join(dir).display()
+            );
+            stopped += 1;
+        }
+    }
+    let root = infra::cluster_dir(state_dir, "postgres");
+    if let Some(pid) = infra::postgres::running_pid(&root) {
+        eprintln!(
+            "platform: stopping PostgreSQL (pid {pid}, {})",
+            root.display()
+        );
+        if infra::stop_postgres(&root, false).await.is_err() {
+            infra::process::stop(pid, Duration::from_secs(10)).await;
+        }
+        stopped += 1;
+    }
+    if stopped == 0 {
+        eprintln!("platform: nothing of {} is running", state_dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+mod signals {
+    //! The signals that stop a runner: Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, CI, a
+    //! supervisor, an IDE's stop button) and SIGHUP (the terminal closed), all alike.
+
+    use std::process::ExitCode;
+
+    use tokio::signal::unix::{signal, Signal as UnixSignal, SignalKind};
+
+    #[derive(Clone, Copy, Debug)]
+    pub enum Signal {
+        Interrupt,
+        Terminate,
+        Hangup,
+    }
+
+    impl Signal {
+        /// 128 + the signal's number, as shells report a process ended by it.
+        pub fn exit_code(self) -> ExitCode {
+            ExitCode::from(match self {
+                Signal::Hangup => 128 + 1,
+                Signal::Interrupt => 128 + 2,
+                Signal::Terminate => 128 + 15,
+            })
+        }
+    }
+
+    impl std::fmt::Display for Signal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                Signal::Interrupt => "interrupted (SIGINT)",
+                Signal::Terminate => "terminated (SIGTERM)",
+                Signal::Hangup => "hung up (SIGHUP)",
+            })
+        }
+    }
+
+    /// Listens from its creation on, so a signal that comes during start-up is not missed.
+    pub struct Stop {
+        interrupt: UnixSignal,
+        terminate: UnixSignal,
+        hangup: UnixSignal,
+    }
+
+    impl Stop {
+        pub fn new() -> std::io::Result<Stop> {
+            Ok(Stop {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+                hangup: signal(SignalKind::hangup())?,
+            })
+        }
+
+        pub async fn next(&mut self) -> Signal {
+            tokio::select! {
+                _ = self.interrupt.recv() => Signal::Interrupt,
+                _ = self.terminate.recv() => Signal::Terminate,
+                _ = self.hangup.recv() => Signal::Hangup,
+            }
+        }
+    }
 }

@@ -405,6 +405,39 @@ impl TestPlatform {
         self.final_order(&order_id).await;
     }
 
+    /// Starts another replica of `service`: the same database, topics and consumer group, ports
+    /// of its own (its log is `<service>-replica-<n>.log`).
+    pub fn start_replica(&mut self, service: &'static str) {
+        let mut env = self.config.env(service);
+        for (key, value) in env.iter_mut() {
+            if key.ends_with("_ADDR") {
+                *value = "127.0.0.1:0".to_owned();
+            }
+        }
+        let n = self.children.iter().filter(|(s, _)| *s == service).count();
+        let log = std::fs::File::create(self.log_dir.join(format!("{service}-replica-{n}.log")))
+            .expect("log file");
+        let child = crate::services::spawn(
+            &crate::services::binary_dir(),
+            service,
+            &env,
+            std::process::Stdio::from(log.try_clone().expect("log file")),
+            std::process::Stdio::from(log),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        self.children.push((service, child));
+    }
+
+    /// Kills the most recently started process of `service` (as `kill -9` would): a replica,
+    /// when there is one, so that the addresses the tests call stay up. Returns its pid.
+    pub async fn kill_service(&mut self, service: &str) -> Option<u32> {
+        let index = self.children.iter().rposition(|(s, _)| *s == service)?;
+        let (_, mut child) = self.children.remove(index);
+        let pid = child.id();
+        let _ = child.kill().await;
+        pid
+    }
+
     /// Kills every service (as `kill -9` would).
     pub async fn kill(&mut self) {
         for (_, child) in self.children.iter_mut() {

@@ -21,14 +21,17 @@ async fn no_order_is_lost_or_left_half_done_when_processes_are_killed_under_load
             .expect("mix"),
         // Generous: a client that verifies at once must make it through the outages.
         payment_deadline_secs: 30,
-        // Partitions move within a lease round (1 s) of a kill, so faults can come close.
+        // A killed consumer's partitions move after its session timeout (6 s), so faults
+        // come about that far apart.
         pause: Duration::from_secs(3)..Duration::from_secs(6),
         work_dir: bin_dir
             .join("test-chaos")
             .join(platform::testing::unique_suffix()),
         progress: false,
     };
-    let report = chaos::run(&config, &bin_dir).await.expect("the chaos run");
+    let report = chaos::run(&config, &bin_dir, std::future::pending())
+        .await
+        .expect("the chaos run");
     report.print();
     let unfinished = config.orders - report.load.finished;
     assert!(

@@ -49,7 +49,7 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Also report CPU time per saga of each process of the platform (the services, tansu and
+    /// Also report CPU time per saga of each process of the platform (the services, Kafka and
     /// PostgreSQL), read from /proc: only when they run on this machine.
     #[arg(long)]
     cpu: bool,
