@@ -38,20 +38,13 @@ pub enum HandlerError {
 }
 
 impl From<sqlx::Error> for HandlerError {
+    /// Classified by cause ([`runtime::database::is_transient`]): a connection lost or a
+    /// deadlock is retried, a constraint violation or a row that does not decode is not.
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            // Constraint violations and the like fail the same way every time; serialization
-            // failures, deadlocks (class 40) and resource or connection errors do not.
-            sqlx::Error::Database(db)
-                if !db.code().is_some_and(|c| {
-                    ["40", "53", "57", "08"]
-                        .iter()
-                        .any(|class| c.starts_with(class))
-                }) =>
-            {
-                HandlerError::Permanent(format!("database: {e}"))
-            }
-            _ => HandlerError::Transient(format!("database: {e}")),
+        if runtime::database::is_transient(&e) {
+            HandlerError::Transient(format!("database: {e}"))
+        } else {
+            HandlerError::Permanent(format!("database: {e}"))
         }
     }
 }
@@ -173,6 +166,8 @@ pub struct Consumer {
     per_topic: Vec<TopicTelemetry>,
     pool: PgPool,
     outbox: Outbox,
+    /// How long the inbox keeps a handled message's id.
+    inbox_retention: Duration,
 }
 
 struct TopicTelemetry {
@@ -209,7 +204,16 @@ impl Consumer {
             group: group.to_owned(),
             pool,
             outbox,
+            inbox_retention: inbox::DEFAULT_RETENTION,
         }
+    }
+
+    /// How long the inbox keeps the id of a handled message (7 days by default): a message
+    /// older than that cannot be checked against it any more, so it is dead-lettered rather
+    /// than applied a second time.
+    pub fn with_inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
     }
 
     /// Consumes until `cancel`. Only fails to start (bad configuration); everything after that
@@ -231,10 +235,16 @@ impl Consumer {
             .with_context(|| format!("subscribing to {topics:?}"))?;
         tracing::info!(group = %self.group, topics = ?self.topics, "consuming");
         let batch_max = usize::from(self.kafka.batch_max);
+        let mut purges = tokio::time::interval(inbox::purge_interval(self.inbox_retention));
+        purges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Rebalance callbacks run inside these receives, so between two batches.
             let first = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = purges.tick() => {
+                    inbox::purge(&self.pool, self.inbox_retention).await;
+                    continue;
+                }
                 received = consumer.recv() => received,
             };
             let first = match first {
@@ -365,6 +375,7 @@ impl Consumer {
                 let tx = &mut *tx;
                 async move {
                     let id = message.message_id()?;
+                    inbox::check_age(&message.envelope, id, self.inbox_retention)?;
                     let fresh =
                         inbox::record(tx, id, message.message_type(), &message.topic).await?;
                     if fresh {

@@ -1,7 +1,95 @@
-//! Deduplication of handled messages, in the handler's own transaction.
+//! Deduplication of handled messages, in the handler's own transaction, for a retention
+//! period (7 days by default).
+//!
+//! Why forgetting is safe: a message is refused (dead-lettered for an operator, never
+//! applied) when it is older than the retention less a margin for clock skew between the
+//! services ([`check_age`]); rows are deleted once their handling is older than the
+//! retention ([`purge`]). A message is handled after it was written, so a message young
+//! enough to be accepted was, if handled before, handled recently enough to be still in the
+//! inbox. Redeliveries (a consumer that crashed before its offset commit) and republished
+//! rows (a relay that crashed between the broker's acknowledgement and its delete) come
+//! within seconds or minutes, far inside the window.
 
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use proto::messaging::v1::Envelope;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::consumer::HandlerError;
+
+/// How long a handled message's id is kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The clock skew between services tolerated: a tenth of the retention, at most an hour.
+fn skew_margin(retention: Duration) -> Duration {
+    (retention / 10).min(Duration::from_secs(3600))
+}
+
+/// How often a consumer deletes what the inbox no longer needs.
+pub(crate) fn purge_interval(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_millis(500), Duration::from_secs(600))
+}
+
+/// When the message was written, in milliseconds since the epoch: the envelope's time, or the
+/// time in its id (a UUID v7); `None` if neither says.
+fn written_at_ms(envelope: &Envelope, id: Uuid) -> Option<u64> {
+    if envelope.occurred_at_ms > 0 {
+        return u64::try_from(envelope.occurred_at_ms).ok();
+    }
+    let (seconds, nanos) = id.get_timestamp()?.to_unix();
+    Some(seconds * 1000 + u64::from(nanos) / 1_000_000)
+}
+
+/// Refuses a message too old for the inbox to tell whether it was handled already.
+pub(crate) fn check_age(
+    envelope: &Envelope,
+    id: Uuid,
+    retention: Duration,
+) -> Result<(), HandlerError> {
+    let Some(written) = written_at_ms(envelope, id) else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let oldest_accepted =
+        now.saturating_sub((retention - skew_margin(retention)).as_millis() as u64);
+    if written < oldest_accepted {
+        return Err(HandlerError::Permanent(format!(
+            "message {id} was written {:.0?} ago, longer than the inbox's retention ({retention:?}) \
+             allows to tell whether it was handled already; not applied, for an operator to decide",
+            Duration::from_millis(now.saturating_sub(written))
+        )));
+    }
+    Ok(())
+}
+
+/// Deletes the ids handled longer than `retention` ago, a batch at a time.
+pub(crate) async fn purge(pool: &PgPool, retention: Duration) {
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM inbox \
+             WHERE handled_at < now() - make_interval(secs => $1) LIMIT 5000))",
+        )
+        .bind(retention.as_secs_f64())
+        .execute(pool)
+        .await;
+        match deleted {
+            Ok(done) if done.rows_affected() == 5000 => continue,
+            Ok(done) => {
+                if done.rows_affected() > 0 {
+                    tracing::debug!(deleted = done.rows_affected(), "inbox purged");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "purging the inbox failed; the next round retries");
+                return;
+            }
+        }
+    }
+}
 
 /// Records `message_id` as handled. Returns `false` when it was handled before, in which case
 /// the caller must not apply its effect again.

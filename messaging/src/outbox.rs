@@ -4,7 +4,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use futures::future::try_join_all;
 use prost::{Message, Name};
 use proto::messaging::v1::Envelope;
 use rdkafka::message::Header;
@@ -255,7 +254,10 @@ impl Relay {
     }
 
     /// Publishes up to one batch, oldest first, and deletes what the broker acknowledged.
-    /// Returns how many messages were published.
+    /// A row that can never be published (its envelope does not decode, the broker refuses it
+    /// for good) is moved to `outbox_parked` with its error, and the rest goes on. Returns how
+    /// many rows were done with (published or parked); an error once the acknowledged rows are
+    /// deleted, when some failed for a reason that may pass (they are sent again).
     pub async fn publish_batch(&self) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await.context("outbox: begin")?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -275,122 +277,239 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut ids = Vec::with_capacity(rows.len());
+        let mut parked: Vec<(i64, String)> = Vec::new();
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.try_get("id")?;
             let topic: &str = row.try_get("topic")?;
-            let key: &str = row.try_get("message_key")?;
             let envelope_bytes: &[u8] = row.try_get("envelope")?;
-            let payload: &[u8] = row.try_get("payload")?;
-            let extra: &[u8] = row.try_get("extra_headers")?;
-            let envelope = Envelope::decode(envelope_bytes)
-                .with_context(|| format!("outbox row {id}: undecodable envelope"))?;
-            ids.push(id);
-            records.push((id, topic, key, envelope, payload, extra));
+            match Envelope::decode(envelope_bytes) {
+                Ok(envelope) => records.push(OutboxRecord {
+                    id,
+                    topic,
+                    key: row.try_get("message_key")?,
+                    envelope,
+                    payload: row.try_get("payload")?,
+                    extra_headers: row.try_get("extra_headers")?,
+                }),
+                Err(e) => parked.push((id, format!("undecodable envelope: {e}"))),
+            }
         }
         let span = publish_span(&records);
-        self.send(&records).instrument(span).await?;
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        let outcomes = self.send(&records).instrument(span).await;
+        let mut published = Vec::with_capacity(records.len());
+        let mut retry: Option<String> = None;
+        for (record, outcome) in records.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Published => published.push(record.id),
+                Outcome::Refused(error) => parked.push((record.id, error)),
+                Outcome::Failed(error) => {
+                    retry.get_or_insert(error);
+                }
+            }
+        }
+        if !parked.is_empty() {
+            let (ids, errors): (Vec<i64>, Vec<String>) = parked.iter().cloned().unzip();
+            sqlx::query(
+                "INSERT INTO outbox_parked (id, message_id, topic, message_key, message_type, \
+                   envelope, payload, extra_headers, created_at, error) \
+                 SELECT o.id, o.message_id, o.topic, o.message_key, o.message_type, o.envelope, \
+                   o.payload, o.extra_headers, o.created_at, p.error \
+                 FROM outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) ON o.id = p.id",
+            )
             .bind(&ids)
+            .bind(&errors)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let done: Vec<i64> = published
+            .iter()
+            .copied()
+            .chain(parked.iter().map(|(id, _)| *id))
+            .collect();
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&done)
             .execute(&mut *tx)
             .await?;
         tx.commit().await.context("outbox: commit")?;
+        for (id, error) in &parked {
+            let topic = rows
+                .iter()
+                .find(|r| r.try_get::<i64, _>("id").ok() == Some(*id))
+                .and_then(|r| r.try_get::<&str, _>("topic").ok())
+                .unwrap_or_default();
+            tracing::error!(outbox_row = id, %topic, %error, "outbox row cannot be published: parked in outbox_parked for an operator");
+            metrics::counter!(metric::OUTBOX_PARKED, "topic" => topic.to_owned()).increment(1);
+        }
         // One update per topic of the batch (a batch holds a few topics), not per message.
         let mut per_topic: Vec<(&str, u64)> = Vec::new();
-        for (_, topic, ..) in &records {
-            match per_topic.iter_mut().find(|(t, _)| t == topic) {
+        for record in records.iter().filter(|r| published.contains(&r.id)) {
+            match per_topic.iter_mut().find(|(t, _)| *t == record.topic) {
                 Some((_, count)) => *count += 1,
-                None => per_topic.push((topic, 1)),
+                None => per_topic.push((record.topic, 1)),
             }
         }
         for (topic, count) in per_topic {
             metrics::counter!(metric::OUTBOX_PUBLISHED, "topic" => topic.to_owned())
                 .increment(count);
         }
-        tracing::debug!(count = ids.len(), "outbox: published");
-        Ok(ids.len())
+        tracing::debug!(
+            published = published.len(),
+            parked = parked.len(),
+            "outbox: published"
+        );
+        match retry {
+            Some(error) => Err(anyhow::anyhow!(error)),
+            None => Ok(done.len()),
+        }
     }
 
-    /// Queues every record in order and waits for the broker to acknowledge them all.
-    async fn send(&self, records: &[OutboxRecord<'_>]) -> anyhow::Result<()> {
+    /// Queues every record in order and waits for the broker's answer to each. Rows of one key
+    /// go to one partition, where the idempotent producer keeps their order through its own
+    /// retries.
+    async fn send(&self, records: &[OutboxRecord<'_>]) -> Vec<Outcome> {
         let mut deliveries = Vec::with_capacity(records.len());
-        for (id, topic, key, envelope, payload, extra) in records {
-            let id = *id;
-            let mut headers = envelope::to_headers(envelope);
-            for (key, value) in decode_extra_headers(extra) {
+        for record in records {
+            let id = record.id;
+            let extra = decode_extra_headers(record.extra_headers);
+            let mut headers = envelope::to_headers(&record.envelope);
+            for (key, value) in &extra {
                 headers = headers.insert(Header {
-                    key: &key,
-                    value: Some(&value),
+                    key,
+                    value: Some(value),
                 });
             }
-            let record = FutureRecord::to(topic)
-                .key(*key)
-                .payload(*payload)
+            let message = FutureRecord::to(record.topic)
+                .key(record.key)
+                .payload(record.payload)
                 .headers(headers);
-            // Queued here, synchronously and in order; the idempotent producer keeps that order
-            // per partition.
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| anyhow::anyhow!("queueing outbox row {id}: {e}"))?;
+            // Queued here, synchronously and in order.
+            let delivery = self.producer.send_result(message);
             deliveries.push(async move {
-                match delivery.await {
-                    Ok(Ok(delivery)) => Ok(delivery),
-                    Ok(Err((e, _))) => Err(anyhow::anyhow!("broker refused outbox row {id}: {e}")),
-                    Err(_) => Err(anyhow::anyhow!("producer dropped outbox row {id}")),
+                match delivery {
+                    Err((e, _)) => Outcome::of(id, "queueing", &e),
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(delivery)) => Outcome::Published.with_delivery(delivery),
+                        Ok(Err((e, _))) => Outcome::of(id, "the broker refused", &e),
+                        Err(_) => (
+                            Outcome::Failed(format!("producer dropped outbox row {id}")),
+                            None,
+                        ),
+                    },
                 }
             });
         }
-        let delivered = try_join_all(deliveries).await?;
+        let answered = futures::future::join_all(deliveries).await;
         let span = tracing::Span::current();
-        if let [(_, _, _, _, _, _)] = records {
-            span.record(
-                "messaging.kafka.destination.partition",
-                delivered[0].partition,
-            );
-            span.record("messaging.kafka.message.offset", delivered[0].offset);
+        let delivered: Vec<_> = answered.iter().map(|(_, d)| *d).collect();
+        if let ([_], [Some(delivery)]) = (records, delivered.as_slice()) {
+            span.record("messaging.kafka.destination.partition", delivery.partition);
+            span.record("messaging.kafka.message.offset", delivery.offset);
         } else if propagation::enabled() {
-            for ((_, topic, _, envelope, _, _), delivery) in records.iter().zip(&delivered) {
+            for (record, delivery) in records.iter().zip(&delivered) {
+                let Some(delivery) = delivery else { continue };
                 propagation::add_event(
                     &span,
                     "message published",
                     vec![
-                        KeyValue::new("messaging.message.id", envelope.message_id.clone()),
-                        KeyValue::new("messaging.destination.name", topic.to_string()),
+                        KeyValue::new("messaging.message.id", record.envelope.message_id.clone()),
+                        KeyValue::new("messaging.destination.name", record.topic.to_string()),
                         KeyValue::new(
                             "messaging.kafka.destination.partition",
                             i64::from(delivery.partition),
                         ),
                         KeyValue::new("messaging.kafka.message.offset", delivery.offset),
-                        KeyValue::new("order_id", envelope.saga_id.clone()),
+                        KeyValue::new("order_id", record.envelope.saga_id.clone()),
                     ],
                 );
             }
         }
-        Ok(())
+        answered.into_iter().map(|(outcome, _)| outcome).collect()
     }
 
     /// Measures the outbox: how many rows wait and for how long the oldest has. One small
     /// query, run at most every [`BACKLOG_INTERVAL`] from the relay's loop.
     async fn measure_backlog(&self) {
-        let measured: Result<(i64, f64), sqlx::Error> = sqlx::query_as(
-            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) FROM outbox",
+        let measured: Result<(i64, f64, i64), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0), \
+               (SELECT count(*) FROM outbox_parked) FROM outbox",
         )
         .fetch_one(&self.pool)
         .await;
         match measured {
-            Ok((backlog, oldest)) => {
+            Ok((backlog, oldest, parked)) => {
                 metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
                 metrics::gauge!(metric::OUTBOX_OLDEST_AGE).set(oldest.max(0.0));
+                metrics::gauge!(metric::OUTBOX_PARKED_ROWS).set(parked as f64);
             }
             Err(e) => tracing::debug!(error = %e, "outbox: measuring the backlog failed"),
         }
     }
 }
 
-/// An outbox row being published: id, topic, key, envelope, payload, extra headers.
-type OutboxRecord<'a> = (i64, &'a str, &'a str, Envelope, &'a [u8], &'a [u8]);
+/// An outbox row being published.
+struct OutboxRecord<'a> {
+    id: i64,
+    topic: &'a str,
+    key: &'a str,
+    envelope: Envelope,
+    payload: &'a [u8],
+    extra_headers: &'a [u8],
+}
+
+/// Where a published row ended up in Kafka.
+#[derive(Clone, Copy)]
+struct Delivered {
+    partition: i32,
+    offset: i64,
+}
+
+/// What became of one row sent to the broker.
+enum Outcome {
+    Published,
+    /// Refused for a reason that sending again cannot change (too large, an invalid or
+    /// unknown topic, not authorized): to be parked.
+    Refused(String),
+    /// Failed for a reason that may pass (the broker away, a timeout): to be sent again.
+    Failed(String),
+}
+
+impl Outcome {
+    fn of(id: i64, what: &str, error: &rdkafka::error::KafkaError) -> (Outcome, Option<Delivered>) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let text = format!("{what} outbox row {id}: {error}");
+        let outcome = match error.rdkafka_error_code() {
+            Some(
+                Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::InvalidTopic
+                | Code::TopicAuthorizationFailed
+                | Code::UnknownTopic
+                | Code::UnknownTopicOrPartition
+                | Code::InvalidArgument
+                | Code::InvalidRequiredAcks,
+            ) => Outcome::Refused(text),
+            _ => Outcome::Failed(text),
+        };
+        (outcome, None)
+    }
+
+    fn with_delivery(
+        self,
+        delivery: rdkafka::producer::future_producer::Delivery,
+    ) -> (Outcome, Option<Delivered>) {
+        (
+            self,
+            Some(Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+        )
+    }
+}
 
 /// Most span links from one `outbox.publish` span to the messages of its batch.
 const MAX_PUBLISH_LINKS: usize = 32;
@@ -399,7 +518,9 @@ const MAX_PUBLISH_LINKS: usize = 32;
 /// others' (a batch mixes sagas). A batch of one names its topic, order and correlation id.
 fn publish_span(records: &[OutboxRecord<'_>]) -> tracing::Span {
     let span = match records {
-        [(_, topic, _, envelope, _, _)] => tracing::info_span!(
+        [OutboxRecord {
+            topic, envelope, ..
+        }] => tracing::info_span!(
             "outbox.publish",
             otel.kind = "producer",
             messaging.system = "kafka",
@@ -421,10 +542,15 @@ fn publish_span(records: &[OutboxRecord<'_>]) -> tracing::Span {
         ),
     };
     if propagation::enabled() {
-        if let Some((_, _, _, first, _, _)) = records.first() {
-            propagation::set_parent(&span, &first.traceparent, &first.tracestate);
+        if let Some(first) = records.first() {
+            propagation::set_parent(
+                &span,
+                &first.envelope.traceparent,
+                &first.envelope.tracestate,
+            );
         }
-        for (_, _, _, envelope, _, _) in records.iter().skip(1).take(MAX_PUBLISH_LINKS) {
+        for record in records.iter().skip(1).take(MAX_PUBLISH_LINKS) {
+            let envelope = &record.envelope;
             if let Some(link) =
                 propagation::remote_span_context(&envelope.traceparent, &envelope.tracestate)
             {

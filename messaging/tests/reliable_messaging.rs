@@ -8,153 +8,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use messaging::consumer::dead_letter_headers;
 use messaging::envelope;
-use messaging::{
-    Consumer, Handler, HandlerError, Incoming, KafkaArgs, MessageContext, Outbox, Relay,
-};
+use messaging::{Consumer, Handler, HandlerError, Incoming, MessageContext, Relay};
 use proto::order::v1::CompleteOrder;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const TOPIC: &str = proto::topics::ORDER_COMMANDS;
-
-struct Setup {
-    pool: PgPool,
-    kafka: KafkaArgs,
-    outbox: Outbox,
-}
-
-async fn setup(label: &str) -> Setup {
-    let url = platform::testing::fresh_database(label).await;
-    let pool = runtime::database::connect(&url, 4, &[&messaging::MIGRATOR])
-        .await
-        .expect("migrate");
-    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL, order_id TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("effects table");
-    let kafka = KafkaArgs {
-        brokers: platform::testing::kafka_brokers(),
-        topic_prefix: platform::testing::topic_prefix(),
-        partitions: 1,
-        fetch_wait_max_ms: 500,
-        session_timeout_ms: 6000,
-        linger_ms: 1,
-        batch_max: 64,
-    };
-    kafka.ensure_topics().await.expect("topics");
-    let outbox = Outbox::new("test", kafka.clone());
-    Setup {
-        pool,
-        kafka,
-        outbox,
-    }
-}
-
-/// Records one effect row per handled message; fails transiently `fail_first` times first,
-/// and permanently for payloads it cannot decode.
-struct Recorder {
-    calls: Arc<AtomicUsize>,
-    fail_first: usize,
-}
-
-#[async_trait]
-impl Handler for Recorder {
-    async fn handle(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        message: &Incoming,
-    ) -> Result<(), HandlerError> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        if message.message_type() != <CompleteOrder as prost::Name>::full_name() {
-            return Err(message.unknown_type());
-        }
-        let command: CompleteOrder = message.decode()?;
-        // The effect is written before the failure, so a retry that did not roll it back
-        // would show twice.
-        sqlx::query("INSERT INTO effects (message_id, order_id) VALUES ($1, $2)")
-            .bind(message.message_id()?)
-            .bind(&command.order_id)
-            .execute(&mut *conn)
-            .await?;
-        if call < self.fail_first {
-            return Err(HandlerError::Transient(
-                "database briefly unavailable".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn producer(kafka: &KafkaArgs) -> FutureProducer {
-    kafka.producer().expect("producer")
-}
-
-/// Sends a message as another service's relay would, with the given message id and type.
-async fn send(kafka: &KafkaArgs, message_id: Uuid, message_type: &str, payload: &[u8]) {
-    let envelope = proto::messaging::v1::Envelope {
-        message_id: message_id.to_string(),
-        message_type: message_type.to_owned(),
-        saga_id: "saga".into(),
-        ..Default::default()
-    };
-    let topic = kafka.topic(TOPIC);
-    producer(kafka)
-        .send(
-            FutureRecord::to(&topic)
-                .key("k")
-                .payload(payload)
-                .headers(envelope::to_headers(&envelope)),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("produce");
-}
-
-fn complete(order_id: &str) -> Vec<u8> {
-    prost::Message::encode_to_vec(&CompleteOrder {
-        order_id: order_id.to_owned(),
-    })
-}
-
-async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT message_id, order_id FROM effects ORDER BY order_id")
-                .fetch_all(pool)
-                .await
-                .expect("effects");
-        if rows.len() as i64 >= count || Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn start_consumer(
-    setup: &Setup,
-    group: &str,
-    handler: Recorder,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let cancel = CancellationToken::new();
-    let consumer = Consumer::new(
-        &setup.kafka,
-        group,
-        &[TOPIC],
-        setup.pool.clone(),
-        setup.outbox.clone(),
-    );
-    let task = tokio::spawn(consumer.run(handler, cancel.clone()));
-    (cancel, task)
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn a_message_delivered_twice_has_one_effect() {

@@ -90,3 +90,46 @@ async fn try_connect(
         .connect_with(options.clone())
         .await?)
 }
+
+/// Whether `error` may go away by itself, so that the operation is worth retrying: the
+/// connection or the pool failed, or PostgreSQL refused for a passing reason (serialization
+/// failure or deadlock, class 40; insufficient resources, 53; an operator or a shutdown, 57;
+/// connection exceptions, 08; a lock not available, 55P03). Anything else (a constraint, a
+/// value PostgreSQL refuses, a row or column that does not decode, a protocol error) fails
+/// the same way every time, so retrying it only blocks what comes after.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["40", "53", "57", "08"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "55P03"
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::is_transient;
+
+    #[test]
+    fn connection_failures_are_transient_and_decoding_failures_are_not() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+        assert!(!is_transient(&sqlx::Error::ColumnNotFound("x".into())));
+        assert!(!is_transient(&sqlx::Error::Protocol("bad".into())));
+        assert!(!is_transient(&sqlx::Error::ColumnDecode {
+            index: "0".into(),
+            source: "not a number".into(),
+        }));
+    }
+}

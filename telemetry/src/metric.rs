@@ -17,9 +17,13 @@ pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
 pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
 /// Messages published by the outbox relay, by `topic` (every service).
 pub const OUTBOX_PUBLISHED: &str = "outbox_published_total";
+/// Outbox rows set aside because they can never be published, by `topic` (every service).
+pub const OUTBOX_PARKED: &str = "outbox_parked_total";
+/// Outbox rows set aside and still waiting for an operator (every service).
+pub const OUTBOX_PARKED_ROWS: &str = "outbox_parked_rows";
 /// Messages on the consumer's partitions not yet consumed, by `topic` (every consumer).
 pub const CONSUMER_LAG: &str = "consumer_lag";
-/// Partitions this consumer holds the lease of and reads, by `group` (every consumer).
+/// Partitions assigned to this consumer by its group, by `group` (every consumer).
 pub const CONSUMER_PARTITIONS: &str = "consumer_partitions";
 /// Messages handled by a consumer, by `topic` (every consumer).
 pub const MESSAGES_HANDLED: &str = "messages_handled_total";
@@ -62,9 +66,17 @@ pub(crate) fn describe() {
         OUTBOX_PUBLISHED,
         "Messages the outbox relay published, by topic."
     );
+    describe_counter!(
+        OUTBOX_PARKED,
+        "Outbox rows set aside (table outbox_parked) because they can never be published, by topic."
+    );
+    describe_gauge!(
+        OUTBOX_PARKED_ROWS,
+        "Outbox rows set aside in outbox_parked, waiting for an operator."
+    );
     describe_gauge!(
         CONSUMER_PARTITIONS,
-        "Partitions whose lease this consumer holds and which it reads, by group."
+        "Partitions the consumer group assigned to this consumer, by group."
     );
     describe_gauge!(
         CONSUMER_LAG,

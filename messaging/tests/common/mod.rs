@@ -1,0 +1,153 @@
+//! What the messaging tests share: a database and topics of the test's own, a handler that
+//! records its effects, and a producer that sends as another service's relay would.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use messaging::envelope;
+use messaging::{Consumer, Handler, HandlerError, Incoming, KafkaArgs, Outbox};
+use proto::order::v1::CompleteOrder;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const TOPIC: &str = proto::topics::ORDER_COMMANDS;
+
+pub struct Setup {
+    pub pool: PgPool,
+    pub kafka: KafkaArgs,
+    pub outbox: Outbox,
+}
+
+pub async fn setup(label: &str) -> Setup {
+    let url = platform::testing::fresh_database(label).await;
+    let pool = runtime::database::connect(&url, 4, &[&messaging::MIGRATOR])
+        .await
+        .expect("migrate");
+    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL, order_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("effects table");
+    let kafka = KafkaArgs {
+        brokers: platform::testing::kafka_brokers(),
+        topic_prefix: platform::testing::topic_prefix(),
+        partitions: 1,
+        fetch_wait_max_ms: 500,
+        session_timeout_ms: 6000,
+        linger_ms: 1,
+        batch_max: 64,
+    };
+    kafka.ensure_topics().await.expect("topics");
+    let outbox = Outbox::new("test", kafka.clone());
+    Setup {
+        pool,
+        kafka,
+        outbox,
+    }
+}
+
+/// Records one effect row per handled message; fails transiently `fail_first` times first,
+/// and permanently for payloads it cannot decode.
+pub struct Recorder {
+    pub calls: Arc<AtomicUsize>,
+    pub fail_first: usize,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if message.message_type() != <CompleteOrder as prost::Name>::full_name() {
+            return Err(message.unknown_type());
+        }
+        let command: CompleteOrder = message.decode()?;
+        // The effect is written before the failure, so a retry that did not roll it back
+        // would show twice.
+        sqlx::query("INSERT INTO effects (message_id, order_id) VALUES ($1, $2)")
+            .bind(message.message_id()?)
+            .bind(&command.order_id)
+            .execute(&mut *conn)
+            .await?;
+        if call < self.fail_first {
+            return Err(HandlerError::Transient(
+                "database briefly unavailable".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub fn producer(kafka: &KafkaArgs) -> FutureProducer {
+    kafka.producer().expect("producer")
+}
+
+/// Sends a message as another service's relay would, with the given message id and type.
+pub async fn send(kafka: &KafkaArgs, message_id: Uuid, message_type: &str, payload: &[u8]) {
+    let envelope = proto::messaging::v1::Envelope {
+        message_id: message_id.to_string(),
+        message_type: message_type.to_owned(),
+        saga_id: "saga".into(),
+        ..Default::default()
+    };
+    let topic = kafka.topic(TOPIC);
+    producer(kafka)
+        .send(
+            FutureRecord::to(&topic)
+                .key("k")
+                .payload(payload)
+                .headers(envelope::to_headers(&envelope)),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce");
+}
+
+pub fn complete(order_id: &str) -> Vec<u8> {
+    prost::Message::encode_to_vec(&CompleteOrder {
+        order_id: order_id.to_owned(),
+    })
+}
+
+pub async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT message_id, order_id FROM effects ORDER BY order_id")
+                .fetch_all(pool)
+                .await
+                .expect("effects");
+        if rows.len() as i64 >= count || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn start_consumer(
+    setup: &Setup,
+    group: &str,
+    handler: Recorder,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let cancel = CancellationToken::new();
+    let consumer = Consumer::new(
+        &setup.kafka,
+        group,
+        &[TOPIC],
+        setup.pool.clone(),
+        setup.outbox.clone(),
+    );
+    let task = tokio::spawn(consumer.run(handler, cancel.clone()));
+    (cancel, task)
+}
