@@ -113,7 +113,7 @@ impl App {
                 .context("gRPC server")
         }));
 
-        let relay = Relay::new(pool.clone(), &config.kafka)?;
+        let relay = Relay::for_outbox(pool.clone(), &outbox)?;
         let relay_cancel = cancel.clone();
         tasks.spawn(cancel_when_done(cancel.clone(), async move {
             relay.run(relay_cancel).await;

@@ -392,6 +392,7 @@ impl Consumer {
             Ok(())
         })
         .await?;
+        self.outbox.committed();
         for message in batch {
             if let Some(t) = self.telemetry(&message.topic) {
                 t.handled.increment(1);
@@ -481,6 +482,7 @@ impl Consumer {
             .await?;
         handler.on_dead_letter(&mut tx, message, error).await?;
         tx.commit().await?;
+        self.outbox.committed();
         if let Some(t) = self.telemetry(&message.topic) {
             t.dead_letters.increment(1);
         }

@@ -1,8 +1,8 @@
 //! Reliable messaging, written once and shared by every service.
 //!
 //! - [`envelope`]: the message envelope carried in Kafka headers.
-//! - [`outbox`]: messages recorded in the same transaction as the state change, and the
-//!   [`relay`](outbox::Relay) that publishes them at least once.
+//! - [`outbox`]: messages recorded in the same transaction as the state change.
+//! - [`relay`]: the one publisher of a service's outbox, at least once, in order per key.
 //! - [`inbox`]: deduplication of handled messages in the handler's transaction.
 //! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
 //!   after the commit, transient errors retried with backoff, the rest dead-lettered.
@@ -18,13 +18,15 @@ mod group;
 pub mod inbox;
 pub mod kafka;
 pub mod outbox;
+pub mod relay;
 mod retry;
 
 pub use after_commit::after_commit;
 pub use consumer::{Consumer, Handler, HandlerError, Incoming};
 pub use envelope::MessageContext;
 pub use kafka::KafkaArgs;
-pub use outbox::{Outbox, OutboxMessage, Relay};
+pub use outbox::{Outbox, OutboxMessage};
+pub use relay::Relay;
 
 /// Migrations of the outbox and inbox tables, run by every service before its own.
 ///

@@ -335,3 +335,95 @@ async fn a_relay_killed_mid_batch_loses_nothing() {
     cancel.cancel();
     task.await.expect("relay");
 }
+
+/// One relay of a service publishes at a time; when it stops, a standby takes over, and every
+/// message is published once, in the order of its key.
+#[tokio::test]
+async fn a_standby_relay_takes_over_and_each_key_keeps_its_order() {
+    let setup = setup("relay_standby").await;
+    let enqueue = |from: u32, to: u32| {
+        let setup = &setup;
+        async move {
+            let messages: Vec<_> = (from..to)
+                .map(|n| {
+                    setup.outbox.message(
+                        TOPIC,
+                        Uuid::from_u128(u128::from(n % 3)),
+                        &CompleteOrder {
+                            order_id: n.to_string(),
+                        },
+                        &MessageContext::default(),
+                    )
+                })
+                .collect();
+            let mut tx = setup.pool.begin().await.expect("begin");
+            setup
+                .outbox
+                .enqueue(&mut tx, &messages)
+                .await
+                .expect("enqueue");
+            tx.commit().await.expect("commit");
+        }
+    };
+    let first = CancellationToken::new();
+    let first_task = tokio::spawn(
+        Relay::new(setup.pool.clone(), &setup.kafka)
+            .expect("relay")
+            .run(first.clone()),
+    );
+    enqueue(0, 30).await;
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &setup.kafka.brokers)
+        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader");
+    reader
+        .subscribe(&[&setup.kafka.topic(TOPIC)])
+        .expect("subscribe");
+    let mut seen: Vec<(String, u32)> = Vec::new();
+    read_until(&reader, 30, &mut seen).await;
+    // A standby, then the publisher stops: the standby takes the lock and goes on.
+    let second = CancellationToken::new();
+    let second_task = tokio::spawn(
+        Relay::new(setup.pool.clone(), &setup.kafka)
+            .expect("relay")
+            .run(second.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.cancel();
+    first_task.await.expect("join");
+    enqueue(30, 60).await;
+    read_until(&reader, 60, &mut seen).await;
+    second.cancel();
+    second_task.await.expect("join");
+
+    let numbers: HashSet<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(numbers.len(), 60, "each message published once: {seen:?}");
+    for key in 0..3u128 {
+        let key = Uuid::from_u128(key).to_string();
+        let of_key: Vec<u32> = seen
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, n)| *n)
+            .collect();
+        let mut sorted = of_key.clone();
+        sorted.sort_unstable();
+        assert_eq!(of_key, sorted, "key {key} in order");
+    }
+}
+
+/// Reads (key, order number) pairs until `seen` holds `count`.
+async fn read_until(reader: &StreamConsumer, count: usize, seen: &mut Vec<(String, u32)>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < count {
+        let message = tokio::time::timeout_at(deadline.into(), reader.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} published", seen.len()))
+            .expect("receive");
+        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        let order: CompleteOrder =
+            prost::Message::decode(message.payload().unwrap_or_default()).expect("payload");
+        seen.push((key, order.order_id.parse().expect("number")));
+    }
+}

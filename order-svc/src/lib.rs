@@ -100,7 +100,7 @@ impl App {
             payments,
         } = self;
         let outbox = Outbox::new(SERVICE, config.kafka.clone());
-        let relay = Relay::new(pool.clone(), &config.kafka)?;
+        let relay = Relay::for_outbox(pool.clone(), &outbox)?;
         let consumer = Consumer::new(
             &config.kafka,
             SERVICE,

@@ -94,6 +94,7 @@ impl Orders {
             .message(proto::topics::ORDER_EVENTS, order.id.0, &event, context);
         self.outbox.enqueue(&mut tx, &[message]).await?;
         tx.commit().await?;
+        self.outbox.committed();
         tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
         Ok(Placed {
             order,
