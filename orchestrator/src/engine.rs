@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 
 use crate::saga::{self, Command, Input, Outcome, Saga, SagaState};
 use crate::saga_metrics::{self, Observed};
-use crate::store::{self, Bookkeeping, Cause, Origin, StoreError, StoredSaga};
+use crate::store::{self, Bookkeeping, Cause, OperatorFlag, Origin, StoreError, StoredSaga};
 
 /// What caused a step: a message, or a timer.
 #[derive(Clone, Debug)]
@@ -53,8 +53,8 @@ impl Engine {
         Self { outbox, timing }
     }
 
-    /// Bookkeeping of a saga after a transition to `next`.
-    fn bookkeeping(&self, next: &Saga) -> Bookkeeping {
+    /// Bookkeeping of a saga after `input` made it `next`.
+    fn bookkeeping(&self, next: &Saga, input: &Input) -> Bookkeeping {
         let chrono =
             |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         let step_timer = next.state.awaits_service().then(|| {
@@ -66,16 +66,23 @@ impl Engine {
                     .min(MAX_STEP_DELAY),
             )
         });
-        let needs_operator = (next.attempts >= self.timing.step_max_attempts).then(|| {
-            format!(
-                "step {} not answered after {} attempts; still retrying",
-                next.state, next.attempts
-            )
-        });
+        // A flag is only cleared by what answers it: an operator's request, or the saga's end.
+        // Any other transition leaves it, whoever raised it (a dead letter, a failing timer).
+        let operator_flag = match input {
+            _ if next.state.is_terminal() => OperatorFlag::Clear,
+            Input::Retry | Input::Abort { .. } => OperatorFlag::Clear,
+            Input::StepTimedOut if next.attempts >= self.timing.step_max_attempts => {
+                OperatorFlag::Raise(format!(
+                    "step {} not answered after {} attempts; still retrying",
+                    next.state, next.attempts
+                ))
+            }
+            _ => OperatorFlag::Keep,
+        };
         Bookkeeping {
             deadline: chrono(self.timing.payment_deadline),
             step_timer,
-            needs_operator,
+            operator_flag,
         }
     }
 
@@ -160,7 +167,7 @@ impl Engine {
             &transition.commands,
             &cause,
             &origin,
-            &self.bookkeeping(&transition.saga),
+            &self.bookkeeping(&transition.saga, input),
         )
         .await
         .map_err(store_error)?;

@@ -20,8 +20,32 @@ pub struct Bookkeeping {
     pub deadline: chrono::Duration,
     /// Time from now to the step timer, or `None` when no step is in flight.
     pub step_timer: Option<chrono::Duration>,
-    /// The saga needs an operator, and why; `None` clears the flag.
-    pub needs_operator: Option<String>,
+    /// What the transition does to the operator flag.
+    pub operator_flag: OperatorFlag,
+}
+
+/// What a transition does to the saga's operator flag (`needs_operator`, `last_error`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OperatorFlag {
+    /// Leave it as it is: a flag raised earlier (a dead-lettered reply, a failing timer) stays
+    /// until someone deals with it.
+    Keep,
+    /// Flag the saga, with why.
+    Raise(String),
+    /// An operator acted on the saga, or it ended: clear the flag (the last error stays, for
+    /// the record).
+    Clear,
+}
+
+impl OperatorFlag {
+    /// The `needs_operator` to write (`None`: unchanged) and the `last_error` (`None`: unchanged).
+    fn columns(&self) -> (Option<bool>, Option<&str>) {
+        match self {
+            OperatorFlag::Keep => (None, None),
+            OperatorFlag::Raise(why) => (Some(true), Some(why)),
+            OperatorFlag::Clear => (Some(false), None),
+        }
+    }
 }
 
 /// A saga as stored, with its optimistic-concurrency version.
@@ -128,17 +152,18 @@ pub async fn save(
             1
         }
         Some(previous) => {
+            let (needs_operator, last_error) = bookkeeping.operator_flag.columns();
             let updated = sqlx::query(
                 "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
-                     needs_operator = $5, last_error = COALESCE($6, last_error) \
+                     needs_operator = COALESCE($5, needs_operator), last_error = COALESCE($6, last_error) \
                  WHERE saga_id = $1 AND version = $4",
             )
             .bind(next.order_id)
             .bind(next.state.as_str())
             .bind(&data)
             .bind(previous.version)
-            .bind(bookkeeping.needs_operator.is_some())
-            .bind(bookkeeping.needs_operator.as_deref())
+            .bind(needs_operator)
+            .bind(last_error)
             .execute(&mut *conn)
             .await?
             .rows_affected();
@@ -217,7 +242,8 @@ async fn set_timer(
     Ok(())
 }
 
-/// Flags a saga as needing an operator (a message of it could not be handled at all).
+/// Flags a saga as needing an operator (a message of it could not be handled at all). The flag
+/// stays until an operator retries or aborts the saga, or the saga ends ([`OperatorFlag`]).
 pub async fn flag_for_operator(
     conn: &mut PgConnection,
     saga_id: Uuid,

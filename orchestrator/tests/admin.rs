@@ -607,7 +607,7 @@ async fn a_stuck_saga_is_flagged_then_repaired_by_retry() {
     assert_eq!(again.history.len(), retried.history.len());
     assert_eq!(again.saga.as_ref().expect("saga").version, saga.version);
 
-    // The inventory service answers at last: the saga moves on and the flag is cleared.
+    // The operator's retry cleared the flag; the inventory service answers at last.
     running
         .step(
             id,

@@ -346,7 +346,8 @@ async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_
         "it keeps retrying"
     );
 
-    // The service answers at last: the saga moves on and the flag is cleared.
+    // The service answers at last: the saga moves on, still flagged (an operator was asked to
+    // look) until an operator's request or the saga's end clears it.
     step(
         &pool,
         &engine,
@@ -363,7 +364,7 @@ async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_
             .fetch_one(&pool)
             .await
             .expect("saga");
-    assert!(!needs_operator);
+    assert!(needs_operator);
 }
 
 /// The commands a saga sends and where it ends, for a sequence of inputs.
@@ -421,4 +422,89 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
     assert_eq!(single.0, Some(SagaState::Failed));
     assert_eq!(single, run(&reordered).await);
     assert_eq!(single, run(&reordered_twice).await);
+}
+
+async fn operator_flag(pool: &PgPool, order_id: Uuid) -> (bool, Option<String>) {
+    sqlx::query_as("SELECT needs_operator, last_error FROM sagas WHERE saga_id = $1")
+        .bind(order_id)
+        .fetch_one(pool)
+        .await
+        .expect("saga")
+}
+
+async fn flag(pool: &PgPool, order_id: Uuid, error: &str) {
+    let mut conn = pool.acquire().await.expect("conn");
+    store::flag_for_operator(&mut conn, order_id, error)
+        .await
+        .expect("flag");
+}
+
+#[tokio::test]
+async fn an_operator_flag_stays_until_an_operator_retries_or_the_saga_ends() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    // A reply of this saga was dead-lettered (as the consumer's on_dead_letter flags it).
+    let error = "inventory.v1.InventoryReserved dead-lettered: undecodable";
+    flag(&pool, order_id, error).await;
+
+    // The step timer sends the reservation again, once, below the attempts' limit (3).
+    sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE kind = 'step'")
+        .execute(&pool)
+        .await
+        .expect("due");
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+    assert_eq!(
+        operator_flag(&pool, order_id).await,
+        (true, Some(error.to_owned())),
+        "a step retry keeps the flag and its error"
+    );
+    // A reply moves the saga on: still flagged, nobody has looked at it.
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+    )
+    .await
+    .expect("reserved");
+    assert!(operator_flag(&pool, order_id).await.0);
+    // An operator's retry clears it (the error stays, for the record).
+    step(&pool, &engine, order_id, Input::Retry)
+        .await
+        .expect("retry");
+    assert_eq!(
+        operator_flag(&pool, order_id).await,
+        (false, Some(error.to_owned()))
+    );
+
+    // Flagged again, then aborted by an operator: cleared.
+    flag(&pool, order_id, error).await;
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::Abort {
+            reason: "looked at it".into(),
+        },
+    )
+    .await
+    .expect("abort");
+    assert!(!operator_flag(&pool, order_id).await.0);
+
+    // Flagged while compensating, kept by a confirmation, cleared when the saga ends.
+    flag(&pool, order_id, error).await;
+    step(&pool, &engine, order_id, Input::PaymentVoided)
+        .await
+        .expect("voided");
+    assert!(operator_flag(&pool, order_id).await.0);
+    let end = step(&pool, &engine, order_id, Input::InventoryReleased)
+        .await
+        .expect("released");
+    assert_eq!(end, Some(SagaState::Failed));
+    assert!(!operator_flag(&pool, order_id).await.0, "the end clears it");
 }
