@@ -223,7 +223,8 @@ async fn set_timer(
             let fire_at: DateTime<Utc> = Utc::now() + after;
             sqlx::query(
                 "INSERT INTO saga_timers (saga_id, kind, fire_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at",
+                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, \
+                     failures = 0, last_error = NULL",
             )
             .bind(saga_id)
             .bind(kind)
@@ -257,19 +258,60 @@ pub async fn flag_for_operator(
     Ok(())
 }
 
-/// Claims up to `limit` due timers (saga id and kind) for this transaction; other replicas
-/// skip them.
-pub async fn claim_due_timers(
-    conn: &mut PgConnection,
-    limit: i64,
-) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "DELETE FROM saga_timers WHERE (saga_id, kind) IN ( \
+/// A due timer, claimed by this transaction.
+#[derive(Clone, Debug)]
+pub struct DueTimer {
+    pub saga_id: Uuid,
+    pub kind: String,
+    /// How many times in a row its step failed before.
+    pub failures: i32,
+}
+
+/// Claims the earliest due timer for this transaction and deletes it (it fires once, when the
+/// transaction commits); other replicas skip it. `None`: nothing is due.
+pub async fn claim_due_timer(conn: &mut PgConnection) -> Result<Option<DueTimer>, sqlx::Error> {
+    let row: Option<(Uuid, String, i32)> = sqlx::query_as(
+        "DELETE FROM saga_timers WHERE (saga_id, kind) = ( \
              SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() \
-             ORDER BY fire_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING saga_id, kind",
+             ORDER BY fire_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
+         RETURNING saga_id, kind, failures",
     )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(saga_id, kind, failures)| DueTimer {
+        saga_id,
+        kind,
+        failures,
+    }))
+}
+
+/// Records that the step of `timer` failed with `error` (its transaction rolled back, so the
+/// timer is still there): it fires again `retry_after` from now, unless a step re-armed it
+/// meanwhile, and the saga is flagged for an operator with `flag`.
+pub async fn timer_failed(
+    conn: &mut PgConnection,
+    timer: &DueTimer,
+    error: &str,
+    retry_after: chrono::Duration,
+    flag: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    // The saga row first, as every step locks it before its timers.
+    sqlx::query("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE")
+        .bind(timer.saga_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE saga_timers SET failures = failures + 1, last_error = $3, fire_at = $4 \
+         WHERE saga_id = $1 AND kind = $2 AND fire_at <= now()",
+    )
+    .bind(timer.saga_id)
+    .bind(&timer.kind)
+    .bind(error)
+    .bind(Utc::now() + retry_after)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(flag) = flag {
+        flag_for_operator(conn, timer.saga_id, flag).await?;
+    }
+    Ok(())
 }

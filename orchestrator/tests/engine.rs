@@ -508,3 +508,86 @@ async fn an_operator_flag_stays_until_an_operator_retries_or_the_saga_ends() {
     assert_eq!(end, Some(SagaState::Failed));
     assert!(!operator_flag(&pool, order_id).await.0, "the end clears it");
 }
+
+#[tokio::test]
+async fn a_timer_that_fails_is_set_aside_with_backoff_and_flagged_while_the_others_fire() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let broken = Uuid::now_v7();
+    let healthy = Uuid::now_v7();
+    for id in [broken, healthy] {
+        step(&pool, &engine, id, created()).await.expect("start");
+    }
+    // The broken saga's data no longer decodes (written by a newer release, say); its step
+    // timer is due first, then the healthy one's.
+    sqlx::query("UPDATE sagas SET data = '{\"order_id\": 1}' WHERE saga_id = $1")
+        .bind(broken)
+        .execute(&pool)
+        .await
+        .expect("corrupt");
+    sqlx::query(
+        "UPDATE saga_timers SET fire_at = now() - CASE WHEN saga_id = $1 THEN interval '2 seconds' ELSE interval '1 second' END \
+         WHERE kind = 'step'",
+    )
+    .bind(broken)
+    .execute(&pool)
+    .await
+    .expect("due");
+
+    let fired = timers::fire_due(&pool, &engine).await;
+    assert_eq!(fired.ok(), Some(1), "the healthy saga's timer fires");
+    let healthy_saga = store::load(&mut pool.acquire().await.expect("conn"), healthy)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(
+        healthy_saga.saga.attempts, 1,
+        "its reservation was sent again"
+    );
+
+    // The failing timer is kept, pushed back, and its saga flagged with the error.
+    let (fire_at_in_future, failures): (bool, i32) = sqlx::query_as(
+        "SELECT fire_at > now(), failures FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("the failing timer is kept");
+    assert!(fire_at_in_future, "retried later, not at once");
+    assert_eq!(failures, 1);
+    let (needs_operator, last_error) = operator_flag(&pool, broken).await;
+    assert!(needs_operator);
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("step timer") && last_error.contains("unreadable data"),
+        "{last_error}"
+    );
+    // It does not come first again: nothing else is due, nothing fires.
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("again"), 0);
+
+    // Once due again it fails again, and waits longer.
+    let first_delay: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM fire_at - now())::float8 FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("delay");
+    sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE saga_id = $1")
+        .bind(broken)
+        .execute(&pool)
+        .await
+        .expect("due");
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("again"), 0);
+    let (second_delay, failures): (f64, i32) = sqlx::query_as(
+        "SELECT extract(epoch FROM fire_at - now())::float8, failures FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("delay");
+    assert_eq!(failures, 2);
+    assert!(
+        second_delay > first_delay,
+        "backoff: {first_delay} s, then {second_delay} s"
+    );
+}
