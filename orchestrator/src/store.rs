@@ -269,12 +269,22 @@ pub struct DueTimer {
 
 /// Claims the earliest due timer for this transaction and deletes it (it fires once, when the
 /// transaction commits); other replicas skip it. `None`: nothing is due.
+///
+/// Lock order: the saga row, then its timers, as in every step ([`save`] updates the saga
+/// before it writes its timers). The saga is locked first, skipping sagas another
+/// transaction holds (a step in flight, another replica): a timer transaction never waits
+/// for a saga while it holds that saga's timers, which the step holding the saga needs next.
+/// The delete reads the timer afresh, so one that the step re-armed or cancelled meanwhile
+/// does not fire.
 pub async fn claim_due_timer(conn: &mut PgConnection) -> Result<Option<DueTimer>, sqlx::Error> {
     let row: Option<(Uuid, String, i32)> = sqlx::query_as(
-        "DELETE FROM saga_timers WHERE (saga_id, kind) = ( \
-             SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() \
-             ORDER BY fire_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-         RETURNING saga_id, kind, failures",
+        "WITH due AS ( \
+             SELECT t.saga_id, t.kind FROM saga_timers t JOIN sagas s ON s.saga_id = t.saga_id \
+             WHERE t.fire_at <= now() ORDER BY t.fire_at LIMIT 1 \
+             FOR UPDATE OF s SKIP LOCKED) \
+         DELETE FROM saga_timers t USING due \
+         WHERE t.saga_id = due.saga_id AND t.kind = due.kind AND t.fire_at <= now() \
+         RETURNING t.saga_id, t.kind, t.failures",
     )
     .fetch_optional(conn)
     .await?;

@@ -591,3 +591,96 @@ async fn a_timer_that_fails_is_set_aside_with_backoff_and_flagged_while_the_othe
         "backoff: {first_delay} s, then {second_delay} s"
     );
 }
+
+#[tokio::test]
+async fn the_deadline_racing_a_verification_takes_the_locks_in_one_order() {
+    // The deadline is due at once: the timer races the payment's success.
+    let (pool, engine) = setup(Duration::ZERO).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    for input in [
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+    ] {
+        step(&pool, &engine, order_id, input).await.expect("step");
+    }
+    let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE saga_id = $1")
+        .bind(order_id)
+        .fetch_one(&pool)
+        .await
+        .expect("version");
+
+    // A holder makes the consumer's step pause between its saga update and its timer
+    // writes, as a slow network would: it inserts, uncommitted, the history row the step
+    // will insert, so the step waits on it after locking the saga row.
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO saga_history (saga_id, version, to_state, input, message_id, message_type, commands) \
+         VALUES ($1, $2, 'X', 'X', 'X', 'X', '[]')",
+    )
+    .bind(order_id)
+    .bind(version + 1)
+    .execute(&mut *holder)
+    .await
+    .expect("hold");
+    let verified = tokio::spawn({
+        let (pool, engine) = (pool.clone(), engine.clone());
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let input = Input::PaymentSucceeded {
+                payment_id: Uuid::now_v7(),
+            };
+            engine
+                .step(&mut tx, order_id, &input, &trigger("PaymentSucceeded"))
+                .await?;
+            tx.commit().await.map_err(HandlerError::from)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The deadline fires meanwhile.
+    let deadline = tokio::spawn({
+        let (pool, engine) = (pool.clone(), engine.clone());
+        async move { timers::fire_due(&pool, &engine).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The timer must not wait for the saga the step holds while it holds the saga's timer
+    // rows, which the step needs next: that is the deadlock (PostgreSQL breaks it after
+    // deadlock_timeout, and a timer that lost it merely looks like a failed timer).
+    let timer_waited = !deadline.is_finished();
+    holder.rollback().await.expect("release");
+
+    let verified = verified.await.expect("join");
+    let deadline = deadline.await.expect("join");
+    let deadlocked = |e: &str| e.contains("deadlock");
+    assert!(
+        !verified.as_ref().is_err_and(|e| deadlocked(&e.to_string())),
+        "the step deadlocked: {verified:?}"
+    );
+    assert!(
+        !deadline.as_ref().is_err_and(|e| deadlocked(&e.to_string())),
+        "the timer deadlocked: {deadline:?}"
+    );
+    assert!(
+        !timer_waited,
+        "the timer waited on the saga's lock while holding its timers"
+    );
+    let failed_timers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM saga_timers WHERE failures > 0")
+            .fetch_one(&pool)
+            .await
+            .expect("timers");
+    assert_eq!(failed_timers, 0, "no timer failed");
+    // One of them won, cleanly: the verification (the timer skipped the locked saga).
+    assert!(verified.is_ok(), "{verified:?}");
+    let saga = store::load(&mut pool.acquire().await.expect("conn"), order_id)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(saga.saga.state, SagaState::Committing);
+}
