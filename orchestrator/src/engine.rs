@@ -12,7 +12,7 @@ use uuid::Uuid;
 use telemetry::propagation::{self, TraceContext};
 use tracing::Instrument as _;
 
-use crate::saga::{self, Command, Input, Outcome, Saga, SagaState};
+use crate::saga::{self, Command, Input, Outcome, Saga, SagaState, Transition};
 use crate::saga_metrics::{self, Observed};
 use crate::store::{self, Bookkeeping, Cause, OperatorFlag, Origin, StoreError, StoredSaga};
 
@@ -53,8 +53,9 @@ impl Engine {
         Self { outbox, timing }
     }
 
-    /// Bookkeeping of a saga after `input` made it `next`.
-    fn bookkeeping(&self, next: &Saga, input: &Input) -> Bookkeeping {
+    /// Bookkeeping of a saga after `input` caused `transition`.
+    fn bookkeeping(&self, transition: &Transition, input: &Input) -> Bookkeeping {
+        let next = &transition.saga;
         let chrono =
             |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         let step_timer = next.state.awaits_service().then(|| {
@@ -70,6 +71,9 @@ impl Engine {
         // Any other transition leaves it, whoever raised it (a dead letter, a failing timer).
         let operator_flag = match input {
             _ if next.state.is_terminal() => OperatorFlag::Clear,
+            _ if transition.alert.is_some() => {
+                OperatorFlag::Raise(transition.alert.clone().unwrap_or_default())
+            }
             Input::Retry | Input::Abort { .. } => OperatorFlag::Clear,
             Input::StepTimedOut if next.attempts >= self.timing.step_max_attempts => {
                 OperatorFlag::Raise(format!(
@@ -167,7 +171,7 @@ impl Engine {
             &transition.commands,
             &cause,
             &origin,
-            &self.bookkeeping(&transition.saga, input),
+            &self.bookkeeping(&transition, input),
         )
         .await
         .map_err(store_error)?;

@@ -138,7 +138,8 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
             },
             SagaState::Committing,
         ),
-        (Input::InventoryCommitted, SagaState::Completed),
+        (Input::InventoryCommitted, SagaState::Completing),
+        (Input::OrderCompleted, SagaState::Completed),
     ];
     for (input, expected) in steps {
         assert_eq!(
@@ -182,7 +183,8 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
             ("RESERVING", "CHARGING"),
             ("CHARGING", "AWAITING_VERIFICATION"),
             ("AWAITING_VERIFICATION", "COMMITTING"),
-            ("COMMITTING", "COMPLETED"),
+            ("COMMITTING", "COMPLETING"),
+            ("COMPLETING", "COMPLETED"),
         ]
     );
     assert!(
@@ -297,7 +299,7 @@ async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
         step(&pool, &engine, order_id, Input::InventoryReleased)
             .await
             .expect("released"),
-        Some(SagaState::Failed)
+        Some(SagaState::Failing)
     );
     let last: String =
         sqlx::query_scalar("SELECT message_type FROM outbox ORDER BY id DESC LIMIT 1")
@@ -305,6 +307,19 @@ async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
             .await
             .expect("outbox");
     assert_eq!(last, "order.v1.FailOrder");
+    assert_eq!(
+        step(
+            &pool,
+            &engine,
+            order_id,
+            Input::OrderFailed {
+                reason: "payment not verified before the deadline".into()
+            }
+        )
+        .await
+        .expect("confirmed"),
+        Some(SagaState::Failed)
+    );
 }
 
 #[tokio::test]
@@ -393,6 +408,7 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
         Input::PaymentInitiated { payment_id },
         Input::PaymentSucceeded { payment_id },
         Input::InventoryCommitted,
+        Input::OrderCompleted,
     ];
     let twice: Vec<Input> = happy.iter().flat_map(|i| [i.clone(), i.clone()]).collect();
     assert_eq!(run(&happy).await, run(&twice).await);
@@ -410,6 +426,9 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
             },
             first,
             second,
+            Input::OrderFailed {
+                reason: "inventory commit failed: reservation expired".into(),
+            },
         ]
     };
     let in_order = commit_fails(Input::PaymentRefunded, Input::InventoryReleased);
@@ -502,9 +521,20 @@ async fn an_operator_flag_stays_until_an_operator_retries_or_the_saga_ends() {
         .await
         .expect("voided");
     assert!(operator_flag(&pool, order_id).await.0);
-    let end = step(&pool, &engine, order_id, Input::InventoryReleased)
+    step(&pool, &engine, order_id, Input::InventoryReleased)
         .await
         .expect("released");
+    assert!(operator_flag(&pool, order_id).await.0);
+    let end = step(
+        &pool,
+        &engine,
+        order_id,
+        Input::OrderFailed {
+            reason: "aborted".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
     assert_eq!(end, Some(SagaState::Failed));
     assert!(!operator_flag(&pool, order_id).await.0, "the end clears it");
 }
@@ -683,4 +713,142 @@ async fn the_deadline_racing_a_verification_takes_the_locks_in_one_order() {
         .expect("load")
         .expect("saga");
     assert_eq!(saga.saga.state, SagaState::Committing);
+}
+
+/// Brings a new saga to COMMITTING and has the stock committed.
+async fn committed_saga(pool: &PgPool, engine: &Engine) -> (Uuid, Option<SagaState>) {
+    let order_id = Uuid::now_v7();
+    step(pool, engine, order_id, created())
+        .await
+        .expect("start");
+    for input in [
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+        Input::PaymentSucceeded {
+            payment_id: Uuid::now_v7(),
+        },
+    ] {
+        step(pool, engine, order_id, input).await.expect("step");
+    }
+    let state = step(pool, engine, order_id, Input::InventoryCommitted)
+        .await
+        .expect("committed");
+    (order_id, state)
+}
+
+#[tokio::test]
+async fn a_lost_complete_order_is_sent_again_until_order_svc_confirms_it() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let (order_id, state) = committed_saga(&pool, &engine).await;
+    // CompleteOrder is sent; the saga is not finished before order-svc confirms the order.
+    assert_ne!(state, Some(SagaState::Completed));
+    assert_eq!(
+        outbox_types(&pool).await.last().map(|t| t.1.as_str()),
+        Some("order.v1.CompleteOrder")
+    );
+    assert_eq!(
+        timer_kinds(&pool).await,
+        ["step"],
+        "a step timer watches the order's confirmation"
+    );
+
+    // order-svc dead-letters it (or it is lost): no confirmation comes. The step timer sends
+    // it again, and past the attempts' limit (3) the saga is flagged, still retrying.
+    for attempt in 1..=3 {
+        sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE kind = 'step'")
+            .execute(&pool)
+            .await
+            .expect("due");
+        assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+        assert_eq!(
+            operator_flag(&pool, order_id).await.0,
+            attempt >= 3,
+            "attempt {attempt}"
+        );
+    }
+    let completes = outbox_types(&pool)
+        .await
+        .into_iter()
+        .filter(|t| t.1 == "order.v1.CompleteOrder")
+        .count();
+    assert_eq!(completes, 4, "the first send and three attempts");
+    assert!(operator_flag(&pool, order_id)
+        .await
+        .1
+        .unwrap_or_default()
+        .contains("COMPLETING not answered after 3 attempts"));
+
+    // order-svc confirms at last: the saga ends, unflagged, with no timer left.
+    assert_eq!(
+        step(&pool, &engine, order_id, Input::OrderCompleted)
+            .await
+            .expect("confirmed"),
+        Some(SagaState::Completed)
+    );
+    assert!(!operator_flag(&pool, order_id).await.0);
+    assert!(timer_kinds(&pool).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_order_confirmed_the_other_way_is_flagged_and_the_saga_does_not_end() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let (order_id, state) = committed_saga(&pool, &engine).await;
+    assert_eq!(state, Some(SagaState::Completing));
+    // The order was failed meanwhile (by hand, say): order-svc answers the completion with
+    // the order's real status.
+    let still = step(
+        &pool,
+        &engine,
+        order_id,
+        Input::OrderFailed {
+            reason: "cancelled by support".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
+    assert_eq!(still, Some(SagaState::Completing));
+    let (needs_operator, last_error) = operator_flag(&pool, order_id).await;
+    assert!(needs_operator);
+    assert!(last_error
+        .unwrap_or_default()
+        .contains("order-svc reports the order FAILED (cancelled by support)"),);
+    assert_eq!(timer_kinds(&pool).await, ["step"], "it keeps asking");
+
+    // A saga failing whose order is reported completed: flagged too.
+    let failing = Uuid::now_v7();
+    step(&pool, &engine, failing, created())
+        .await
+        .expect("start");
+    let state = step(
+        &pool,
+        &engine,
+        failing,
+        Input::InventoryReservationFailed {
+            reason: "out of stock".into(),
+        },
+    )
+    .await
+    .expect("refused");
+    assert_eq!(state, Some(SagaState::Failing));
+    step(&pool, &engine, failing, Input::OrderCompleted)
+        .await
+        .expect("confirmed");
+    assert!(operator_flag(&pool, failing).await.0);
+    // The confirmation it asked for ends it.
+    let end = step(
+        &pool,
+        &engine,
+        failing,
+        Input::OrderFailed {
+            reason: "inventory reservation failed: out of stock".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
+    assert_eq!(end, Some(SagaState::Failed));
+    assert!(!operator_flag(&pool, failing).await.0);
 }
