@@ -12,9 +12,9 @@ use uuid::Uuid;
 use telemetry::propagation::{self, TraceContext};
 use tracing::Instrument as _;
 
-use crate::saga::{self, Command, Input, Outcome, Saga, SagaState};
+use crate::saga::{self, Command, Input, Outcome, Saga, SagaState, Transition};
 use crate::saga_metrics::{self, Observed};
-use crate::store::{self, Bookkeeping, Cause, Origin, StoreError, StoredSaga};
+use crate::store::{self, Bookkeeping, Cause, OperatorFlag, Origin, StoreError, StoredSaga};
 
 /// What caused a step: a message, or a timer.
 #[derive(Clone, Debug)]
@@ -53,8 +53,9 @@ impl Engine {
         Self { outbox, timing }
     }
 
-    /// Bookkeeping of a saga after a transition to `next`.
-    fn bookkeeping(&self, next: &Saga) -> Bookkeeping {
+    /// Bookkeeping of a saga after `input` caused `transition`.
+    fn bookkeeping(&self, transition: &Transition, input: &Input) -> Bookkeeping {
+        let next = &transition.saga;
         let chrono =
             |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         let step_timer = next.state.awaits_service().then(|| {
@@ -66,16 +67,26 @@ impl Engine {
                     .min(MAX_STEP_DELAY),
             )
         });
-        let needs_operator = (next.attempts >= self.timing.step_max_attempts).then(|| {
-            format!(
-                "step {} not answered after {} attempts; still retrying",
-                next.state, next.attempts
-            )
-        });
+        // A flag is only cleared by what answers it: an operator's request, or the saga's end.
+        // Any other transition leaves it, whoever raised it (a dead letter, a failing timer).
+        let operator_flag = match input {
+            _ if next.state.is_terminal() => OperatorFlag::Clear,
+            _ if transition.alert.is_some() => {
+                OperatorFlag::Raise(transition.alert.clone().unwrap_or_default())
+            }
+            Input::Retry | Input::Abort { .. } => OperatorFlag::Clear,
+            Input::StepTimedOut if next.attempts >= self.timing.step_max_attempts => {
+                OperatorFlag::Raise(format!(
+                    "step {} not answered after {} attempts; still retrying",
+                    next.state, next.attempts
+                ))
+            }
+            _ => OperatorFlag::Keep,
+        };
         Bookkeeping {
             deadline: chrono(self.timing.payment_deadline),
             step_timer,
-            needs_operator,
+            operator_flag,
         }
     }
 
@@ -160,7 +171,7 @@ impl Engine {
             &transition.commands,
             &cause,
             &origin,
-            &self.bookkeeping(&transition.saga),
+            &self.bookkeeping(&transition, input),
         )
         .await
         .map_err(store_error)?;

@@ -1,4 +1,5 @@
-//! The orchestrator's consumer: `OrderCreated` and the services' replies, as saga inputs.
+//! The orchestrator's consumer: `OrderCreated` and the services' replies (order-svc's
+//! confirmations included), as saga inputs.
 
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, Incoming};
@@ -99,6 +100,12 @@ pub fn decode(message: &Incoming) -> Result<(Uuid, Input), HandlerError> {
     } else if t == payment::PaymentRefunded::full_name() {
         let m: payment::PaymentRefunded = message.decode()?;
         (m.order_id, Input::PaymentRefunded)
+    } else if t == order::OrderCompleted::full_name() {
+        let m: order::OrderCompleted = message.decode()?;
+        (m.order_id, Input::OrderCompleted)
+    } else if t == order::OrderFailed::full_name() {
+        let m: order::OrderFailed = message.decode()?;
+        (m.order_id, Input::OrderFailed { reason: m.reason })
     } else {
         return Err(message.unknown_type());
     };

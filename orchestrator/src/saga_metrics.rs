@@ -105,7 +105,10 @@ mod tests {
     }
 
     fn category_of(inputs: &[Input]) -> &'static str {
-        let saga = run(inputs);
+        let confirmed = Input::OrderFailed {
+            reason: "confirmed".into(),
+        };
+        let saga = run(&[inputs, &[confirmed]].concat());
         assert_eq!(saga.state, SagaState::Failed, "{saga:?}");
         failure_category(saga.failure_reason.as_deref().expect("a reason"))
     }

@@ -20,8 +20,32 @@ pub struct Bookkeeping {
     pub deadline: chrono::Duration,
     /// Time from now to the step timer, or `None` when no step is in flight.
     pub step_timer: Option<chrono::Duration>,
-    /// The saga needs an operator, and why; `None` clears the flag.
-    pub needs_operator: Option<String>,
+    /// What the transition does to the operator flag.
+    pub operator_flag: OperatorFlag,
+}
+
+/// What a transition does to the saga's operator flag (`needs_operator`, `last_error`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OperatorFlag {
+    /// Leave it as it is: a flag raised earlier (a dead-lettered reply, a failing timer) stays
+    /// until someone deals with it.
+    Keep,
+    /// Flag the saga, with why.
+    Raise(String),
+    /// An operator acted on the saga, or it ended: clear the flag (the last error stays, for
+    /// the record).
+    Clear,
+}
+
+impl OperatorFlag {
+    /// The `needs_operator` to write (`None`: unchanged) and the `last_error` (`None`: unchanged).
+    fn columns(&self) -> (Option<bool>, Option<&str>) {
+        match self {
+            OperatorFlag::Keep => (None, None),
+            OperatorFlag::Raise(why) => (Some(true), Some(why)),
+            OperatorFlag::Clear => (Some(false), None),
+        }
+    }
 }
 
 /// A saga as stored, with its optimistic-concurrency version.
@@ -128,17 +152,18 @@ pub async fn save(
             1
         }
         Some(previous) => {
+            let (needs_operator, last_error) = bookkeeping.operator_flag.columns();
             let updated = sqlx::query(
                 "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
-                     needs_operator = $5, last_error = COALESCE($6, last_error) \
+                     needs_operator = COALESCE($5, needs_operator), last_error = COALESCE($6, last_error) \
                  WHERE saga_id = $1 AND version = $4",
             )
             .bind(next.order_id)
             .bind(next.state.as_str())
             .bind(&data)
             .bind(previous.version)
-            .bind(bookkeeping.needs_operator.is_some())
-            .bind(bookkeeping.needs_operator.as_deref())
+            .bind(needs_operator)
+            .bind(last_error)
             .execute(&mut *conn)
             .await?
             .rows_affected();
@@ -198,7 +223,8 @@ async fn set_timer(
             let fire_at: DateTime<Utc> = Utc::now() + after;
             sqlx::query(
                 "INSERT INTO saga_timers (saga_id, kind, fire_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at",
+                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, \
+                     failures = 0, last_error = NULL",
             )
             .bind(saga_id)
             .bind(kind)
@@ -217,7 +243,8 @@ async fn set_timer(
     Ok(())
 }
 
-/// Flags a saga as needing an operator (a message of it could not be handled at all).
+/// Flags a saga as needing an operator (a message of it could not be handled at all). The flag
+/// stays until an operator retries or aborts the saga, or the saga ends ([`OperatorFlag`]).
 pub async fn flag_for_operator(
     conn: &mut PgConnection,
     saga_id: Uuid,
@@ -231,19 +258,70 @@ pub async fn flag_for_operator(
     Ok(())
 }
 
-/// Claims up to `limit` due timers (saga id and kind) for this transaction; other replicas
-/// skip them.
-pub async fn claim_due_timers(
-    conn: &mut PgConnection,
-    limit: i64,
-) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "DELETE FROM saga_timers WHERE (saga_id, kind) IN ( \
-             SELECT saga_id, kind FROM saga_timers WHERE fire_at <= now() \
-             ORDER BY fire_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING saga_id, kind",
+/// A due timer, claimed by this transaction.
+#[derive(Clone, Debug)]
+pub struct DueTimer {
+    pub saga_id: Uuid,
+    pub kind: String,
+    /// How many times in a row its step failed before.
+    pub failures: i32,
+}
+
+/// Claims the earliest due timer for this transaction and deletes it (it fires once, when the
+/// transaction commits); other replicas skip it. `None`: nothing is due.
+///
+/// Lock order: the saga row, then its timers, as in every step ([`save`] updates the saga
+/// before it writes its timers). The saga is locked first, skipping sagas another
+/// transaction holds (a step in flight, another replica): a timer transaction never waits
+/// for a saga while it holds that saga's timers, which the step holding the saga needs next.
+/// The delete reads the timer afresh, so one that the step re-armed or cancelled meanwhile
+/// does not fire.
+pub async fn claim_due_timer(conn: &mut PgConnection) -> Result<Option<DueTimer>, sqlx::Error> {
+    let row: Option<(Uuid, String, i32)> = sqlx::query_as(
+        "WITH due AS ( \
+             SELECT t.saga_id, t.kind FROM saga_timers t JOIN sagas s ON s.saga_id = t.saga_id \
+             WHERE t.fire_at <= now() ORDER BY t.fire_at LIMIT 1 \
+             FOR UPDATE OF s SKIP LOCKED) \
+         DELETE FROM saga_timers t USING due \
+         WHERE t.saga_id = due.saga_id AND t.kind = due.kind AND t.fire_at <= now() \
+         RETURNING t.saga_id, t.kind, t.failures",
     )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(saga_id, kind, failures)| DueTimer {
+        saga_id,
+        kind,
+        failures,
+    }))
+}
+
+/// Records that the step of `timer` failed with `error` (its transaction rolled back, so the
+/// timer is still there): it fires again `retry_after` from now, unless a step re-armed it
+/// meanwhile, and the saga is flagged for an operator with `flag`.
+pub async fn timer_failed(
+    conn: &mut PgConnection,
+    timer: &DueTimer,
+    error: &str,
+    retry_after: chrono::Duration,
+    flag: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    // The saga row first, as every step locks it before its timers.
+    sqlx::query("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE")
+        .bind(timer.saga_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE saga_timers SET failures = failures + 1, last_error = $3, fire_at = $4 \
+         WHERE saga_id = $1 AND kind = $2 AND fire_at <= now()",
+    )
+    .bind(timer.saga_id)
+    .bind(&timer.kind)
+    .bind(error)
+    .bind(Utc::now() + retry_after)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(flag) = flag {
+        flag_for_operator(conn, timer.saga_id, flag).await?;
+    }
+    Ok(())
 }

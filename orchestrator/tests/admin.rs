@@ -139,11 +139,18 @@ impl Running {
             SagaState::Charging => vec![reserved()],
             SagaState::AwaitingVerification => vec![reserved(), initiated()],
             SagaState::Committing => vec![reserved(), initiated(), succeeded()],
+            SagaState::Completing => vec![
+                reserved(),
+                initiated(),
+                succeeded(),
+                Input::InventoryCommitted,
+            ],
             SagaState::Completed => vec![
                 reserved(),
                 initiated(),
                 succeeded(),
                 Input::InventoryCommitted,
+                Input::OrderCompleted,
             ],
             SagaState::Compensating => vec![
                 reserved(),
@@ -152,9 +159,17 @@ impl Running {
                     reason: "card declined".into(),
                 },
             ],
-            SagaState::Failed => vec![Input::InventoryReservationFailed {
+            SagaState::Failing => vec![Input::InventoryReservationFailed {
                 reason: "out of stock".into(),
             }],
+            SagaState::Failed => vec![
+                Input::InventoryReservationFailed {
+                    reason: "out of stock".into(),
+                },
+                Input::OrderFailed {
+                    reason: "out of stock".into(),
+                },
+            ],
         };
         let mut last = self.step(id, created(customer)).await;
         for input in path {
@@ -242,8 +257,14 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
         made.push((running.saga_in(state, customer).await, state));
     }
     let newest_first: Vec<String> = made.iter().rev().map(|(id, _)| id.to_string()).collect();
+    let made_in = |state: SagaState| {
+        made.iter()
+            .find(|(_, s)| *s == state)
+            .map(|(id, _)| *id)
+            .expect("made")
+    };
 
-    // Pages of 3: 3 + 3 + 1, newest first, each saga once.
+    // Pages of 3: 3 + 3 + 3, newest first, each saga once.
     let mut seen = Vec::new();
     let mut token = String::new();
     let mut pages = 0;
@@ -286,10 +307,10 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
             ..Default::default()
         })
         .await;
-    assert_eq!(alice.sagas.len(), 4);
+    assert_eq!(alice.sagas.len(), 5);
     assert!(alice.sagas.iter().all(|s| s.customer_id == "c-alice"));
 
-    let (charging, _) = made[1];
+    let charging = made_in(SagaState::Charging);
     let one = running
         .list(pb::ListSagasRequest {
             order_id: charging.to_string(),
@@ -304,7 +325,7 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
     assert_eq!(saga.correlation_id, format!("corr-{charging}"));
 
     // A message of this saga was dead-lettered: it is flagged for an operator.
-    let (committing, _) = made[3];
+    let committing = made_in(SagaState::Committing);
     let mut conn = running.pool.acquire().await.expect("conn");
     orchestrator::store::flag_for_operator(&mut conn, committing, "undecodable reply")
         .await
@@ -320,8 +341,8 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
 
     // The completed saga started two hours ago; the compensating one has been compensating
     // for an hour, past any step's deadline.
-    let (completed, _) = made[5];
-    let (compensating, _) = made[4];
+    let completed = made_in(SagaState::Completed);
+    let compensating = made_in(SagaState::Compensating);
     sqlx::query("UPDATE sagas SET created_at = created_at - interval '2 hours' WHERE saga_id = $1")
         .bind(completed)
         .execute(&running.pool)
@@ -347,7 +368,7 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
             ..Default::default()
         })
         .await;
-    assert_eq!(recent.sagas.len(), 6);
+    assert_eq!(recent.sagas.len(), 8);
     assert!(!ids(&recent.sagas).contains(&completed.to_string()));
     let stuck = running
         .list(pb::ListSagasRequest {
@@ -607,7 +628,7 @@ async fn a_stuck_saga_is_flagged_then_repaired_by_retry() {
     assert_eq!(again.history.len(), retried.history.len());
     assert_eq!(again.saga.as_ref().expect("saga").version, saga.version);
 
-    // The inventory service answers at last: the saga moves on and the flag is cleared.
+    // The operator's retry cleared the flag; the inventory service answers at last.
     running
         .step(
             id,
@@ -692,6 +713,17 @@ async fn abort_compensates_now_and_records_the_reason() {
     running.step(id, Input::PaymentVoided).await;
     assert_eq!(
         running.step(id, Input::InventoryReleased).await,
+        Some(SagaState::Failing)
+    );
+    assert_eq!(
+        running
+            .step(
+                id,
+                Input::OrderFailed {
+                    reason: "aborted by an operator: customer reported fraud".into()
+                }
+            )
+            .await,
         Some(SagaState::Failed)
     );
     let failed = running.get(id).await;
@@ -711,12 +743,13 @@ async fn abort_compensates_now_and_records_the_reason() {
             ("PaymentVoided", pb::SagaState::Compensating, vec![]),
             (
                 "InventoryReleased",
-                pb::SagaState::Failed,
+                pb::SagaState::Failing,
                 vec!["FailOrder"]
             ),
+            ("OrderFailed", pb::SagaState::Failed, vec![]),
         ]
     );
-    let fail_order = &failed.history.last().expect("last").commands[0];
+    let fail_order = &failed.history[failed.history.len() - 2].commands[0];
     assert_eq!(
         fail_order.reason,
         "aborted by an operator: customer reported fraud"
@@ -812,7 +845,7 @@ async fn requests_that_make_no_sense_are_refused_with_a_clear_status() {
         Code::NotFound
     );
     // Nothing was changed by the refusals.
-    assert_eq!(running.get(completed).await.history.len(), 5);
+    assert_eq!(running.get(completed).await.history.len(), 6);
     assert_eq!(running.get(awaiting).await.history.len(), 3);
 
     // No token, or a wrong one: UNAUTHENTICATED, whatever the request.

@@ -139,7 +139,8 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
             },
             SagaState::Committing,
         ),
-        (Input::InventoryCommitted, SagaState::Completed),
+        (Input::InventoryCommitted, SagaState::Completing),
+        (Input::OrderCompleted, SagaState::Completed),
     ];
     for (input, expected) in steps {
         assert_eq!(
@@ -183,7 +184,8 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
             ("RESERVING", "CHARGING"),
             ("CHARGING", "AWAITING_VERIFICATION"),
             ("AWAITING_VERIFICATION", "COMMITTING"),
-            ("COMMITTING", "COMPLETED"),
+            ("COMMITTING", "COMPLETING"),
+            ("COMPLETING", "COMPLETED"),
         ]
     );
     assert!(
@@ -298,7 +300,7 @@ async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
         step(&pool, &engine, order_id, Input::InventoryReleased)
             .await
             .expect("released"),
-        Some(SagaState::Failed)
+        Some(SagaState::Failing)
     );
     let last: String =
         sqlx::query_scalar("SELECT message_type FROM outbox ORDER BY id DESC LIMIT 1")
@@ -306,6 +308,19 @@ async fn a_passed_deadline_voids_the_payment_and_releases_the_stock() {
             .await
             .expect("outbox");
     assert_eq!(last, "order.v1.FailOrder");
+    assert_eq!(
+        step(
+            &pool,
+            &engine,
+            order_id,
+            Input::OrderFailed {
+                reason: "payment not verified before the deadline".into()
+            }
+        )
+        .await
+        .expect("confirmed"),
+        Some(SagaState::Failed)
+    );
 }
 
 #[tokio::test]
@@ -347,7 +362,8 @@ async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_
         "it keeps retrying"
     );
 
-    // The service answers at last: the saga moves on and the flag is cleared.
+    // The service answers at last: the saga moves on, still flagged (an operator was asked to
+    // look) until an operator's request or the saga's end clears it.
     step(
         &pool,
         &engine,
@@ -364,7 +380,7 @@ async fn an_unanswered_step_is_sent_again_and_flagged_for_an_operator_after_the_
             .fetch_one(&pool)
             .await
             .expect("saga");
-    assert!(!needs_operator);
+    assert!(needs_operator);
 }
 
 /// The commands a saga sends and where it ends, for a sequence of inputs.
@@ -393,6 +409,7 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
         Input::PaymentInitiated { payment_id },
         Input::PaymentSucceeded { payment_id },
         Input::InventoryCommitted,
+        Input::OrderCompleted,
     ];
     let twice: Vec<Input> = happy.iter().flat_map(|i| [i.clone(), i.clone()]).collect();
     assert_eq!(run(&happy).await, run(&twice).await);
@@ -410,6 +427,9 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
             },
             first,
             second,
+            Input::OrderFailed {
+                reason: "inventory commit failed: reservation expired".into(),
+            },
         ]
     };
     let in_order = commit_fails(Input::PaymentRefunded, Input::InventoryReleased);
@@ -422,4 +442,414 @@ async fn every_message_delivered_twice_and_replies_reordered_give_the_same_end()
     assert_eq!(single.0, Some(SagaState::Failed));
     assert_eq!(single, run(&reordered).await);
     assert_eq!(single, run(&reordered_twice).await);
+}
+
+async fn operator_flag(pool: &PgPool, order_id: Uuid) -> (bool, Option<String>) {
+    sqlx::query_as("SELECT needs_operator, last_error FROM sagas WHERE saga_id = $1")
+        .bind(order_id)
+        .fetch_one(pool)
+        .await
+        .expect("saga")
+}
+
+async fn flag(pool: &PgPool, order_id: Uuid, error: &str) {
+    let mut conn = pool.acquire().await.expect("conn");
+    store::flag_for_operator(&mut conn, order_id, error)
+        .await
+        .expect("flag");
+}
+
+#[tokio::test]
+async fn an_operator_flag_stays_until_an_operator_retries_or_the_saga_ends() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    // A reply of this saga was dead-lettered (as the consumer's on_dead_letter flags it).
+    let error = "inventory.v1.InventoryReserved dead-lettered: undecodable";
+    flag(&pool, order_id, error).await;
+
+    // The step timer sends the reservation again, once, below the attempts' limit (3).
+    sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE kind = 'step'")
+        .execute(&pool)
+        .await
+        .expect("due");
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+    assert_eq!(
+        operator_flag(&pool, order_id).await,
+        (true, Some(error.to_owned())),
+        "a step retry keeps the flag and its error"
+    );
+    // A reply moves the saga on: still flagged, nobody has looked at it.
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+    )
+    .await
+    .expect("reserved");
+    assert!(operator_flag(&pool, order_id).await.0);
+    // An operator's retry clears it (the error stays, for the record).
+    step(&pool, &engine, order_id, Input::Retry)
+        .await
+        .expect("retry");
+    assert_eq!(
+        operator_flag(&pool, order_id).await,
+        (false, Some(error.to_owned()))
+    );
+
+    // Flagged again, then aborted by an operator: cleared.
+    flag(&pool, order_id, error).await;
+    step(
+        &pool,
+        &engine,
+        order_id,
+        Input::Abort {
+            reason: "looked at it".into(),
+        },
+    )
+    .await
+    .expect("abort");
+    assert!(!operator_flag(&pool, order_id).await.0);
+
+    // Flagged while compensating, kept by a confirmation, cleared when the saga ends.
+    flag(&pool, order_id, error).await;
+    step(&pool, &engine, order_id, Input::PaymentVoided)
+        .await
+        .expect("voided");
+    assert!(operator_flag(&pool, order_id).await.0);
+    step(&pool, &engine, order_id, Input::InventoryReleased)
+        .await
+        .expect("released");
+    assert!(operator_flag(&pool, order_id).await.0);
+    let end = step(
+        &pool,
+        &engine,
+        order_id,
+        Input::OrderFailed {
+            reason: "aborted".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
+    assert_eq!(end, Some(SagaState::Failed));
+    assert!(!operator_flag(&pool, order_id).await.0, "the end clears it");
+}
+
+#[tokio::test]
+async fn a_timer_that_fails_is_set_aside_with_backoff_and_flagged_while_the_others_fire() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let broken = Uuid::now_v7();
+    let healthy = Uuid::now_v7();
+    for id in [broken, healthy] {
+        step(&pool, &engine, id, created()).await.expect("start");
+    }
+    // The broken saga's data no longer decodes (written by a newer release, say); its step
+    // timer is due first, then the healthy one's.
+    sqlx::query("UPDATE sagas SET data = '{\"order_id\": 1}' WHERE saga_id = $1")
+        .bind(broken)
+        .execute(&pool)
+        .await
+        .expect("corrupt");
+    sqlx::query(
+        "UPDATE saga_timers SET fire_at = now() - CASE WHEN saga_id = $1 THEN interval '2 seconds' ELSE interval '1 second' END \
+         WHERE kind = 'step'",
+    )
+    .bind(broken)
+    .execute(&pool)
+    .await
+    .expect("due");
+
+    let fired = timers::fire_due(&pool, &engine).await;
+    assert_eq!(fired.ok(), Some(1), "the healthy saga's timer fires");
+    let healthy_saga = store::load(&mut pool.acquire().await.expect("conn"), healthy)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(
+        healthy_saga.saga.attempts, 1,
+        "its reservation was sent again"
+    );
+
+    // The failing timer is kept, pushed back, and its saga flagged with the error.
+    let (fire_at_in_future, failures): (bool, i32) = sqlx::query_as(
+        "SELECT fire_at > now(), failures FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("the failing timer is kept");
+    assert!(fire_at_in_future, "retried later, not at once");
+    assert_eq!(failures, 1);
+    let (needs_operator, last_error) = operator_flag(&pool, broken).await;
+    assert!(needs_operator);
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("step timer") && last_error.contains("unreadable data"),
+        "{last_error}"
+    );
+    // It does not come first again: nothing else is due, nothing fires.
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("again"), 0);
+
+    // Once due again it fails again, and waits longer.
+    let first_delay: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM fire_at - now())::float8 FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("delay");
+    sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE saga_id = $1")
+        .bind(broken)
+        .execute(&pool)
+        .await
+        .expect("due");
+    assert_eq!(timers::fire_due(&pool, &engine).await.expect("again"), 0);
+    let (second_delay, failures): (f64, i32) = sqlx::query_as(
+        "SELECT extract(epoch FROM fire_at - now())::float8, failures FROM saga_timers WHERE saga_id = $1 AND kind = 'step'",
+    )
+    .bind(broken)
+    .fetch_one(&pool)
+    .await
+    .expect("delay");
+    assert_eq!(failures, 2);
+    assert!(
+        second_delay > first_delay,
+        "backoff: {first_delay} s, then {second_delay} s"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_racing_a_verification_takes_the_locks_in_one_order() {
+    // The deadline is due at once: the timer races the payment's success.
+    let (pool, engine) = setup(Duration::ZERO).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    for input in [
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+    ] {
+        step(&pool, &engine, order_id, input).await.expect("step");
+    }
+    let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE saga_id = $1")
+        .bind(order_id)
+        .fetch_one(&pool)
+        .await
+        .expect("version");
+
+    // A holder makes the consumer's step pause between its saga update and its timer
+    // writes, as a slow network would: it inserts, uncommitted, the history row the step
+    // will insert, so the step waits on it after locking the saga row.
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO saga_history (saga_id, version, to_state, input, message_id, message_type, commands) \
+         VALUES ($1, $2, 'X', 'X', 'X', 'X', '[]')",
+    )
+    .bind(order_id)
+    .bind(version + 1)
+    .execute(&mut *holder)
+    .await
+    .expect("hold");
+    let verified = tokio::spawn({
+        let (pool, engine) = (pool.clone(), engine.clone());
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let input = Input::PaymentSucceeded {
+                payment_id: Uuid::now_v7(),
+            };
+            engine
+                .step(&mut tx, order_id, &input, &trigger("PaymentSucceeded"))
+                .await?;
+            tx.commit().await.map_err(HandlerError::from)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The deadline fires meanwhile.
+    let deadline = tokio::spawn({
+        let (pool, engine) = (pool.clone(), engine.clone());
+        async move { timers::fire_due(&pool, &engine).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The timer must not wait for the saga the step holds while it holds the saga's timer
+    // rows, which the step needs next: that is the deadlock (PostgreSQL breaks it after
+    // deadlock_timeout, and a timer that lost it merely looks like a failed timer).
+    let timer_waited = !deadline.is_finished();
+    holder.rollback().await.expect("release");
+
+    let verified = verified.await.expect("join");
+    let deadline = deadline.await.expect("join");
+    let deadlocked = |e: &str| e.contains("deadlock");
+    assert!(
+        !verified.as_ref().is_err_and(|e| deadlocked(&e.to_string())),
+        "the step deadlocked: {verified:?}"
+    );
+    assert!(
+        !deadline.as_ref().is_err_and(|e| deadlocked(&e.to_string())),
+        "the timer deadlocked: {deadline:?}"
+    );
+    assert!(
+        !timer_waited,
+        "the timer waited on the saga's lock while holding its timers"
+    );
+    let failed_timers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM saga_timers WHERE failures > 0")
+            .fetch_one(&pool)
+            .await
+            .expect("timers");
+    assert_eq!(failed_timers, 0, "no timer failed");
+    // One of them won, cleanly: the verification (the timer skipped the locked saga).
+    assert!(verified.is_ok(), "{verified:?}");
+    let saga = store::load(&mut pool.acquire().await.expect("conn"), order_id)
+        .await
+        .expect("load")
+        .expect("saga");
+    assert_eq!(saga.saga.state, SagaState::Committing);
+}
+
+/// Brings a new saga to COMMITTING and has the stock committed.
+async fn committed_saga(pool: &PgPool, engine: &Engine) -> (Uuid, Option<SagaState>) {
+    let order_id = Uuid::now_v7();
+    step(pool, engine, order_id, created())
+        .await
+        .expect("start");
+    for input in [
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+        Input::PaymentSucceeded {
+            payment_id: Uuid::now_v7(),
+        },
+    ] {
+        step(pool, engine, order_id, input).await.expect("step");
+    }
+    let state = step(pool, engine, order_id, Input::InventoryCommitted)
+        .await
+        .expect("committed");
+    (order_id, state)
+}
+
+#[tokio::test]
+async fn a_lost_complete_order_is_sent_again_until_order_svc_confirms_it() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let (order_id, state) = committed_saga(&pool, &engine).await;
+    // CompleteOrder is sent; the saga is not finished before order-svc confirms the order.
+    assert_ne!(state, Some(SagaState::Completed));
+    assert_eq!(
+        outbox_types(&pool).await.last().map(|t| t.1.as_str()),
+        Some("order.v1.CompleteOrder")
+    );
+    assert_eq!(
+        timer_kinds(&pool).await,
+        ["step"],
+        "a step timer watches the order's confirmation"
+    );
+
+    // order-svc dead-letters it (or it is lost): no confirmation comes. The step timer sends
+    // it again, and past the attempts' limit (3) the saga is flagged, still retrying.
+    for attempt in 1..=3 {
+        sqlx::query("UPDATE saga_timers SET fire_at = now() WHERE kind = 'step'")
+            .execute(&pool)
+            .await
+            .expect("due");
+        assert_eq!(timers::fire_due(&pool, &engine).await.expect("fire"), 1);
+        assert_eq!(
+            operator_flag(&pool, order_id).await.0,
+            attempt >= 3,
+            "attempt {attempt}"
+        );
+    }
+    let completes = outbox_types(&pool)
+        .await
+        .into_iter()
+        .filter(|t| t.1 == "order.v1.CompleteOrder")
+        .count();
+    assert_eq!(completes, 4, "the first send and three attempts");
+    assert!(operator_flag(&pool, order_id)
+        .await
+        .1
+        .unwrap_or_default()
+        .contains("COMPLETING not answered after 3 attempts"));
+
+    // order-svc confirms at last: the saga ends, unflagged, with no timer left.
+    assert_eq!(
+        step(&pool, &engine, order_id, Input::OrderCompleted)
+            .await
+            .expect("confirmed"),
+        Some(SagaState::Completed)
+    );
+    assert!(!operator_flag(&pool, order_id).await.0);
+    assert!(timer_kinds(&pool).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_order_confirmed_the_other_way_is_flagged_and_the_saga_does_not_end() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let (order_id, state) = committed_saga(&pool, &engine).await;
+    assert_eq!(state, Some(SagaState::Completing));
+    // The order was failed meanwhile (by hand, say): order-svc answers the completion with
+    // the order's real status.
+    let still = step(
+        &pool,
+        &engine,
+        order_id,
+        Input::OrderFailed {
+            reason: "cancelled by support".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
+    assert_eq!(still, Some(SagaState::Completing));
+    let (needs_operator, last_error) = operator_flag(&pool, order_id).await;
+    assert!(needs_operator);
+    assert!(last_error
+        .unwrap_or_default()
+        .contains("order-svc reports the order FAILED (cancelled by support)"),);
+    assert_eq!(timer_kinds(&pool).await, ["step"], "it keeps asking");
+
+    // A saga failing whose order is reported completed: flagged too.
+    let failing = Uuid::now_v7();
+    step(&pool, &engine, failing, created())
+        .await
+        .expect("start");
+    let state = step(
+        &pool,
+        &engine,
+        failing,
+        Input::InventoryReservationFailed {
+            reason: "out of stock".into(),
+        },
+    )
+    .await
+    .expect("refused");
+    assert_eq!(state, Some(SagaState::Failing));
+    step(&pool, &engine, failing, Input::OrderCompleted)
+        .await
+        .expect("confirmed");
+    assert!(operator_flag(&pool, failing).await.0);
+    // The confirmation it asked for ends it.
+    let end = step(
+        &pool,
+        &engine,
+        failing,
+        Input::OrderFailed {
+            reason: "inventory reservation failed: out of stock".into(),
+        },
+    )
+    .await
+    .expect("confirmed");
+    assert_eq!(end, Some(SagaState::Failed));
+    assert!(!operator_flag(&pool, failing).await.0);
 }

@@ -5,7 +5,9 @@
 //! order in which everything is delivered, duplicates replies, and fires the deadline at any
 //! moment. Whatever the schedule, once everything in flight has been delivered the saga has
 //! ended, and its end matches the world: a completed order has its stock committed and its
-//! payment taken; a failed one holds no stock and kept no money.
+//! payment taken; a failed one holds no stock and kept no money. order-svc confirms the
+//! order's final status and may dead-letter a command (the step timer sends it again): the
+//! saga ends only once its order is confirmed, with the status the saga reached.
 
 use std::collections::VecDeque;
 
@@ -19,6 +21,14 @@ enum Stock {
     Reserved,
     Committed,
     Released,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OrderStatus {
+    Pending,
+    PaymentInitiated,
+    Completed,
+    Failed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,13 +56,16 @@ struct World {
     deadline_armed: bool,
     inventory_commands: VecDeque<Command>,
     payment_commands: VecDeque<Command>,
+    order_commands: VecDeque<Command>,
     inventory_replies: VecDeque<Input>,
     payment_replies: VecDeque<Input>,
+    order_replies: VecDeque<Input>,
     delivered: Vec<Input>,
     stock: Stock,
     money: Money,
     sent: Vec<Command>,
-    order_status: Vec<&'static str>,
+    order: OrderStatus,
+    failure_reason: String,
 }
 
 const ORDER: Uuid = Uuid::from_u128(0x1234);
@@ -67,13 +80,16 @@ impl World {
             deadline_armed: false,
             inventory_commands: VecDeque::new(),
             payment_commands: VecDeque::new(),
+            order_commands: VecDeque::new(),
             inventory_replies: VecDeque::new(),
             payment_replies: VecDeque::new(),
+            order_replies: VecDeque::new(),
             delivered: Vec::new(),
             stock: Stock::None,
             money: Money::None,
             sent: Vec::new(),
-            order_status: Vec::new(),
+            order: OrderStatus::Pending,
+            failure_reason: String::new(),
         };
         world.deliver(Input::OrderCreated {
             order: OrderDetails {
@@ -103,6 +119,14 @@ impl World {
                         "a finished saga changed on {input:?}"
                     );
                 }
+                // The model's order-svc never contradicts the saga.
+                assert_eq!(t.alert, None, "on {input:?}");
+                // A saga ends only once order-svc has confirmed its order so.
+                match t.saga.state {
+                    SagaState::Completed => assert_eq!(self.order, OrderStatus::Completed),
+                    SagaState::Failed => assert_eq!(self.order, OrderStatus::Failed),
+                    _ => {}
+                }
                 for command in &t.commands {
                     self.route(command.clone());
                 }
@@ -131,6 +155,22 @@ impl World {
                 "charge after void or refund: {:?}",
                 self.sent
             ),
+            Command::CompleteOrder => assert!(
+                !self
+                    .sent
+                    .iter()
+                    .any(|c| matches!(c, Command::FailOrder { .. })),
+                "complete after fail: {:?}",
+                self.sent
+            ),
+            Command::FailOrder { .. } => assert!(
+                !self
+                    .sent
+                    .iter()
+                    .any(|c| matches!(c, Command::CompleteOrder)),
+                "fail after complete: {:?}",
+                self.sent
+            ),
             _ => {}
         }
         self.sent.push(command.clone());
@@ -141,9 +181,9 @@ impl World {
             Command::ChargePayment
             | Command::VoidPayment { .. }
             | Command::RefundPayment { .. } => self.payment_commands.push_back(command),
-            Command::MarkPaymentInitiated { .. } => self.order_status.push("PAYMENT_INITIATED"),
-            Command::CompleteOrder => self.order_status.push("COMPLETED"),
-            Command::FailOrder { .. } => self.order_status.push("FAILED"),
+            Command::MarkPaymentInitiated { .. }
+            | Command::CompleteOrder
+            | Command::FailOrder { .. } => self.order_commands.push_back(command),
             Command::StartDeadline => self.deadline_armed = true,
             Command::CancelDeadline => self.deadline_armed = false,
         }
@@ -229,6 +269,37 @@ impl World {
         self.payment_replies.push_back(reply);
     }
 
+    /// order-svc handling its next command, as order-svc does: statuses only move forward,
+    /// and a final command is answered with the order's final status, whatever it is.
+    fn order_step(&mut self) {
+        let Some(command) = self.order_commands.pop_front() else {
+            return;
+        };
+        let terminal = matches!(self.order, OrderStatus::Completed | OrderStatus::Failed);
+        match command {
+            Command::MarkPaymentInitiated { .. } => {
+                if self.order == OrderStatus::Pending {
+                    self.order = OrderStatus::PaymentInitiated;
+                }
+                return;
+            }
+            Command::CompleteOrder if !terminal => self.order = OrderStatus::Completed,
+            Command::FailOrder { reason } if !terminal => {
+                self.order = OrderStatus::Failed;
+                self.failure_reason = reason;
+            }
+            Command::CompleteOrder | Command::FailOrder { .. } => {}
+            other => unreachable!("{other:?} is not an order command"),
+        }
+        let reply = match self.order {
+            OrderStatus::Completed => Input::OrderCompleted,
+            _ => Input::OrderFailed {
+                reason: self.failure_reason.clone(),
+            },
+        };
+        self.order_replies.push_back(reply);
+    }
+
     /// The client's `POST /payment/verify`: only an awaiting payment is decided.
     fn verify(&mut self) {
         if self.money != Money::Awaiting {
@@ -255,7 +326,7 @@ impl World {
     }
 
     fn act(&mut self, action: u8) {
-        match action % 11 {
+        match action % 14 {
             0 => self.inventory_step(),
             1 => self.payment_step(),
             2 => {
@@ -276,6 +347,16 @@ impl World {
             10 => self.deliver(Input::Abort {
                 reason: "operator".into(),
             }),
+            11 => self.order_step(),
+            12 => {
+                if let Some(r) = self.order_replies.pop_front() {
+                    self.deliver(r)
+                }
+            }
+            13 => {
+                // order-svc dead-letters a command: it has no effect and no answer.
+                self.order_commands.pop_front();
+            }
             _ => {
                 // At-least-once delivery: an earlier reply arrives again.
                 if let Some(again) = self
@@ -289,26 +370,37 @@ impl World {
         }
     }
 
-    /// Delivers everything in flight; the client may never verify, so the deadline ends it.
+    /// Delivers everything in flight; the client may never verify, so the deadline ends it,
+    /// and a step whose command was lost is sent again by its timer.
     fn settle(&mut self) {
         for _ in 0..100 {
             let busy = !(self.inventory_commands.is_empty()
                 && self.payment_commands.is_empty()
+                && self.order_commands.is_empty()
                 && self.inventory_replies.is_empty()
-                && self.payment_replies.is_empty());
+                && self.payment_replies.is_empty()
+                && self.order_replies.is_empty());
             if !busy {
                 if self.deadline_armed {
                     self.fire_deadline();
+                    continue;
+                }
+                if self.saga.as_ref().is_some_and(|s| s.state.awaits_service()) {
+                    self.deliver(Input::StepTimedOut);
                     continue;
                 }
                 return;
             }
             self.inventory_step();
             self.payment_step();
+            self.order_step();
             if let Some(r) = self.inventory_replies.pop_front() {
                 self.deliver(r)
             }
             if let Some(r) = self.payment_replies.pop_front() {
+                self.deliver(r)
+            }
+            if let Some(r) = self.order_replies.pop_front() {
                 self.deliver(r)
             }
         }
@@ -345,13 +437,11 @@ proptest! {
         world.settle();
         let saga = world.saga.clone().expect("the saga started");
         prop_assert!(saga.state.is_terminal(), "ended in {:?}", saga.state);
-        let finals: Vec<_> = world.order_status.iter().filter(|s| **s != "PAYMENT_INITIATED").collect();
-        prop_assert_eq!(finals.len(), 1, "one final order status, got {:?}", world.order_status);
         match saga.state {
             SagaState::Completed => {
                 prop_assert_eq!(world.stock, Stock::Committed);
                 prop_assert_eq!(world.money, Money::Succeeded);
-                prop_assert_eq!(*finals[0], "COMPLETED");
+                prop_assert_eq!(world.order, OrderStatus::Completed);
             }
             SagaState::Failed => {
                 prop_assert!(matches!(world.stock, Stock::None | Stock::Released), "stock left {:?}", world.stock);
@@ -359,8 +449,8 @@ proptest! {
                     matches!(world.money, Money::None | Money::Declined | Money::Voided | Money::Refunded),
                     "money left {:?}", world.money
                 );
-                prop_assert_eq!(*finals[0], "FAILED");
-                prop_assert!(saga.failure_reason.is_some());
+                prop_assert_eq!(world.order, OrderStatus::Failed);
+                prop_assert_eq!(Some(&world.failure_reason), saga.failure_reason.as_ref());
             }
             other => prop_assert!(false, "not terminal: {other:?}"),
         }
@@ -390,6 +480,10 @@ fn happy_path_sends_the_commands_in_order() {
     world.act(3);
     world.inventory_step();
     world.act(2);
+    // MarkPaymentInitiated (not answered), then CompleteOrder, confirmed.
+    world.order_step();
+    world.order_step();
+    world.act(12);
     let names: Vec<String> = world
         .sent
         .iter()
@@ -414,4 +508,37 @@ fn happy_path_sends_the_commands_in_order() {
         ]
     );
     assert_eq!(world.saga.map(|s| s.state), Some(SagaState::Completed));
+}
+
+#[test]
+fn an_order_confirmed_the_other_way_alerts_and_never_ends_the_saga() {
+    let mut world = World::new(Scenario {
+        in_stock: true,
+        approves: true,
+        reservation_expires: false,
+        actions: vec![],
+    });
+    for action in [0, 2, 1, 3, 4, 3, 0, 2] {
+        world.act(action);
+    }
+    let completing = world.saga.clone().expect("saga");
+    assert_eq!(completing.state, SagaState::Completing);
+    let failed = Input::OrderFailed {
+        reason: "cancelled by support".into(),
+    };
+    let Outcome::Changed(t) = apply(Some(&completing), ORDER, &failed) else {
+        panic!("a contradiction is recorded, not ignored");
+    };
+    assert_eq!(t.saga, completing, "nothing changes");
+    assert!(t.commands.is_empty(), "nothing is sent");
+    assert!(t.alert.is_some_and(|a| a.contains("cancelled by support")));
+    // Sending the command again is all a retry does; only the confirmation asked for ends it.
+    let Outcome::Changed(retried) = apply(Some(&completing), ORDER, &Input::Retry) else {
+        panic!("retry");
+    };
+    assert_eq!(retried.commands, [Command::CompleteOrder]);
+    let Outcome::Changed(done) = apply(Some(&completing), ORDER, &Input::OrderCompleted) else {
+        panic!("confirmed");
+    };
+    assert_eq!(done.saga.state, SagaState::Completed);
 }

@@ -1,19 +1,69 @@
 //! The saga's commands to order-svc, from `order.commands`.
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, Incoming};
+use messaging::{Handler, HandlerError, Incoming, Outbox};
 use prost::Name as _;
-use proto::order::v1::{CompleteOrder, FailOrder, MarkPaymentInitiated};
+use proto::order::v1::{
+    CompleteOrder, FailOrder, MarkPaymentInitiated, OrderCompleted, OrderFailed,
+};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{OrderCommand, OrderId, PaymentId};
+use crate::domain::{OrderCommand, OrderId, OrderStatus, PaymentId};
 use crate::store::{self, Applied};
 
 /// Moves orders through their statuses. Idempotent by state: statuses only move forward, so a
 /// repeated, late or overtaken command changes nothing and is not an error.
-#[derive(Clone, Debug, Default)]
-pub struct OrderCommands;
+///
+/// `CompleteOrder` and `FailOrder` are answered on `saga.replies` with the order's final
+/// status (`OrderCompleted`, `OrderFailed`), in the same transaction, whether the command
+/// moved the order or found it there: the saga ends only once its order is confirmed, and
+/// sends the command again until it is.
+#[derive(Clone, Debug)]
+pub struct OrderCommands {
+    outbox: Outbox,
+}
+
+impl OrderCommands {
+    pub fn new(outbox: Outbox) -> Self {
+        Self { outbox }
+    }
+
+    /// Confirms the order's final status to the saga; a status that is not final (a
+    /// `MarkPaymentInitiated`) is not answered.
+    async fn confirm(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        status: OrderStatus,
+        failure_reason: Option<String>,
+        cause: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let id = order_id.0.to_string();
+        let topic = proto::topics::SAGA_REPLIES;
+        let context = cause.context();
+        let reply = match status {
+            OrderStatus::Completed => self.outbox.message(
+                topic,
+                order_id.0,
+                &OrderCompleted { order_id: id },
+                &context,
+            ),
+            OrderStatus::Failed => self.outbox.message(
+                topic,
+                order_id.0,
+                &OrderFailed {
+                    order_id: id,
+                    reason: failure_reason.unwrap_or_default(),
+                },
+                &context,
+            ),
+            OrderStatus::Pending | OrderStatus::PaymentInitiated => return Ok(()),
+        };
+        self.outbox.enqueue(conn, &[reply]).await?;
+        Ok(())
+    }
+}
 
 #[async_trait]
 impl Handler for OrderCommands {
@@ -45,12 +95,25 @@ impl Handler for OrderCommands {
             return Err(message.unknown_type());
         };
         let order_id = OrderId(uuid("order_id", &order_id)?);
+        let final_command = !matches!(command, OrderCommand::MarkPaymentInitiated { .. });
         match store::apply(conn, order_id, &command).await? {
             Applied::Moved => {
                 tracing::info!(%order_id, status = %command.target(), "order status changed");
+                if final_command {
+                    let reason = match &command {
+                        OrderCommand::Fail { reason } => Some(reason.clone()),
+                        _ => None,
+                    };
+                    self.confirm(conn, order_id, command.target(), reason, message)
+                        .await?;
+                }
                 Ok(())
             }
-            Applied::Ignored { status, payment_id } => {
+            Applied::Ignored {
+                status,
+                payment_id,
+                failure_reason,
+            } => {
                 tracing::info!(
                     %order_id,
                     %status,
@@ -58,6 +121,10 @@ impl Handler for OrderCommands {
                     command = ?command,
                     "command ignored: the order is already at or past its status"
                 );
+                if final_command {
+                    self.confirm(conn, order_id, status, failure_reason, message)
+                        .await?;
+                }
                 Ok(())
             }
             Applied::UnknownOrder => Err(HandlerError::Permanent(format!(

@@ -100,6 +100,7 @@ impl App {
             payments,
         } = self;
         let outbox = Outbox::new(SERVICE, config.kafka.clone());
+        let commands_outbox = outbox.clone();
         let relay = Relay::for_outbox(pool.clone(), &outbox)?;
         let consumer = Consumer::new(
             &config.kafka,
@@ -135,7 +136,7 @@ impl App {
         }));
         tasks.spawn(cancel_when_done(
             cancel.clone(),
-            consumer.run(OrderCommands, cancel.clone()),
+            consumer.run(OrderCommands::new(commands_outbox), cancel.clone()),
         ));
         tasks.spawn(async move {
             watch_task.await;

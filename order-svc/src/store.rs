@@ -173,6 +173,7 @@ pub enum Applied {
     Ignored {
         status: OrderStatus,
         payment_id: Option<PaymentId>,
+        failure_reason: Option<String>,
     },
     UnknownOrder,
 }
@@ -212,15 +213,17 @@ pub async fn apply(
     if moved == 1 {
         return Ok(Applied::Moved);
     }
-    let row = sqlx::query("SELECT status, payment_id FROM orders WHERE order_id = $1")
-        .bind(id.0)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row =
+        sqlx::query("SELECT status, payment_id, failure_reason FROM orders WHERE order_id = $1")
+            .bind(id.0)
+            .fetch_optional(&mut *conn)
+            .await?;
     match row {
         None => Ok(Applied::UnknownOrder),
         Some(row) => Ok(Applied::Ignored {
             status: status(&row)?,
             payment_id: row.try_get::<Option<Uuid>, _>("payment_id")?.map(PaymentId),
+            failure_reason: row.try_get("failure_reason")?,
         }),
     }
 }

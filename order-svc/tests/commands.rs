@@ -14,7 +14,8 @@ use uuid::Uuid;
 /// Handles `message` in its own committed transaction, as the consumer does.
 async fn handle(app: &TestApp, message: &Incoming) -> Result<(), HandlerError> {
     let mut tx = app.pool.begin().await.unwrap();
-    let result = OrderCommands.handle(&mut tx, message).await;
+    let commands = OrderCommands::new(Outbox::new("order-svc", app.config.kafka.clone()));
+    let result = commands.handle(&mut tx, message).await;
     if result.is_ok() {
         tx.commit().await.unwrap();
     }
@@ -70,8 +71,15 @@ async fn commands_move_the_order_forward() {
     assert_eq!(got.status(), pb::OrderStatus::Completed);
     assert_eq!(got.payment_id, payment_id);
     assert_eq!(got.failure_reason, "");
-    // Commands to order-svc send nothing back.
-    assert_eq!(app.outbox_writes().await.len(), 1);
+    // OrderCreated, then the completion confirmed to the saga (MarkPaymentInitiated is not
+    // answered).
+    let types: Vec<String> = app
+        .outbox_writes()
+        .await
+        .into_iter()
+        .map(|w| w.message_type)
+        .collect();
+    assert_eq!(types, ["order.v1.OrderCreated", "order.v1.OrderCompleted"]);
     app.stop().await;
 }
 
@@ -256,5 +264,64 @@ async fn commands_arrive_through_the_broker() {
     assert_eq!(got.payment_id, payment_id);
     // Both recorded in the inbox: a redelivery would be skipped.
     assert_eq!(app.count("inbox").await, 2);
+    app.stop().await;
+}
+
+/// The replies to the saga about `order_id`, oldest first: type and failure reason.
+async fn replies(app: &TestApp, order_id: &str) -> Vec<(String, String)> {
+    app.outbox_writes()
+        .await
+        .into_iter()
+        .filter(|w| w.topic == app.topic(proto::topics::SAGA_REPLIES) && w.key == order_id)
+        .map(|w| {
+            let reason = match w.message_type.as_str() {
+                "order.v1.OrderFailed" => {
+                    <pb::OrderFailed as prost::Message>::decode(w.payload.as_slice())
+                        .unwrap()
+                        .reason
+                }
+                _ => String::new(),
+            };
+            (w.message_type, reason)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn final_commands_are_confirmed_to_the_saga_with_the_orders_status() {
+    let app = TestApp::start().await;
+    let completed = app.place_order().await;
+    let id = completed.order_id.as_str();
+    handle(&app, &complete(id)).await.unwrap();
+    // Sent again (the saga's step timer, the confirmation lost): confirmed again.
+    handle(&app, &complete(id)).await.unwrap();
+    // A contradicting command is answered with the order's real status.
+    handle(&app, &fail(id, "too late")).await.unwrap();
+    let completion = ("order.v1.OrderCompleted".to_owned(), String::new());
+    assert_eq!(
+        replies(&app, id).await,
+        [completion.clone(), completion.clone(), completion]
+    );
+
+    let failed = app.place_order().await;
+    let id = failed.order_id.as_str();
+    handle(&app, &fail(id, "out of stock")).await.unwrap();
+    handle(&app, &complete(id)).await.unwrap();
+    let failure = ("order.v1.OrderFailed".to_owned(), "out of stock".to_owned());
+    assert_eq!(replies(&app, id).await, [failure.clone(), failure]);
+
+    // MarkPaymentInitiated is not answered; an unknown order is a permanent error (dead
+    // letter), answered by nothing.
+    let paying = app.place_order().await;
+    handle(
+        &app,
+        &mark_payment_initiated(&paying.order_id, &Uuid::now_v7().to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replies(&app, &paying.order_id).await, []);
+    let unknown = Uuid::now_v7().to_string();
+    assert!(handle(&app, &complete(&unknown)).await.is_err());
+    assert_eq!(replies(&app, &unknown).await, []);
     app.stop().await;
 }

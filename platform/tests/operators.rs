@@ -116,6 +116,36 @@ async fn verify(platform: &TestPlatform, order_id: &str) -> Value {
         .await
 }
 
+/// Waits until no saga waits for order-svc to confirm its order (an order is final a moment
+/// before its saga hears so).
+async fn wait_for_confirmations(platform: &TestPlatform) {
+    let deadline = std::time::Instant::now() + SAGA_TIMEOUT;
+    loop {
+        let listed = sagactl(
+            platform,
+            &[
+                "list",
+                "--state",
+                "completing",
+                "--state",
+                "failing",
+                "--json",
+            ],
+        )
+        .await;
+        assert!(listed.status.success(), "{}", stderr(&listed));
+        let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+        if listed.as_array().is_some_and(|a| a.is_empty()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sagas still unconfirmed: {listed}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn execute(url: &str, sql: &str, order_id: &str) {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("database");
     let changed = sqlx::query(sql)
@@ -148,6 +178,7 @@ async fn operators_list_show_abort_and_audit_the_platform_with_sagactl() {
         "COMPLETED"
     );
     assert_eq!(verify(&platform, &declined).await["status"], "FAILED");
+    wait_for_confirmations(&platform).await;
 
     // list: every saga, newest first, with its state.
     let listed = sagactl(&platform, &["list"]).await;
@@ -175,14 +206,16 @@ async fn operators_list_show_abort_and_audit_the_platform_with_sagactl() {
     assert!(shown.status.success());
     let timeline = stdout(&shown);
     let transitions: Vec<&str> = timeline.lines().filter(|l| l.contains(" -> ")).collect();
-    assert_eq!(transitions.len(), 5, "{timeline}");
+    assert_eq!(transitions.len(), 6, "{timeline}");
     assert!(transitions[0].contains("START -> RESERVING"));
     assert!(transitions[0].contains("OrderCreated <- order.v1.OrderCreated"));
     assert!(transitions[0].contains("sent ReserveInventory, StartDeadline"));
     assert!(transitions[1].contains("RESERVING -> CHARGING"));
     assert!(transitions[1].contains("inventory.v1.InventoryReserved"));
-    assert!(transitions[4].contains("COMMITTING -> COMPLETED"));
+    assert!(transitions[4].contains("COMMITTING -> COMPLETING"));
     assert!(transitions[4].contains("sent CompleteOrder"));
+    assert!(transitions[5].contains("COMPLETING -> COMPLETED"));
+    assert!(transitions[5].contains("OrderCompleted <- order.v1.OrderCompleted"));
     assert!(transitions
         .iter()
         .all(|t| t.contains("correlation ops-corr-1")));
@@ -224,6 +257,7 @@ async fn operators_list_show_abort_and_audit_the_platform_with_sagactl() {
         .as_str()
         .unwrap_or_default()
         .contains("customer asked to cancel by phone"));
+    wait_for_confirmations(&platform).await;
     let history = stdout(&sagactl(&platform, &["show", &waiting]).await);
     assert!(
         history.contains("Abort <- operator.AbortSaga admin:"),
@@ -231,7 +265,8 @@ async fn operators_list_show_abort_and_audit_the_platform_with_sagactl() {
     );
     assert!(history.contains("reason \"customer asked to cancel by phone\""));
     assert!(history.contains("VoidPayment(\"aborted by an operator: customer asked"));
-    assert!(history.contains("COMPENSATING -> FAILED"));
+    assert!(history.contains("COMPENSATING -> FAILING"));
+    assert!(history.contains("FAILING -> FAILED"));
 
     // Refusals say why, and exit 1; a wrong token or an unreachable service exit 2.
     let refused = sagactl(&platform, &["retry", &completed]).await;

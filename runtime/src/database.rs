@@ -87,6 +87,10 @@ async fn try_connect(
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // No round trip to ping a connection at every acquire (a saga acquires some twenty
+        // times): a connection that died (PostgreSQL restarted) fails its first statement with
+        // an I/O error, which callers retry as transient, and the pool replaces it.
+        .test_before_acquire(false)
         .connect_with(options.clone())
         .await?)
 }

@@ -25,6 +25,8 @@ pub fn state(state: SagaState) -> pb::SagaState {
         SagaState::AwaitingVerification => pb::SagaState::AwaitingVerification,
         SagaState::Committing => pb::SagaState::Committing,
         SagaState::Compensating => pb::SagaState::Compensating,
+        SagaState::Completing => pb::SagaState::Completing,
+        SagaState::Failing => pb::SagaState::Failing,
         SagaState::Completed => pb::SagaState::Completed,
         SagaState::Failed => pb::SagaState::Failed,
     }
@@ -38,6 +40,8 @@ pub fn state_filter(value: i32) -> Result<SagaState, Error> {
         Ok(pb::SagaState::AwaitingVerification) => Ok(SagaState::AwaitingVerification),
         Ok(pb::SagaState::Committing) => Ok(SagaState::Committing),
         Ok(pb::SagaState::Compensating) => Ok(SagaState::Compensating),
+        Ok(pb::SagaState::Completing) => Ok(SagaState::Completing),
+        Ok(pb::SagaState::Failing) => Ok(SagaState::Failing),
         Ok(pb::SagaState::Completed) => Ok(SagaState::Completed),
         Ok(pb::SagaState::Failed) => Ok(SagaState::Failed),
         Ok(pb::SagaState::Unspecified) | Err(_) => Err(Error::Invalid(format!(

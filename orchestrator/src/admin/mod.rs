@@ -198,7 +198,7 @@ impl SagaAdminApi {
             if let Input::Abort { reason } = &operation.input {
                 let already = matches!(
                     stored.saga.state,
-                    SagaState::Compensating | SagaState::Failed
+                    SagaState::Compensating | SagaState::Failing | SagaState::Failed
                 ) && stored.saga.failure_reason.as_deref()
                     == Some(abort_failure_reason(reason).as_str());
                 if already {
@@ -237,7 +237,10 @@ impl SagaAdminApi {
                 }
                 Ok(Err(why)) => {
                     let failing = match (&stored.saga.failure_reason, stored.saga.state) {
-                        (Some(reason), SagaState::Compensating | SagaState::Failed) => {
+                        (
+                            Some(reason),
+                            SagaState::Compensating | SagaState::Failing | SagaState::Failed,
+                        ) => {
                             format!(" ({reason})")
                         }
                         _ => String::new(),

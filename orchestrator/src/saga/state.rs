@@ -18,17 +18,25 @@ pub enum SagaState {
     Committing,
     /// Compensations sent; waiting until every one is confirmed.
     Compensating,
+    /// Stock committed and payment taken; `CompleteOrder` sent, waiting for order-svc to
+    /// confirm the order `COMPLETED`.
+    Completing,
+    /// Nothing held any more; `FailOrder` sent, waiting for order-svc to confirm the order
+    /// `FAILED`.
+    Failing,
     Completed,
     Failed,
 }
 
 impl SagaState {
-    pub const ALL: [SagaState; 7] = [
+    pub const ALL: [SagaState; 9] = [
         SagaState::Reserving,
         SagaState::Charging,
         SagaState::AwaitingVerification,
         SagaState::Committing,
         SagaState::Compensating,
+        SagaState::Completing,
+        SagaState::Failing,
         SagaState::Completed,
         SagaState::Failed,
     ];
@@ -44,6 +52,8 @@ impl SagaState {
             SagaState::AwaitingVerification => "AWAITING_VERIFICATION",
             SagaState::Committing => "COMMITTING",
             SagaState::Compensating => "COMPENSATING",
+            SagaState::Completing => "COMPLETING",
+            SagaState::Failing => "FAILING",
             SagaState::Completed => "COMPLETED",
             SagaState::Failed => "FAILED",
         }
@@ -113,6 +123,8 @@ impl SagaState {
                 | SagaState::Charging
                 | SagaState::Committing
                 | SagaState::Compensating
+                | SagaState::Completing
+                | SagaState::Failing
         )
     }
 }

@@ -34,6 +34,13 @@ pub enum Input {
     InventoryReleased,
     PaymentVoided,
     PaymentRefunded,
+    /// order-svc confirms the order `COMPLETED` (after a `CompleteOrder`, or any final
+    /// command that found it so).
+    OrderCompleted,
+    /// order-svc confirms the order `FAILED`, with its failure reason.
+    OrderFailed {
+        reason: String,
+    },
     /// The payment deadline passed.
     DeadlineExpired,
     /// The service of the current step has not answered in time: send its command again.
@@ -60,6 +67,8 @@ impl Input {
             Input::InventoryReleased => "InventoryReleased",
             Input::PaymentVoided => "PaymentVoided",
             Input::PaymentRefunded => "PaymentRefunded",
+            Input::OrderCompleted => "OrderCompleted",
+            Input::OrderFailed { .. } => "OrderFailed",
             Input::DeadlineExpired => "DeadlineExpired",
             Input::StepTimedOut => "StepTimedOut",
             Input::Retry => "Retry",
@@ -90,6 +99,9 @@ pub enum Command {
 pub struct Transition {
     pub saga: Saga,
     pub commands: Vec<Command>,
+    /// The saga and the world disagree in a way it cannot repair by itself (order-svc reports
+    /// the order's status the other way): an operator must look, and why.
+    pub alert: Option<String>,
 }
 
 // Returned once per input and taken apart at once: boxing the large variant would only add an
@@ -130,6 +142,7 @@ fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
                     attempts: 0,
                 },
                 commands: vec![Command::ReserveInventory, Command::StartDeadline],
+                alert: None,
             }),
             _ => Outcome::Ignored("no saga for this order"),
         };
@@ -149,7 +162,7 @@ fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             // Nothing is held when a reservation fails: the saga fails at once.
             let reason = format!("inventory reservation failed: {reason}");
             let mut next = saga.clone();
-            next.state = Failed;
+            next.state = Failing;
             next.failure_reason = Some(reason.clone());
             changed(
                 next,
@@ -201,7 +214,7 @@ fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
 
         (Committing, Input::InventoryCommitted) => {
             let mut next = saga.clone();
-            next.state = Completed;
+            next.state = Completing;
             changed(next, vec![Command::CompleteOrder])
         }
         (Committing, Input::InventoryCommitFailed { reason }) => compensate(
@@ -221,7 +234,36 @@ fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             changed(next, vec![])
         }
 
-        (Reserving | Charging | Committing | Compensating, Input::StepTimedOut | Input::Retry) => {
+        // The saga ends once order-svc confirms its order; the other status is a disagreement
+        // no resend repairs (order-svc's statuses are final): flag it, and keep waiting.
+        (Completing, Input::OrderCompleted) => {
+            let mut next = saga.clone();
+            next.state = Completed;
+            changed(next, vec![])
+        }
+        (Failing, Input::OrderFailed { .. }) => {
+            let mut next = saga.clone();
+            next.state = Failed;
+            changed(next, vec![])
+        }
+        (Completing, Input::OrderFailed { reason }) => alert(
+            saga,
+            format!(
+                "order-svc reports the order FAILED ({reason}) though its stock is committed and its payment taken"
+            ),
+        ),
+        (Failing, Input::OrderCompleted) => alert(
+            saga,
+            format!(
+                "order-svc reports the order COMPLETED though the saga failed ({}) and holds nothing",
+                saga.failure_reason.as_deref().unwrap_or("no reason")
+            ),
+        ),
+
+        (
+            Reserving | Charging | Committing | Compensating | Completing | Failing,
+            Input::StepTimedOut | Input::Retry,
+        ) => {
             let mut next = saga.clone();
             next.attempts += 1;
             changed(next, step_commands(saga))
@@ -247,6 +289,10 @@ fn transition(saga: Option<&Saga>, order_id: Uuid, input: &Input) -> Outcome {
             "the payment succeeded and the stock is being committed: retry instead",
         ),
         (Compensating, Input::Abort { .. }) => Outcome::Ignored("already compensating"),
+        (Completing, Input::Abort { .. }) => Outcome::Ignored(
+            "the stock is committed and the payment taken; the order is being completed: retry instead",
+        ),
+        (Failing, Input::Abort { .. }) => Outcome::Ignored("already failing"),
 
         _ => Outcome::Ignored("input does not apply in this state"),
     }
@@ -273,6 +319,8 @@ fn step_commands(saga: &Saga) -> Vec<Command> {
             .iter()
             .map(|c| compensation_command(*c, &reason))
             .collect(),
+        SagaState::Completing => vec![Command::CompleteOrder],
+        SagaState::Failing => vec![Command::FailOrder { reason }],
         SagaState::AwaitingVerification | SagaState::Completed | SagaState::Failed => vec![],
     }
 }
@@ -287,7 +335,21 @@ fn compensation_command(compensation: Compensation, reason: &str) -> Command {
 }
 
 fn changed(saga: Saga, commands: Vec<Command>) -> Outcome {
-    Outcome::Changed(Transition { saga, commands })
+    Outcome::Changed(Transition {
+        saga,
+        commands,
+        alert: None,
+    })
+}
+
+/// Nothing changes and nothing is sent, but an operator must look: the history records the
+/// input and the saga is flagged with `why`.
+fn alert(saga: &Saga, why: String) -> Outcome {
+    Outcome::Changed(Transition {
+        saga: saga.clone(),
+        commands: vec![],
+        alert: Some(why),
+    })
 }
 
 /// Starts compensating: sends each compensation and waits for all of them.
@@ -313,7 +375,8 @@ fn compensate(saga: &Saga, reason: &str, compensations: &[Compensation]) -> Outc
     changed(next, commands)
 }
 
-/// One compensation confirmed; the saga fails once all are.
+/// One compensation confirmed; once all are, the order is failed and the saga waits for
+/// order-svc to confirm it.
 fn confirm(saga: &Saga, compensation: Compensation) -> Outcome {
     if !saga.pending.contains(&compensation) {
         return Outcome::Ignored("compensation not pending");
@@ -323,7 +386,7 @@ fn confirm(saga: &Saga, compensation: Compensation) -> Outcome {
     if !next.pending.is_empty() {
         return changed(next, vec![]);
     }
-    next.state = SagaState::Failed;
+    next.state = SagaState::Failing;
     let reason = next
         .failure_reason
         .clone()

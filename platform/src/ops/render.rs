@@ -17,6 +17,8 @@ pub fn state_name(state: pb::SagaState) -> &'static str {
         pb::SagaState::AwaitingVerification => "AWAITING_VERIFICATION",
         pb::SagaState::Committing => "COMMITTING",
         pb::SagaState::Compensating => "COMPENSATING",
+        pb::SagaState::Completing => "COMPLETING",
+        pb::SagaState::Failing => "FAILING",
         pb::SagaState::Completed => "COMPLETED",
         pb::SagaState::Failed => "FAILED",
     }
