@@ -48,7 +48,8 @@ impl PaymentCommands {
     }
 
     /// Records a payment awaiting verification, or a declined one when the provider refuses
-    /// the method. Sent again, it replies as the recorded payment stands.
+    /// the method. Sent again, it replies as the recorded payment stands. After a compensation
+    /// of the order (its tombstone), it records nothing and replies that the payment failed.
     async fn charge(
         &self,
         conn: &mut PgConnection,
@@ -82,6 +83,21 @@ impl PaymentCommands {
             traceparent: message.envelope.traceparent.clone(),
         };
         let (payment, created) = store::insert(conn, &new).await?;
+        if payment.tombstone {
+            // A compensation came first: the saga has given this order up, so nothing may be
+            // charged. A failure is what the saga's every state can take: while charging it
+            // compensates, once compensating or failed it ignores it.
+            let compensated = payment.decline_reason.as_deref().unwrap_or_default();
+            tracing::warn!(%order_id, compensated, "ChargePayment after the order's payment was voided: refused");
+            let reply = pb::PaymentFailed {
+                order_id: order_id.to_string(),
+                payment_id: String::new(),
+                reason: format!(
+                    "the order's payment was voided before it was charged ({compensated}); nothing was charged"
+                ),
+            };
+            return self.reply(conn, message, order_id, &reply).await;
+        }
         if created {
             tracing::info!(
                 %order_id,
@@ -106,7 +122,8 @@ impl PaymentCommands {
     }
 
     /// Applies a compensation (`next` maps the current status to the new one) to the order's
-    /// payment. Returns the payment id and final status, or `None` when the order has none.
+    /// payment. Returns the payment id and final status, or `None` when the order has none; then
+    /// a tombstone is recorded, so that a charge arriving later takes nothing.
     async fn compensate(
         &self,
         conn: &mut PgConnection,
@@ -115,10 +132,33 @@ impl PaymentCommands {
         reason: &str,
         next: fn(PaymentStatus) -> PaymentStatus,
     ) -> Result<Option<Payment>, HandlerError> {
-        let Some(payment) = store::lock_by_order(conn, order_id).await? else {
-            tracing::warn!(%order_id, reason, "{what}: the order has no payment");
-            return Ok(None);
+        // Twice at most: if the tombstone loses to a charge committed meanwhile, that payment
+        // is there to compensate on the second pass.
+        let mut locked = None;
+        for _ in 0..2 {
+            if let Some(payment) = store::lock_by_order(conn, order_id).await? {
+                locked = Some(payment);
+                break;
+            }
+            let tombstone = if reason.trim().is_empty() {
+                what
+            } else {
+                reason
+            };
+            if store::insert_tombstone(conn, order_id, tombstone).await? {
+                tracing::warn!(%order_id, reason, "{what}: the order has no payment; a later charge will be refused");
+                return Ok(None);
+            }
+        }
+        let Some(payment) = locked else {
+            return Err(HandlerError::Transient(format!(
+                "payment of order {order_id} neither found nor insertable"
+            )));
         };
+        if payment.tombstone {
+            tracing::info!(%order_id, reason, "{what}: the order has no payment");
+            return Ok(None);
+        }
         let status = next(payment.status);
         if status == payment.status {
             tracing::info!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");

@@ -94,6 +94,7 @@ mod tests {
             decline_reason: None,
             correlation_id: String::new(),
             traceparent: String::new(),
+            tombstone: false,
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }
