@@ -116,6 +116,7 @@ impl App {
             .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<PaymentServiceServer<PaymentGrpc>>().await)
             .add_service(runtime::grpc::reflection()?)
+            .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(service);
         let relay = Relay::new(pool.clone(), &config.kafka)?;
         let consumer = Consumer::new(

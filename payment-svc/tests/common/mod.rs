@@ -20,6 +20,8 @@ pub struct TestApp {
     pub config: Config,
     pub handler: PaymentCommands,
     pub grpc: PaymentServiceClient<Channel>,
+    /// Where the gRPC server listens, `http://host:port`.
+    pub grpc_url: String,
     cancel: CancellationToken,
 }
 
@@ -58,7 +60,8 @@ impl TestApp {
         let addr = app.grpc_addr();
         let cancel = CancellationToken::new();
         tokio::spawn(app.run(cancel.clone()));
-        let grpc = PaymentServiceClient::connect(format!("http://{addr}"))
+        let grpc_url = format!("http://{addr}");
+        let grpc = PaymentServiceClient::connect(grpc_url.clone())
             .await
             .expect("connecting to the gRPC server");
         TestApp {
@@ -66,6 +69,7 @@ impl TestApp {
             config,
             handler,
             grpc,
+            grpc_url,
             cancel,
         }
     }
