@@ -12,8 +12,10 @@ pub enum Error {
     /// A valid request that the payment's current state refuses.
     #[error("{0}")]
     Refused(String),
+    /// The database failed: unreachable or overloaded for now (UNAVAILABLE), or in a way that
+    /// retrying will not cure (INTERNAL); [`runtime::database::is_transient`] tells which.
     #[error("database: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Database(#[from] sqlx::Error),
 }
 
 impl From<Error> for Status {
@@ -22,9 +24,13 @@ impl From<Error> for Status {
             Error::Invalid(message) => Status::invalid_argument(message),
             Error::NotFound(message) => Status::not_found(message),
             Error::Refused(message) => Status::failed_precondition(message),
-            Error::Unavailable(e) => {
-                tracing::error!(error = %e, "database error");
+            Error::Database(e) if runtime::database::is_transient(&e) => {
+                tracing::warn!(error = %e, "database unavailable");
                 Status::unavailable("the payment database is unavailable, try again")
+            }
+            Error::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                Status::internal("internal error; payment-svc's logs have the details")
             }
         }
     }

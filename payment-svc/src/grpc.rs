@@ -23,6 +23,9 @@ pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 const TRACEPARENT_HEADER: &str = "traceparent";
 const TRACESTATE_HEADER: &str = "tracestate";
 
+/// Longest payment method token accepted (order-svc accepts no longer).
+const MAX_PAYMENT_METHOD_CHARS: usize = 255;
+
 /// Payments read at a time by ListPayments.
 const LIST_PAGE_SIZE: usize = 1000;
 
@@ -249,6 +252,8 @@ impl PaymentService for PaymentGrpc {
         if method.is_empty() {
             return Err(Error::Invalid("payment_method is required".to_owned()).into());
         }
+        runtime::text::identifier(&method, MAX_PAYMENT_METHOD_CHARS)
+            .map_err(|problem| Status::from(Error::Invalid(format!("payment_method {problem}"))))?;
         self.provider
             .check_method(&method)
             .map_err(|message| Status::from(Error::Invalid(message)))?;

@@ -305,3 +305,39 @@ async fn validate_payment_method_accepts_test_cards_and_refuses_the_rest() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(status.message(), "payment_method is required");
 }
+
+#[tokio::test]
+async fn hostile_strings_are_refused_as_invalid() {
+    let mut app = TestApp::start().await;
+    for method in ["pm_card_visa\u{0}".to_owned(), "p".repeat(10_000)] {
+        let status = app
+            .grpc
+            .validate_payment_method(pb::ValidatePaymentMethodRequest {
+                payment_method: method,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("payment_method"), "{status:?}");
+        assert!(status.message().len() < 1000, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_error_that_retrying_cannot_cure_is_internal_not_unavailable() {
+    let mut app = TestApp::start().await;
+    // A schema out of step with the code fails the same way every time.
+    sqlx::query("ALTER TABLE payments RENAME TO payments_elsewhere")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let status = app
+        .grpc
+        .get_payment(pb::GetPaymentRequest {
+            payment_id: Uuid::new_v4().to_string(),
+            order_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+}

@@ -90,3 +90,40 @@ async fn try_connect(
         .connect_with(options.clone())
         .await?)
 }
+
+/// Whether `error` may pass if the same work is tried again: the database unreachable or its
+/// connection lost, the pool exhausted, or PostgreSQL refusing for now (SQLSTATE classes 08
+/// connection exception, 40 transaction rollback (serialization failure, deadlock), 53
+/// insufficient resources, 57 operator intervention). Anything else (a constraint, a value
+/// PostgreSQL refuses, a schema out of step, a row that does not decode) fails the same way
+/// every time.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| ["08", "40", "53", "57"].iter().any(|c| code.starts_with(c))),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient;
+
+    #[test]
+    fn only_errors_that_may_pass_are_transient() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::PoolClosed));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+        assert!(!is_transient(&sqlx::Error::Protocol("bad".into())));
+        assert!(!is_transient(&sqlx::Error::ColumnNotFound("x".into())));
+    }
+}
