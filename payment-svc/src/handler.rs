@@ -5,6 +5,7 @@
 //! the orchestrator retried) finds the payment as the first one left it and replies the same.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, Incoming, Outbox};
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use crate::grpc::convert;
 use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
-use crate::provider::PaymentProvider;
+use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
 /// Currency of a charge that names none: the platform sells in US dollars.
@@ -26,11 +27,20 @@ const DEFAULT_CURRENCY: &str = "USD";
 pub struct PaymentCommands {
     outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
+    provider_timeout: Duration,
 }
 
 impl PaymentCommands {
-    pub fn new(outbox: Outbox, provider: Arc<dyn PaymentProvider>) -> Self {
-        Self { outbox, provider }
+    pub fn new(
+        outbox: Outbox,
+        provider: Arc<dyn PaymentProvider>,
+        provider_timeout: Duration,
+    ) -> Self {
+        Self {
+            outbox,
+            provider,
+            provider_timeout,
+        }
     }
 
     async fn reply<M: prost::Message + prost::Name>(
@@ -159,12 +169,14 @@ impl PaymentCommands {
             tracing::info!(%order_id, reason, "{what}: the order has no payment");
             return Ok(None);
         }
-        let status = next(payment.status);
+        let (settled, decline_reason) = self.settle_attempt(&payment).await?;
+        let status = next(settled);
         if status == payment.status {
             tracing::info!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");
             return Ok(Some(payment));
         }
-        let updated = store::set_status(conn, payment.payment_id, status, None).await?;
+        let updated =
+            store::set_status(conn, payment.payment_id, status, decline_reason.as_deref()).await?;
         tracing::info!(
             %order_id,
             payment_id = %payment.payment_id,
@@ -174,6 +186,39 @@ impl PaymentCommands {
             "{what}"
         );
         Ok(Some(updated))
+    }
+
+    /// The status of a payment once its verification attempt, if one was made and never
+    /// recorded (its answer lost, or still on its way), is settled: the provider is asked again
+    /// with the attempt's idempotency key, which answers as before and charges nothing more. So
+    /// a compensation knows whether money was taken. Only such payments wait on the provider,
+    /// for at most its timeout; a timeout is transient, and the command is retried.
+    async fn settle_attempt(
+        &self,
+        payment: &Payment,
+    ) -> Result<(PaymentStatus, Option<String>), HandlerError> {
+        let (PaymentStatus::AwaitingVerification, Some(key)) =
+            (payment.status, payment.attempt_key)
+        else {
+            return Ok((payment.status, None));
+        };
+        let decision = tokio::time::timeout(
+            self.provider_timeout,
+            self.provider.verify(payment, &key.to_string()),
+        )
+        .await
+        .map_err(|_| {
+            HandlerError::Transient(format!(
+                "the payment provider did not settle attempt {key} of payment {} within {} ms",
+                payment.payment_id,
+                self.provider_timeout.as_millis()
+            ))
+        })?;
+        tracing::info!(payment_id = %payment.payment_id, attempt = %key, ?decision, "open verification attempt settled");
+        Ok(match decision {
+            Decision::Approved => (PaymentStatus::Succeeded, None),
+            Decision::Declined { reason } => (PaymentStatus::Declined, Some(reason)),
+        })
     }
 
     async fn void(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {

@@ -111,6 +111,9 @@ pub struct Payment {
     pub traceparent: String,
     /// Not a payment: the order was compensated before any charge (see [`crate::store`]).
     pub tombstone: bool,
+    /// The idempotency key of the verification attempt recorded before the provider was asked,
+    /// if one was.
+    pub attempt_key: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -1,14 +1,14 @@
 //! The `payments` table.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::payment::{NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
 
 const COLUMNS: &str = "payment_id, order_id, amount_cents, currency, payment_method, status, \
-                       decline_reason, correlation_id, traceparent, tombstone, created_at, \
-                       updated_at";
+                       decline_reason, correlation_id, traceparent, tombstone, attempt_key, \
+                       created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -22,6 +22,7 @@ struct Row {
     correlation_id: String,
     traceparent: String,
     tombstone: bool,
+    attempt_key: Option<Uuid>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -47,6 +48,7 @@ impl TryFrom<Row> for Payment {
             correlation_id: row.correlation_id,
             traceparent: row.traceparent,
             tombstone: row.tombstone,
+            attempt_key: row.attempt_key,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -144,6 +146,55 @@ pub async fn lock_by_order(
         "SELECT {COLUMNS} FROM payments WHERE order_id = $1 FOR UPDATE"
     ))
     .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    payment(row)
+}
+
+/// Records that a verification is about to ask the provider, if the payment still awaits one:
+/// its idempotency key is `key`, unless an earlier attempt left one, which is kept (so every
+/// try of one payment is the same attempt to the provider). Returns the payment as it stands.
+pub async fn begin_attempt(
+    pool: &PgPool,
+    id: PaymentId,
+    key: Uuid,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "UPDATE payments SET \
+             attempt_key = COALESCE(attempt_key, $2), attempt_started_at = now() \
+         WHERE payment_id = $1 AND NOT tombstone AND status = 'AWAITING_VERIFICATION' \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match payment(row)? {
+        Some(payment) => Ok(Some(payment)),
+        // Decided already, or unknown: nothing to attempt.
+        None => find(pool, id).await,
+    }
+}
+
+/// Records the provider's answer to attempt `key`, if the payment still awaits it; `None` when
+/// it was settled meanwhile (by another try of the same attempt, or by a compensation).
+pub async fn settle(
+    conn: &mut PgConnection,
+    id: PaymentId,
+    key: Uuid,
+    status: PaymentStatus,
+    decline_reason: Option<&str>,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "UPDATE payments SET status = $3, decline_reason = COALESCE($4, decline_reason), \
+                             updated_at = now() \
+         WHERE payment_id = $1 AND attempt_key = $2 AND status = 'AWAITING_VERIFICATION' \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key)
+    .bind(status.as_str())
+    .bind(decline_reason)
     .fetch_optional(conn)
     .await?;
     payment(row)

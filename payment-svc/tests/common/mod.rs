@@ -51,8 +51,17 @@ impl TestApp {
 
     /// Starts the App, letting `customize` change it (its provider, say) before it runs.
     pub async fn start_with(customize: impl FnOnce(App) -> App) -> TestApp {
+        Self::start_configured(|_| {}, customize).await
+    }
+
+    /// Starts the App with its settings changed by `configure`, and itself by `customize`.
+    pub async fn start_configured(
+        configure: impl FnOnce(&mut Config),
+        customize: impl FnOnce(App) -> App,
+    ) -> TestApp {
         let url = platform::testing::fresh_database("payment").await;
-        let config = config(&url);
+        let mut config = config(&url);
+        configure(&mut config);
         let app = customize(App::build(config.clone()).await.expect("App::build"));
         let pool = app.pool().clone();
         record_outbox(&pool).await;
@@ -214,5 +223,13 @@ pub fn saga_context() -> MessageContext {
         causation_id: Uuid::now_v7().to_string(),
         traceparent: TRACEPARENT.into(),
         tracestate: String::new(),
+    }
+}
+
+/// The VoidPayment the orchestrator sends when the payment deadline passes.
+pub fn void(order_id: Uuid) -> proto::payment::v1::VoidPayment {
+    proto::payment::v1::VoidPayment {
+        order_id: order_id.to_string(),
+        reason: "payment not verified before the deadline".into(),
     }
 }
