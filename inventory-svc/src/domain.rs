@@ -168,6 +168,29 @@ pub enum ReserveFailure {
     AlreadyReleased,
 }
 
+impl ReserveFailure {
+    /// The `refusal` recorded for a refused reservation; `None` for a failure that records
+    /// nothing of its own.
+    pub fn as_refusal(self) -> Option<&'static str> {
+        match self {
+            Self::OutOfStock => Some("OUT_OF_STOCK"),
+            Self::UnknownSku => Some("UNKNOWN_SKU"),
+            Self::AlreadyReleased => None,
+        }
+    }
+
+    /// Reads the `refusal` column; the table's CHECK constraint allows nothing else.
+    pub fn from_refusal(value: &str) -> Result<Self, sqlx::Error> {
+        match value {
+            "OUT_OF_STOCK" => Ok(Self::OutOfStock),
+            "UNKNOWN_SKU" => Ok(Self::UnknownSku),
+            other => Err(sqlx::Error::Decode(
+                format!("unknown reservation refusal {other:?}").into(),
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Reserved {

@@ -8,11 +8,14 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::MAX_AVAILABLE;
+use crate::domain::{Sku, MAX_AVAILABLE};
 use crate::error::Error;
 use crate::store;
 
 pub use proto::inventory::v1::inventory_service_server::InventoryServiceServer;
+
+/// Longest reason of a write-off.
+const MAX_REASON_CHARS: usize = 1000;
 
 /// Reservations read at a time by ListReservations.
 const LIST_PAGE_SIZE: usize = 1000;
@@ -39,6 +42,12 @@ impl InventoryApi {
         let levels = if request.skus.is_empty() {
             store::stock::all(&mut conn).await?
         } else {
+            // Checked before they reach PostgreSQL, which refuses some (a NUL byte); no such
+            // SKU can exist.
+            for (i, sku) in request.skus.iter().enumerate() {
+                Sku::parse(sku)
+                    .map_err(|reason| Error::invalid("skus", format!("[{i}] {reason}")))?;
+            }
             let mut wanted = request.skus;
             wanted.sort();
             wanted.dedup();
@@ -95,6 +104,8 @@ impl InventoryApi {
         if reason.is_empty() {
             return Err(Error::invalid("reason", "is required"));
         }
+        runtime::text::free_text(reason, MAX_REASON_CHARS)
+            .map_err(|problem| Error::invalid("reason", problem))?;
         let mut tx = self.pool.begin().await?;
         let (level, released) = match store::stock::write_off(&mut tx, &sku, request.quantity, reason).await? {
             Ok(done) => done,

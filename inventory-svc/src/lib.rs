@@ -101,12 +101,14 @@ impl App {
         let health =
             runtime::grpc::health::<grpc::InventoryServiceServer<grpc::InventoryApi>>().await;
         let reflection = runtime::grpc::reflection()?;
+        let reflection_v1alpha = runtime::grpc::reflection_v1alpha()?;
         let shutdown = cancel.clone().cancelled_owned();
         tasks.spawn(cancel_when_done(cancel.clone(), async move {
             tonic::transport::Server::builder()
                 .layer(telemetry::grpc::ServerLayer)
                 .add_service(health)
                 .add_service(reflection)
+                .add_service(reflection_v1alpha)
                 .add_service(api)
                 .serve_with_incoming_shutdown(runtime::grpc::incoming(listener), shutdown)
                 .await

@@ -79,7 +79,14 @@ async fn reserve_holds_nothing_when_one_line_is_out_of_stock() {
 
     assert_eq!(stock(pool, "SKU-KEYBOARD").await, (1000, 0, 0));
     assert_eq!(stock(pool, "SKU-MOUSE").await, (1, 0, 0));
-    assert_eq!(reservation_status(pool, order).await, None);
+    // Recorded as a refusal holding nothing.
+    assert_eq!(
+        reservation_status(pool, order).await,
+        Some((
+            "RELEASED".to_owned(),
+            Some("out of stock: SKU-MOUSE (asked 3, available 1)".to_owned())
+        ))
+    );
     let reply: pb::InventoryReservationFailed = last_reply(pool, app.config(), order).await;
     assert_eq!(reply.order_id, order.to_string());
     assert_eq!(reply.failure(), pb::ReservationFailure::OutOfStock);
@@ -362,4 +369,59 @@ async fn concurrent_reservations_never_oversell() {
             .await
             .unwrap();
     assert_eq!(holding, 10);
+}
+
+#[tokio::test]
+async fn a_reserve_resent_after_a_refusal_replies_the_same_refusal_and_holds_nothing() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    set_available(pool, "SKU-MOUSE", 1).await;
+    let (short, unknown) = (Uuid::new_v4(), Uuid::new_v4());
+
+    handle(pool, &handler, &reserve(short, &[("SKU-MOUSE", 3)]))
+        .await
+        .unwrap();
+    let refused: pb::InventoryReservationFailed = last_reply(pool, app.config(), short).await;
+    assert_eq!(refused.failure(), pb::ReservationFailure::OutOfStock);
+    handle(pool, &handler, &reserve(unknown, &[("SKU-NOPE", 1)]))
+        .await
+        .unwrap();
+    let unknown_sku: pb::InventoryReservationFailed = last_reply(pool, app.config(), unknown).await;
+    assert_eq!(unknown_sku.failure(), pb::ReservationFailure::UnknownSku);
+
+    // The saga failed on those refusals. Stock is freed, and the SKU created, before the
+    // step timer (or an operator's retry) sends the same ReserveInventory again.
+    set_available(pool, "SKU-MOUSE", 1000).await;
+    sqlx::query("INSERT INTO stock (sku, available) VALUES ('SKU-NOPE', 1000)")
+        .execute(pool)
+        .await
+        .unwrap();
+    handle(pool, &handler, &reserve(short, &[("SKU-MOUSE", 3)]))
+        .await
+        .unwrap();
+    handle(pool, &handler, &reserve(unknown, &[("SKU-NOPE", 1)]))
+        .await
+        .unwrap();
+
+    assert_eq!(stock(pool, "SKU-MOUSE").await, (1000, 0, 0));
+    assert_eq!(stock(pool, "SKU-NOPE").await, (1000, 0, 0));
+    let again: pb::InventoryReservationFailed = last_reply(pool, app.config(), short).await;
+    assert_eq!(again, refused);
+    let again: pb::InventoryReservationFailed = last_reply(pool, app.config(), unknown).await;
+    assert_eq!(again, unknown_sku);
+
+    // A refused reservation holds nothing to release, and cannot be committed.
+    handle(pool, &handler, &release(short, "reservation failed"))
+        .await
+        .unwrap();
+    let released: pb::InventoryReleased = last_reply(pool, app.config(), short).await;
+    assert!(!released.released);
+    handle(pool, &handler, &commit(unknown)).await.unwrap();
+    let commit_failed: pb::InventoryCommitFailed = last_reply(pool, app.config(), unknown).await;
+    assert!(
+        commit_failed.reason.contains("unknown SKU: SKU-NOPE"),
+        "{}",
+        commit_failed.reason
+    );
+    assert_eq!(stock(pool, "SKU-NOPE").await, (1000, 0, 0));
 }

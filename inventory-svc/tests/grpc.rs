@@ -364,3 +364,50 @@ async fn write_off_takes_available_units_first_then_the_newest_reservations() {
     assert_eq!(unknown.code(), Code::NotFound);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_strings_are_refused_as_invalid_and_change_nothing() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+
+    for skus in [vec!["SKU\u{0}X".to_owned()], vec!["S".repeat(10_000)]] {
+        let status = client
+            .get_stock(pb::GetStockRequest { skus })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("skus: [0]"), "{status:?}");
+        assert!(status.message().len() < 300, "{status:?}");
+    }
+    for reason in ["damaged\u{0}".to_owned(), "r".repeat(10_000)] {
+        let status = client
+            .write_off_stock(pb::WriteOffStockRequest {
+                sku: "SKU-MOUSE".into(),
+                quantity: 1,
+                reason,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("reason"), "{status:?}");
+    }
+    assert_eq!(stock(&app.pool, "SKU-MOUSE").await, (1000, 0, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_error_that_retrying_cannot_cure_is_internal_not_unavailable() {
+    let app = running_app(&[]).await;
+    let mut client = app.client().await;
+    // A schema out of step with the code fails the same way every time.
+    sqlx::query("ALTER TABLE stock RENAME TO stock_elsewhere")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let status = client
+        .get_stock(pb::GetStockRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    app.stop().await;
+}

@@ -15,6 +15,14 @@ pub const MAX_ITEMS: usize = 50;
 pub const MAX_QUANTITY: u32 = 1000;
 pub const MAX_PAYMENT_METHOD_CHARS: usize = 255;
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+/// Longest SKU (inventory-svc allows no longer).
+pub const MAX_SKU_CHARS: usize = 64;
+
+/// `value` of request field `field` checked by [`runtime::text::identifier`].
+fn identifier(field: &str, value: &str, max_chars: usize) -> Result<(), Error> {
+    runtime::text::identifier(value, max_chars)
+        .map_err(|problem| Error::Invalid(format!("{field} {problem}")))
+}
 
 /// An order's id, which is also its saga's id and the Kafka key of its messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,15 +179,10 @@ impl OrderRequest {
         payment_method: String,
         idempotency_key: String,
     ) -> Result<Self, Error> {
-        let customer_chars = customer_id.chars().count();
         if customer_id.trim().is_empty() {
             return Err(Error::Invalid("customer_id must not be empty".into()));
         }
-        if customer_chars > MAX_CUSTOMER_ID_CHARS {
-            return Err(Error::Invalid(format!(
-                "customer_id must be at most {MAX_CUSTOMER_ID_CHARS} characters, got {customer_chars}"
-            )));
-        }
+        identifier("customer_id", &customer_id, MAX_CUSTOMER_ID_CHARS)?;
         if items.is_empty() {
             return Err(Error::Invalid("items must hold at least one item".into()));
         }
@@ -194,6 +197,7 @@ impl OrderRequest {
             if sku.trim().is_empty() {
                 return Err(Error::Invalid(format!("items[{i}].sku must not be empty")));
             }
+            identifier(&format!("items[{i}].sku"), &sku, MAX_SKU_CHARS)?;
             if !(1..=MAX_QUANTITY).contains(&quantity) {
                 return Err(Error::Invalid(format!(
                     "items[{i}].quantity must be between 1 and {MAX_QUANTITY}, got {quantity}"
@@ -210,20 +214,13 @@ impl OrderRequest {
         if payment_method.trim().is_empty() {
             return Err(Error::Invalid("payment_method must not be empty".into()));
         }
-        if payment_method.chars().count() > MAX_PAYMENT_METHOD_CHARS {
-            return Err(Error::Invalid(format!(
-                "payment_method must be at most {MAX_PAYMENT_METHOD_CHARS} characters"
-            )));
-        }
-        let idempotency_key = match idempotency_key {
-            key if key.is_empty() => None,
-            key if key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS => {
-                return Err(Error::Invalid(format!(
-                    "idempotency_key must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
-                )))
-            }
-            key => Some(key),
-        };
+        identifier("payment_method", &payment_method, MAX_PAYMENT_METHOD_CHARS)?;
+        identifier(
+            "idempotency_key",
+            &idempotency_key,
+            MAX_IDEMPOTENCY_KEY_CHARS,
+        )?;
+        let idempotency_key = Some(idempotency_key).filter(|key| !key.is_empty());
         Ok(Self {
             customer_id,
             lines,

@@ -15,6 +15,9 @@ pub enum Error {
     /// A dependency (payment-svc) cannot be reached or did not answer in time.
     #[error("{0}")]
     Unavailable(String),
+    /// A dependency failed in a way that retrying will not cure; logged, never shown.
+    #[error("{0}")]
+    Internal(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -29,9 +32,18 @@ impl From<Error> for tonic::Status {
                 tracing::warn!(error = %message, "dependency unavailable");
                 tonic::Status::unavailable(message)
             }
+            Error::Internal(message) => {
+                tracing::error!(error = %message, "internal error");
+                tonic::Status::internal("internal error; order-svc's logs have the details")
+            }
+            // Only what may pass is worth a retry; anything else would fail again.
+            Error::Database(e) if runtime::database::is_transient(&e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                tonic::Status::unavailable("the order database is unavailable, retry later")
+            }
             Error::Database(e) => {
                 tracing::error!(error = %e, "database error");
-                tonic::Status::unavailable("the order database is unavailable, retry later")
+                tonic::Status::internal("internal error; order-svc's logs have the details")
             }
         }
     }

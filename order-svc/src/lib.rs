@@ -115,12 +115,14 @@ impl App {
             OrderServiceServer::new(OrderGrpc::new(Orders::new(pool, outbox, payments), watch));
         let health = runtime::grpc::health::<OrderServiceServer<OrderGrpc>>().await;
         let reflection = runtime::grpc::reflection()?;
+        let reflection_v1alpha = runtime::grpc::reflection_v1alpha()?;
 
         let mut tasks = JoinSet::new();
         let server = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(service)
             .serve_with_incoming_shutdown(
                 runtime::grpc::incoming(listener),

@@ -36,7 +36,8 @@ impl PaymentMethods {
     }
 
     /// `Ok` when payment-svc accepts `payment_method`; its refusal is passed on as
-    /// [`Error::Invalid`], anything else (unreachable, timed out) is [`Error::Unavailable`].
+    /// [`Error::Invalid`]; unreachable, timed out or overloaded is [`Error::Unavailable`];
+    /// any other failure is [`Error::Internal`].
     pub async fn validate(
         &self,
         payment_method: &str,
@@ -63,8 +64,22 @@ impl PaymentMethods {
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
                 Err(Error::Invalid(status.message().to_owned()))
             }
-            Err(status) => Err(Error::Unavailable(format!(
-                "payment-svc cannot check the payment method ({:?}: {}), retry later",
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                Err(Error::Unavailable(format!(
+                    "payment-svc cannot check the payment method ({:?}: {}), retry later",
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Err(status) => Err(Error::Internal(format!(
+                "payment-svc failed checking the payment method ({:?}: {})",
                 status.code(),
                 status.message()
             ))),

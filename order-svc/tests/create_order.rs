@@ -489,3 +489,74 @@ async fn a_create_racing_a_twin_with_the_same_key_returns_the_twins_order() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_strings_are_refused_as_invalid_and_store_nothing() {
+    let app = TestApp::start().await;
+    let long_sku = "S".repeat(10_000);
+    let cases = [
+        // What PostgreSQL refuses to store: a NUL byte, in every string field.
+        (
+            order_request("cust-1", &[("SKU\u{0}X", 1)], "pm_card_visa", ""),
+            "items[0].sku",
+        ),
+        (
+            order_request("c\u{0}", &[("SKU-MOUSE", 1)], "pm_card_visa", ""),
+            "customer_id",
+        ),
+        (
+            order_request("cust-1", &[("SKU-MOUSE", 1)], "pm_card_visa\u{0}", ""),
+            "payment_method",
+        ),
+        (
+            order_request("cust-1", &[("SKU-MOUSE", 1)], "pm_card_visa", "key\u{0}"),
+            "idempotency_key",
+        ),
+        // Other control characters, and lengths no field may have.
+        (
+            order_request(
+                "cust-1",
+                &[("SKU-MOUSE", 1), ("SKU\nX", 1)],
+                "pm_card_visa",
+                "",
+            ),
+            "items[1].sku",
+        ),
+        (
+            order_request("cust-1", &[(&long_sku, 1)], "pm_card_visa", ""),
+            "items[0].sku",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = app.create(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+        assert!(status.message().len() < 300, "{field}: {status:?}");
+    }
+    assert_eq!(app.count("orders").await, 0);
+    assert!(app.outbox_writes().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_error_that_retrying_cannot_cure_is_internal_not_unavailable() {
+    let app = TestApp::start().await;
+    // A schema out of step with the code fails the same way every time.
+    sqlx::query("ALTER TABLE products RENAME TO products_elsewhere")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let status = app
+        .create(order_request(
+            "cust-1",
+            &[("SKU-MOUSE", 1)],
+            "pm_card_visa",
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    // The details are in the service's log, not in the answer.
+    assert!(!status.message().contains("products"), "{status:?}");
+    app.stop().await;
+}

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::provider::{PaymentProvider, Simulator};
 
@@ -29,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_PROVIDER", value_enum, default_value_t = ProviderKind::Simulator)]
     pub payment_provider: ProviderKind,
 
+    /// How long to wait for the payment provider's answer, in milliseconds; a verification
+    /// that gets none answers DEADLINE_EXCEEDED, and retried, settles the same attempt.
+    #[arg(long, env = "PAYMENT_PROVIDER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub payment_provider_timeout_ms: u64,
+
     #[command(flatten)]
     pub kafka: messaging::KafkaArgs,
 }
@@ -49,6 +56,10 @@ impl ProviderKind {
 }
 
 impl Config {
+    pub fn provider_timeout(&self) -> Duration {
+        Duration::from_millis(self.payment_provider_timeout_ms)
+    }
+
     /// Prints the settings, with the database password masked.
     pub fn log(&self) {
         tracing::info!(
@@ -56,6 +67,7 @@ impl Config {
             database_max_connections = self.database_max_connections,
             grpc_addr = %self.grpc_addr,
             payment_provider = ?self.payment_provider,
+            payment_provider_timeout_ms = self.payment_provider_timeout_ms,
             kafka_brokers = %self.kafka.brokers,
             kafka_topic_prefix = %self.kafka.topic_prefix,
             kafka_partitions = self.kafka.partitions,
@@ -83,6 +95,7 @@ mod tests {
         assert_eq!(config.grpc_addr, "127.0.0.1:50053".parse().unwrap());
         assert_eq!(config.database_max_connections, 8);
         assert_eq!(config.payment_provider, ProviderKind::Simulator);
+        assert_eq!(config.provider_timeout(), Duration::from_secs(10));
     }
 
     #[test]

@@ -12,8 +12,17 @@ pub enum Error {
     /// A valid request that the payment's current state refuses.
     #[error("{0}")]
     Refused(String),
+    /// The payment provider did not answer in time; the attempt stays recorded, and a retry
+    /// settles it.
+    #[error("{0}")]
+    ProviderTimedOut(String),
+    /// Something that should not happen; logged, never shown.
+    #[error("{0}")]
+    Internal(String),
+    /// The database failed: unreachable or overloaded for now (UNAVAILABLE), or in a way that
+    /// retrying will not cure (INTERNAL); [`runtime::database::is_transient`] tells which.
     #[error("database: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Database(#[from] sqlx::Error),
 }
 
 impl From<Error> for Status {
@@ -22,9 +31,21 @@ impl From<Error> for Status {
             Error::Invalid(message) => Status::invalid_argument(message),
             Error::NotFound(message) => Status::not_found(message),
             Error::Refused(message) => Status::failed_precondition(message),
-            Error::Unavailable(e) => {
-                tracing::error!(error = %e, "database error");
+            Error::ProviderTimedOut(message) => {
+                tracing::warn!(error = %message, "payment provider timed out");
+                Status::deadline_exceeded(message)
+            }
+            Error::Internal(message) => {
+                tracing::error!(error = %message, "internal error");
+                Status::internal("internal error; payment-svc's logs have the details")
+            }
+            Error::Database(e) if runtime::database::is_transient(&e) => {
+                tracing::warn!(error = %e, "database unavailable");
                 Status::unavailable("the payment database is unavailable, try again")
+            }
+            Error::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                Status::internal("internal error; payment-svc's logs have the details")
             }
         }
     }

@@ -3,6 +3,7 @@
 pub mod convert;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use messaging::{MessageContext, Outbox};
 use proto::payment::v1 as pb;
@@ -23,6 +24,9 @@ pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 const TRACEPARENT_HEADER: &str = "traceparent";
 const TRACESTATE_HEADER: &str = "tracestate";
 
+/// Longest payment method token accepted (order-svc accepts no longer).
+const MAX_PAYMENT_METHOD_CHARS: usize = 255;
+
 /// Payments read at a time by ListPayments.
 const LIST_PAGE_SIZE: usize = 1000;
 
@@ -30,27 +34,39 @@ pub struct PaymentGrpc {
     pool: PgPool,
     outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
+    provider_timeout: Duration,
 }
 
 impl PaymentGrpc {
-    pub fn new(pool: PgPool, outbox: Outbox, provider: Arc<dyn PaymentProvider>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        outbox: Outbox,
+        provider: Arc<dyn PaymentProvider>,
+        provider_timeout: Duration,
+    ) -> Self {
         Self {
             pool,
             outbox,
             provider,
+            provider_timeout,
         }
     }
 
-    /// Lets the provider decide a payment awaiting verification, and tells the saga, in one
-    /// transaction. The row lock makes concurrent verifications of one payment take turns, so
-    /// the provider is asked once and one outcome is sent; later ones return that outcome.
+    /// Lets the provider decide a payment awaiting verification, and tells the saga.
+    ///
+    /// The provider is asked outside any transaction, holding no lock, for at most the
+    /// provider timeout: first the attempt is recorded with the idempotency key the provider
+    /// sees, then its answer is recorded with the reply to the saga in one transaction. A
+    /// verification that gets no answer (or a crash before its outcome is recorded) leaves the
+    /// attempt; a retried verification and the deadline's void find it and settle the same
+    /// attempt, so the money is never taken twice. Concurrent verifications of one payment are
+    /// the same attempt: the first outcome recorded wins, and one reply is sent.
     ///
     /// The verification joins the saga's trace: its span is a child of the span that asked for
     /// the payment (stored with it), linked to the client's request, which has a trace of its
     /// own; the reply it sends continues the saga's trace.
     async fn verify(&self, id: PaymentId, request: &MessageContext) -> Result<Payment, Error> {
-        let mut tx = self.pool.begin().await?;
-        let payment = store::lock(&mut tx, id)
+        let payment = store::begin_attempt(&self.pool, id, Uuid::now_v7())
             .await?
             .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
         let correlation_id = if payment.correlation_id.is_empty() {
@@ -71,39 +87,46 @@ impl PaymentGrpc {
                 telemetry::propagation::add_link(&span, request_span);
             }
         }
-        self.decide(tx, payment, request).instrument(span).await
+        self.decide(payment, request).instrument(span).await
     }
 
-    async fn decide(
-        &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-        payment: Payment,
-        request: &MessageContext,
-    ) -> Result<Payment, Error> {
+    async fn decide(&self, payment: Payment, request: &MessageContext) -> Result<Payment, Error> {
         let id = payment.payment_id;
-        match payment.status {
-            PaymentStatus::AwaitingVerification => {}
-            // Decided before: the same answer, and nothing sent or charged again.
-            PaymentStatus::Succeeded | PaymentStatus::Declined => return Ok(payment),
-            PaymentStatus::Voided => {
-                return Err(Error::Refused(format!(
-                    "payment {id} was voided: the order's payment deadline passed; no money was taken"
-                )))
-            }
-            PaymentStatus::Refunded => {
-                return Err(Error::Refused(format!(
-                    "payment {id} was refunded: the order could not be completed and the money was given back"
-                )))
-            }
+        if payment.status != PaymentStatus::AwaitingVerification {
+            return decided(payment);
         }
-        let decision = self.provider.verify(&payment).await;
-        let updated = match &decision {
-            Decision::Approved => {
-                store::set_status(&mut tx, id, PaymentStatus::Succeeded, None).await?
+        let key = payment.attempt_key.ok_or_else(|| {
+            Error::Internal(format!("payment {id} awaits verification with no attempt"))
+        })?;
+        let decision = tokio::time::timeout(
+            self.provider_timeout,
+            self.provider.verify(&payment, &key.to_string()),
+        )
+        .await
+        .map_err(|_| {
+            Error::ProviderTimedOut(format!(
+                "the payment provider did not answer within {} ms; verify payment {id} again",
+                self.provider_timeout.as_millis()
+            ))
+        })?;
+        let (status, reason) = match &decision {
+            Decision::Approved => (PaymentStatus::Succeeded, None),
+            Decision::Declined { reason } => (PaymentStatus::Declined, Some(reason.as_str())),
+        };
+        let mut tx = self.pool.begin().await?;
+        let Some(updated) = store::settle(&mut tx, id, key, status, reason).await? else {
+            // Settled meanwhile: by another try of this attempt, or by the deadline's void,
+            // which settles the attempt itself.
+            tx.rollback().await?;
+            let current = store::find(&self.pool, id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
+            if current.status == PaymentStatus::AwaitingVerification {
+                return Err(Error::Internal(format!(
+                    "payment {id} awaits verification, yet its attempt {key} could not be settled"
+                )));
             }
-            Decision::Declined { reason } => {
-                store::set_status(&mut tx, id, PaymentStatus::Declined, Some(reason)).await?
-            }
+            return decided(current);
         };
         let context = saga_context(&payment, request);
         let order_id = payment.order_id.0;
@@ -153,6 +176,24 @@ impl PaymentGrpc {
                 "exactly one of payment_id or order_id must be set".to_owned(),
             )),
         }
+    }
+}
+
+/// The answer to a verification of a payment decided before: the same answer, with nothing
+/// sent or charged again, or a refusal when the saga has compensated it.
+fn decided(payment: Payment) -> Result<Payment, Error> {
+    let id = payment.payment_id;
+    match payment.status {
+        PaymentStatus::Succeeded | PaymentStatus::Declined => Ok(payment),
+        PaymentStatus::Voided => Err(Error::Refused(format!(
+            "payment {id} was voided: the order's payment deadline passed; no money was taken"
+        ))),
+        PaymentStatus::Refunded => Err(Error::Refused(format!(
+            "payment {id} was refunded: the order could not be completed and the money was given back"
+        ))),
+        PaymentStatus::AwaitingVerification => Err(Error::Internal(format!(
+            "payment {id} awaits verification"
+        ))),
     }
 }
 
@@ -249,6 +290,8 @@ impl PaymentService for PaymentGrpc {
         if method.is_empty() {
             return Err(Error::Invalid("payment_method is required".to_owned()).into());
         }
+        runtime::text::identifier(&method, MAX_PAYMENT_METHOD_CHARS)
+            .map_err(|problem| Status::from(Error::Invalid(format!("payment_method {problem}"))))?;
         self.provider
             .check_method(&method)
             .map_err(|message| Status::from(Error::Invalid(message)))?;

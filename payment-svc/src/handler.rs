@@ -5,6 +5,7 @@
 //! the orchestrator retried) finds the payment as the first one left it and replies the same.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, Incoming, Outbox};
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use crate::grpc::convert;
 use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
-use crate::provider::PaymentProvider;
+use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
 /// Currency of a charge that names none: the platform sells in US dollars.
@@ -26,11 +27,20 @@ const DEFAULT_CURRENCY: &str = "USD";
 pub struct PaymentCommands {
     outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
+    provider_timeout: Duration,
 }
 
 impl PaymentCommands {
-    pub fn new(outbox: Outbox, provider: Arc<dyn PaymentProvider>) -> Self {
-        Self { outbox, provider }
+    pub fn new(
+        outbox: Outbox,
+        provider: Arc<dyn PaymentProvider>,
+        provider_timeout: Duration,
+    ) -> Self {
+        Self {
+            outbox,
+            provider,
+            provider_timeout,
+        }
     }
 
     async fn reply<M: prost::Message + prost::Name>(
@@ -48,7 +58,8 @@ impl PaymentCommands {
     }
 
     /// Records a payment awaiting verification, or a declined one when the provider refuses
-    /// the method. Sent again, it replies as the recorded payment stands.
+    /// the method. Sent again, it replies as the recorded payment stands. After a compensation
+    /// of the order (its tombstone), it records nothing and replies that the payment failed.
     async fn charge(
         &self,
         conn: &mut PgConnection,
@@ -82,6 +93,21 @@ impl PaymentCommands {
             traceparent: message.envelope.traceparent.clone(),
         };
         let (payment, created) = store::insert(conn, &new).await?;
+        if payment.tombstone {
+            // A compensation came first: the saga has given this order up, so nothing may be
+            // charged. A failure is what the saga's every state can take: while charging it
+            // compensates, once compensating or failed it ignores it.
+            let compensated = payment.decline_reason.as_deref().unwrap_or_default();
+            tracing::warn!(%order_id, compensated, "ChargePayment after the order's payment was voided: refused");
+            let reply = pb::PaymentFailed {
+                order_id: order_id.to_string(),
+                payment_id: String::new(),
+                reason: format!(
+                    "the order's payment was voided before it was charged ({compensated}); nothing was charged"
+                ),
+            };
+            return self.reply(conn, message, order_id, &reply).await;
+        }
         if created {
             tracing::info!(
                 %order_id,
@@ -106,7 +132,8 @@ impl PaymentCommands {
     }
 
     /// Applies a compensation (`next` maps the current status to the new one) to the order's
-    /// payment. Returns the payment id and final status, or `None` when the order has none.
+    /// payment. Returns the payment id and final status, or `None` when the order has none; then
+    /// a tombstone is recorded, so that a charge arriving later takes nothing.
     async fn compensate(
         &self,
         conn: &mut PgConnection,
@@ -115,16 +142,41 @@ impl PaymentCommands {
         reason: &str,
         next: fn(PaymentStatus) -> PaymentStatus,
     ) -> Result<Option<Payment>, HandlerError> {
-        let Some(payment) = store::lock_by_order(conn, order_id).await? else {
-            tracing::warn!(%order_id, reason, "{what}: the order has no payment");
-            return Ok(None);
+        // Twice at most: if the tombstone loses to a charge committed meanwhile, that payment
+        // is there to compensate on the second pass.
+        let mut locked = None;
+        for _ in 0..2 {
+            if let Some(payment) = store::lock_by_order(conn, order_id).await? {
+                locked = Some(payment);
+                break;
+            }
+            let tombstone = if reason.trim().is_empty() {
+                what
+            } else {
+                reason
+            };
+            if store::insert_tombstone(conn, order_id, tombstone).await? {
+                tracing::warn!(%order_id, reason, "{what}: the order has no payment; a later charge will be refused");
+                return Ok(None);
+            }
+        }
+        let Some(payment) = locked else {
+            return Err(HandlerError::Transient(format!(
+                "payment of order {order_id} neither found nor insertable"
+            )));
         };
-        let status = next(payment.status);
+        if payment.tombstone {
+            tracing::info!(%order_id, reason, "{what}: the order has no payment");
+            return Ok(None);
+        }
+        let (settled, decline_reason) = self.settle_attempt(&payment).await?;
+        let status = next(settled);
         if status == payment.status {
             tracing::info!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");
             return Ok(Some(payment));
         }
-        let updated = store::set_status(conn, payment.payment_id, status, None).await?;
+        let updated =
+            store::set_status(conn, payment.payment_id, status, decline_reason.as_deref()).await?;
         tracing::info!(
             %order_id,
             payment_id = %payment.payment_id,
@@ -134,6 +186,39 @@ impl PaymentCommands {
             "{what}"
         );
         Ok(Some(updated))
+    }
+
+    /// The status of a payment once its verification attempt, if one was made and never
+    /// recorded (its answer lost, or still on its way), is settled: the provider is asked again
+    /// with the attempt's idempotency key, which answers as before and charges nothing more. So
+    /// a compensation knows whether money was taken. Only such payments wait on the provider,
+    /// for at most its timeout; a timeout is transient, and the command is retried.
+    async fn settle_attempt(
+        &self,
+        payment: &Payment,
+    ) -> Result<(PaymentStatus, Option<String>), HandlerError> {
+        let (PaymentStatus::AwaitingVerification, Some(key)) =
+            (payment.status, payment.attempt_key)
+        else {
+            return Ok((payment.status, None));
+        };
+        let decision = tokio::time::timeout(
+            self.provider_timeout,
+            self.provider.verify(payment, &key.to_string()),
+        )
+        .await
+        .map_err(|_| {
+            HandlerError::Transient(format!(
+                "the payment provider did not settle attempt {key} of payment {} within {} ms",
+                payment.payment_id,
+                self.provider_timeout.as_millis()
+            ))
+        })?;
+        tracing::info!(payment_id = %payment.payment_id, attempt = %key, ?decision, "open verification attempt settled");
+        Ok(match decision {
+            Decision::Approved => (PaymentStatus::Succeeded, None),
+            Decision::Declined { reason } => (PaymentStatus::Declined, Some(reason)),
+        })
     }
 
     async fn void(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {

@@ -94,7 +94,11 @@ impl App {
 
     /// The handler of `payment.commands`, as the consumer runs it.
     pub fn handler(&self) -> PaymentCommands {
-        PaymentCommands::new(self.outbox(), self.provider.clone())
+        PaymentCommands::new(
+            self.outbox(),
+            self.provider.clone(),
+            self.config.provider_timeout(),
+        )
     }
 
     /// Serves gRPC, publishes the outbox and consumes the saga's commands until `cancel` (or
@@ -110,12 +114,17 @@ impl App {
             provider,
         } = self;
 
-        let service =
-            PaymentServiceServer::new(PaymentGrpc::new(pool.clone(), outbox.clone(), provider));
+        let service = PaymentServiceServer::new(PaymentGrpc::new(
+            pool.clone(),
+            outbox.clone(),
+            provider,
+            config.provider_timeout(),
+        ));
         let server = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<PaymentServiceServer<PaymentGrpc>>().await)
             .add_service(runtime::grpc::reflection()?)
+            .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(service);
         let relay = Relay::new(pool.clone(), &config.kafka)?;
         let consumer = Consumer::new(

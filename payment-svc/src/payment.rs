@@ -109,6 +109,11 @@ pub struct Payment {
     pub correlation_id: String,
     /// The saga's W3C trace context, likewise.
     pub traceparent: String,
+    /// Not a payment: the order was compensated before any charge (see [`crate::store`]).
+    pub tombstone: bool,
+    /// The idempotency key of the verification attempt recorded before the provider was asked,
+    /// if one was.
+    pub attempt_key: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

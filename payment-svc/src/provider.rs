@@ -19,8 +19,11 @@ pub trait PaymentProvider: Send + Sync + 'static {
     /// which methods it accepts.
     fn check_method(&self, method: &str) -> Result<(), String>;
 
-    /// Takes the money, or says why not.
-    async fn verify(&self, payment: &Payment) -> Decision;
+    /// Takes the money, or says why not. `idempotency_key` names the attempt: asked again with
+    /// the same key (a retried verification, a void settling an attempt whose answer was
+    /// lost), a provider answers as the first time and charges nothing more, as payment
+    /// providers' idempotency keys do. The caller bounds how long it waits.
+    async fn verify(&self, payment: &Payment, idempotency_key: &str) -> Decision;
 }
 
 /// Test tokens the simulator approves.
@@ -69,7 +72,8 @@ impl PaymentProvider for Simulator {
         Self::decide(method).map(|_| ())
     }
 
-    async fn verify(&self, payment: &Payment) -> Decision {
+    async fn verify(&self, payment: &Payment, _idempotency_key: &str) -> Decision {
+        // The outcome depends on the method alone, so every try of an attempt answers alike.
         // A method refused up front never reaches verification; decline it all the same.
         Self::decide(&payment.payment_method).unwrap_or_else(|reason| Decision::Declined { reason })
     }
@@ -94,6 +98,8 @@ mod tests {
             decline_reason: None,
             correlation_id: String::new(),
             traceparent: String::new(),
+            tombstone: false,
+            attempt_key: None,
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }
@@ -103,7 +109,10 @@ mod tests {
     async fn approves_the_success_cards() {
         for token in ["pm_card_visa", "pm_card_mastercard", "pm_card_amex"] {
             assert_eq!(Simulator.check_method(token), Ok(()));
-            assert_eq!(Simulator.verify(&payment(token)).await, Decision::Approved);
+            assert_eq!(
+                Simulator.verify(&payment(token), "key").await,
+                Decision::Approved
+            );
         }
     }
 
@@ -124,7 +133,7 @@ mod tests {
                 "{token} is a valid method"
             );
             assert_eq!(
-                Simulator.verify(&payment(token)).await,
+                Simulator.verify(&payment(token), "key").await,
                 Decision::Declined {
                     reason: reason.to_owned()
                 }
@@ -144,7 +153,7 @@ mod tests {
                 assert!(message.contains(accepted), "{message} lists {accepted}");
             }
             assert!(matches!(
-                Simulator.verify(&payment(token)).await,
+                Simulator.verify(&payment(token), "key").await,
                 Decision::Declined { .. }
             ));
         }

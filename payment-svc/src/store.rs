@@ -1,13 +1,14 @@
 //! The `payments` table.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::payment::{NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
 
 const COLUMNS: &str = "payment_id, order_id, amount_cents, currency, payment_method, status, \
-                       decline_reason, correlation_id, traceparent, created_at, updated_at";
+                       decline_reason, correlation_id, traceparent, tombstone, attempt_key, \
+                       created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -20,6 +21,8 @@ struct Row {
     decline_reason: Option<String>,
     correlation_id: String,
     traceparent: String,
+    tombstone: bool,
+    attempt_key: Option<Uuid>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -44,6 +47,8 @@ impl TryFrom<Row> for Payment {
             decline_reason: row.decline_reason,
             correlation_id: row.correlation_id,
             traceparent: row.traceparent,
+            tombstone: row.tombstone,
+            attempt_key: row.attempt_key,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -54,8 +59,8 @@ fn payment(row: Option<Row>) -> Result<Option<Payment>, sqlx::Error> {
     row.map(Payment::try_from).transpose()
 }
 
-/// Records the order's payment unless it has one already. Returns the order's payment and
-/// whether it was created now.
+/// Records the order's payment unless it has one already. Returns the order's payment (which may
+/// be a tombstone) and whether it was created now.
 pub async fn insert(
     conn: &mut PgConnection,
     new: &NewPayment,
@@ -82,7 +87,13 @@ pub async fn insert(
         return Ok((created, true));
     }
     // The conflicting insert has committed (ON CONFLICT waited for it), so this sees its row.
-    match find_by_order(&mut *conn, new.order_id).await? {
+    let row = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE order_id = $1"
+    ))
+    .bind(new.order_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match payment(row)? {
         Some(existing) => Ok((existing, false)),
         None => Err(sqlx::Error::RowNotFound),
     }
@@ -93,7 +104,7 @@ pub async fn find<'e>(
     id: PaymentId,
 ) -> Result<Option<Payment>, sqlx::Error> {
     let row = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1"
+        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1 AND NOT tombstone"
     ))
     .bind(id)
     .fetch_optional(db)
@@ -106,7 +117,7 @@ pub async fn find_by_order<'e>(
     id: OrderId,
 ) -> Result<Option<Payment>, sqlx::Error> {
     let row = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE order_id = $1"
+        "SELECT {COLUMNS} FROM payments WHERE order_id = $1 AND NOT tombstone"
     ))
     .bind(id)
     .fetch_optional(db)
@@ -118,7 +129,7 @@ pub async fn find_by_order<'e>(
 /// verifications and compensations of one payment take turns.
 pub async fn lock(conn: &mut PgConnection, id: PaymentId) -> Result<Option<Payment>, sqlx::Error> {
     let row = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1 FOR UPDATE"
+        "SELECT {COLUMNS} FROM payments WHERE payment_id = $1 AND NOT tombstone FOR UPDATE"
     ))
     .bind(id)
     .fetch_optional(conn)
@@ -126,7 +137,7 @@ pub async fn lock(conn: &mut PgConnection, id: PaymentId) -> Result<Option<Payme
     payment(row)
 }
 
-/// The order's payment, locked like [`lock`].
+/// The order's payment, or its tombstone, locked like [`lock`].
 pub async fn lock_by_order(
     conn: &mut PgConnection,
     id: OrderId,
@@ -138,6 +149,78 @@ pub async fn lock_by_order(
     .fetch_optional(conn)
     .await?;
     payment(row)
+}
+
+/// Records that a verification is about to ask the provider, if the payment still awaits one:
+/// its idempotency key is `key`, unless an earlier attempt left one, which is kept (so every
+/// try of one payment is the same attempt to the provider). Returns the payment as it stands.
+pub async fn begin_attempt(
+    pool: &PgPool,
+    id: PaymentId,
+    key: Uuid,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "UPDATE payments SET \
+             attempt_key = COALESCE(attempt_key, $2), attempt_started_at = now() \
+         WHERE payment_id = $1 AND NOT tombstone AND status = 'AWAITING_VERIFICATION' \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match payment(row)? {
+        Some(payment) => Ok(Some(payment)),
+        // Decided already, or unknown: nothing to attempt.
+        None => find(pool, id).await,
+    }
+}
+
+/// Records the provider's answer to attempt `key`, if the payment still awaits it; `None` when
+/// it was settled meanwhile (by another try of the same attempt, or by a compensation).
+pub async fn settle(
+    conn: &mut PgConnection,
+    id: PaymentId,
+    key: Uuid,
+    status: PaymentStatus,
+    decline_reason: Option<&str>,
+) -> Result<Option<Payment>, sqlx::Error> {
+    let row = sqlx::query_as(&format!(
+        "UPDATE payments SET status = $3, decline_reason = COALESCE($4, decline_reason), \
+                             updated_at = now() \
+         WHERE payment_id = $1 AND attempt_key = $2 AND status = 'AWAITING_VERIFICATION' \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key)
+    .bind(status.as_str())
+    .bind(decline_reason)
+    .fetch_optional(conn)
+    .await?;
+    payment(row)
+}
+
+/// Records a tombstone for an order with no payment: a compensation came first, so a charge
+/// arriving later must take nothing. Returns false when the order has a row already (a charge
+/// committed meanwhile).
+pub async fn insert_tombstone(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO payments (payment_id, order_id, amount_cents, currency, payment_method, \
+                               status, decline_reason, tombstone) \
+         VALUES ($1, $2, 0, '', '', $3, $4, true) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(Uuid::now_v7())
+    .bind(order_id)
+    .bind(PaymentStatus::Voided.as_str())
+    .bind(reason)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 /// Sets the status (and the reason of a decline) of a payment the caller has locked.
@@ -167,7 +250,8 @@ pub async fn list_page<'e>(
     limit: i64,
 ) -> Result<Vec<Payment>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE order_id > $1 ORDER BY order_id LIMIT $2"
+        "SELECT {COLUMNS} FROM payments WHERE order_id > $1 AND NOT tombstone \
+         ORDER BY order_id LIMIT $2"
     ))
     .bind(after.map_or(Uuid::nil(), |id| id.0))
     .bind(limit)

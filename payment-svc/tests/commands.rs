@@ -317,3 +317,61 @@ async fn refund_before_verification_changes_nothing() {
     assert_eq!(refunded.payment_id, payment_id);
     assert_eq!(refunded.status(), pb::PaymentStatus::AwaitingVerification);
 }
+
+#[tokio::test]
+async fn charge_after_a_void_of_no_payment_is_refused_and_takes_nothing() {
+    let mut app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+
+    // The deadline's void overtook the charge (a redelivery, a replayed dead letter).
+    app.handle(order_id, &void(order_id)).await.unwrap();
+    app.handle(order_id, &charge(order_id, "pm_card_visa"))
+        .await
+        .unwrap();
+
+    // No payment awaits verification: nothing the client can verify into a charge.
+    let status = app.status(order_id).await;
+    assert_ne!(status.as_deref(), Some("AWAITING_VERIFICATION"));
+    assert_ne!(status.as_deref(), Some("SUCCEEDED"));
+    let by_order = app
+        .grpc
+        .get_payment(pb::GetPaymentRequest {
+            payment_id: String::new(),
+            order_id: order_id.to_string(),
+        })
+        .await;
+    if let Ok(payment) = &by_order {
+        let payment = payment.get_ref();
+        assert_eq!(payment.status(), pb::PaymentStatus::Voided, "{payment:?}");
+        let status = app
+            .grpc
+            .verify_payment(pb::VerifyPaymentRequest {
+                payment_id: payment.payment_id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    }
+
+    // The saga is told the charge failed (which its state machine handles in every state),
+    // not left waiting for an answer.
+    let sent = app.sent(order_id).await;
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let voided: pb::PaymentVoided = sent[0].decode();
+    assert_eq!(voided.payment_id, "");
+    assert_eq!(voided.status(), pb::PaymentStatus::Unspecified);
+    let failed: pb::PaymentFailed = sent[1].decode();
+    assert_eq!(failed.order_id, order_id.to_string());
+    assert!(failed.reason.contains("voided"), "{}", failed.reason);
+
+    // Sent again, the same refusal; voided again, the same answer.
+    app.handle(order_id, &charge(order_id, "pm_card_visa"))
+        .await
+        .unwrap();
+    app.handle(order_id, &void(order_id)).await.unwrap();
+    let sent = app.sent(order_id).await;
+    let again: pb::PaymentFailed = sent[2].decode();
+    assert_eq!(again, failed);
+    let voided_again: pb::PaymentVoided = sent[3].decode();
+    assert_eq!(voided_again, voided);
+}

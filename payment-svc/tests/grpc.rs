@@ -128,10 +128,12 @@ async fn verify_twice_answers_the_same_and_sends_one_outcome() {
     }
 }
 
-/// The simulator, counting the verifications it is asked for.
+/// The simulator, counting the verifications it is asked for and the attempts (idempotency
+/// keys) they name: one charge per attempt.
 #[derive(Default)]
 struct CountingProvider {
     verifications: AtomicUsize,
+    keys: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[async_trait]
@@ -140,9 +142,10 @@ impl PaymentProvider for CountingProvider {
         Simulator.check_method(method)
     }
 
-    async fn verify(&self, payment: &Payment) -> Decision {
+    async fn verify(&self, payment: &Payment, idempotency_key: &str) -> Decision {
         self.verifications.fetch_add(1, Ordering::SeqCst);
-        Simulator.verify(payment).await
+        self.keys.lock().unwrap().insert(idempotency_key.to_owned());
+        Simulator.verify(payment, idempotency_key).await
     }
 }
 
@@ -168,8 +171,11 @@ async fn concurrent_verifications_charge_once_and_send_one_outcome() {
         let payment = result.unwrap().into_inner().payment.unwrap();
         assert_eq!(payment.status(), pb::PaymentStatus::Succeeded);
     }
+    // Each verification may ask the provider (none waits for another's lock), but all name
+    // the same attempt, which the provider charges once.
+    assert!(provider.verifications.load(Ordering::SeqCst) >= 1);
     assert_eq!(
-        provider.verifications.load(Ordering::SeqCst),
+        provider.keys.lock().unwrap().len(),
         1,
         "the provider charged once"
     );
@@ -304,4 +310,176 @@ async fn validate_payment_method_accepts_test_cards_and_refuses_the_rest() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(status.message(), "payment_method is required");
+}
+
+#[tokio::test]
+async fn hostile_strings_are_refused_as_invalid() {
+    let mut app = TestApp::start().await;
+    for method in ["pm_card_visa\u{0}".to_owned(), "p".repeat(10_000)] {
+        let status = app
+            .grpc
+            .validate_payment_method(pb::ValidatePaymentMethodRequest {
+                payment_method: method,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("payment_method"), "{status:?}");
+        assert!(status.message().len() < 1000, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_error_that_retrying_cannot_cure_is_internal_not_unavailable() {
+    let mut app = TestApp::start().await;
+    // A schema out of step with the code fails the same way every time.
+    sqlx::query("ALTER TABLE payments RENAME TO payments_elsewhere")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let status = app
+        .grpc
+        .get_payment(pb::GetPaymentRequest {
+            payment_id: Uuid::new_v4().to_string(),
+            order_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+}
+
+/// A provider that takes the money on the first verification of a payment and then never
+/// answers (a slow provider, or the service crashing before it records the outcome); asked
+/// again with the same idempotency key it answers as the first time, charging nothing more.
+#[derive(Default)]
+struct ChargesThenHangs {
+    charges: std::sync::Mutex<Vec<String>>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl PaymentProvider for ChargesThenHangs {
+    fn check_method(&self, method: &str) -> Result<(), String> {
+        Simulator.check_method(method)
+    }
+
+    async fn verify(&self, payment: &Payment, idempotency_key: &str) -> Decision {
+        let first_call = self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+        // A new key is a new charge; a known one replays its answer.
+        let key = idempotency_key.to_owned();
+        {
+            let mut charges = self.charges.lock().unwrap();
+            if !charges.contains(&key) {
+                charges.push(key);
+            }
+        }
+        if first_call {
+            std::future::pending::<()>().await;
+        }
+        Simulator.verify(payment, idempotency_key).await
+    }
+}
+
+impl ChargesThenHangs {
+    fn charges(&self) -> usize {
+        self.charges.lock().unwrap().len()
+    }
+
+    async fn called(&self, times: usize) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.calls.load(Ordering::SeqCst) < times {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the provider was not asked"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn start_with_hanging_provider() -> (TestApp, Arc<ChargesThenHangs>) {
+    let provider = Arc::new(ChargesThenHangs::default());
+    let app = TestApp::start_configured(|config| config.payment_provider_timeout_ms = 1_000, {
+        let provider = provider.clone();
+        move |app| app.with_provider(provider)
+    })
+    .await;
+    (app, provider)
+}
+
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(8);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_void_is_not_held_up_by_the_provider_and_settles_its_attempt() {
+    let (app, provider) = start_with_hanging_provider().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_visa").await;
+
+    // The client verifies; the provider takes the money and does not answer.
+    let verification = tokio::spawn({
+        let mut client = app.grpc.clone();
+        let request = verify(&payment_id);
+        async move { client.verify_payment(request).await }
+    });
+    provider.called(1).await;
+
+    // The payment deadline passes meanwhile: the void must neither wait for the provider nor
+    // keep the money on the failed order.
+    tokio::time::timeout(PATIENCE, app.handle(order_id, &common::void(order_id)))
+        .await
+        .expect("the void waited for the provider")
+        .unwrap();
+    assert_eq!(app.status(order_id).await.as_deref(), Some("REFUNDED"));
+    let voided: pb::PaymentVoided = app.sent(order_id).await.last().unwrap().decode();
+    assert_eq!(voided.status(), pb::PaymentStatus::Refunded);
+    assert_eq!(provider.charges(), 1, "charged once");
+
+    // The hung verification ends with an error the client may retry, and changes nothing.
+    let status = tokio::time::timeout(PATIENCE, verification)
+        .await
+        .expect("the verification never ended")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::DeadlineExceeded | Code::FailedPrecondition
+        ),
+        "{status:?}"
+    );
+    assert_eq!(app.status(order_id).await.as_deref(), Some("REFUNDED"));
+    assert_eq!(provider.charges(), 1, "charged once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_retried_after_a_lost_answer_settles_the_same_attempt_and_charges_once() {
+    let (mut app, provider) = start_with_hanging_provider().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_visa").await;
+
+    // The first verification takes the money and its answer is lost.
+    let first = tokio::time::timeout(PATIENCE, app.grpc.verify_payment(verify(&payment_id))).await;
+    if let Ok(answer) = first {
+        let status = answer.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(provider.charges(), 1);
+
+    // The client retries: the same attempt is settled, and nothing is charged again.
+    let payment = tokio::time::timeout(PATIENCE, app.grpc.verify_payment(verify(&payment_id)))
+        .await
+        .expect("the retried verification waited for the first")
+        .unwrap()
+        .into_inner()
+        .payment
+        .unwrap();
+    assert_eq!(payment.status(), pb::PaymentStatus::Succeeded);
+    assert_eq!(provider.charges(), 1, "charged once");
+    let outcomes: Vec<_> = app
+        .sent(order_id)
+        .await
+        .into_iter()
+        .filter(|m| m.message_type == "payment.v1.PaymentSucceeded")
+        .collect();
+    assert_eq!(outcomes.len(), 1);
 }

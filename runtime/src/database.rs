@@ -131,6 +131,10 @@ mod transient_tests {
         assert!(!is_transient(&sqlx::Error::RowNotFound));
         assert!(!is_transient(&sqlx::Error::ColumnNotFound("x".into())));
         assert!(!is_transient(&sqlx::Error::Protocol("bad".into())));
+        assert!(is_transient(&sqlx::Error::PoolClosed));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
         assert!(!is_transient(&sqlx::Error::ColumnDecode {
             index: "0".into(),
             source: "not a number".into(),

@@ -3,16 +3,30 @@
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 /// Server reflection over every package of `proto/`, so `grpcurl` needs no proto files.
+/// Serve [`reflection_v1alpha`] beside it: many clients speak only that version.
 pub fn reflection() -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+    Ok(reflection_builder().build_v1()?)
+}
+
+/// [`reflection`] in the protocol's older version, `grpc.reflection.v1alpha`, which Python's
+/// grpcio-reflection, Postman, grpcui and grpcurl before 1.9 speak (and only it).
+pub fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
 }
 
 /// The standard gRPC health service, reporting `S` (and the server as a whole) as serving.

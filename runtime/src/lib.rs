@@ -1,8 +1,9 @@
-//! What every service binary does at start and stop.
+//! What every service binary does at start and stop, and the checks every gRPC edge makes.
 
 pub mod database;
 pub mod grpc;
 pub mod shutdown;
+pub mod text;
 
 /// `url` with its password masked, for printing configuration.
 pub fn redact_url(url: &str) -> String {

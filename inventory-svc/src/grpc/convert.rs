@@ -9,7 +9,11 @@ use crate::error::Error;
 pub fn order_id(value: &str) -> Result<OrderId, Error> {
     Uuid::parse_str(value)
         .map(OrderId)
-        .map_err(|e| Error::invalid("order_id", format!("{value:?} is not a UUID ({e})")))
+        .map_err(|e| match value.chars().count() {
+            // A long value is not echoed back.
+            0..=64 => Error::invalid("order_id", format!("{value:?} is not a UUID ({e})")),
+            _ => Error::invalid("order_id", format!("is not a UUID ({e})")),
+        })
 }
 
 pub fn sku(value: &str) -> Result<Sku, Error> {

@@ -25,11 +25,20 @@ struct Head {
     status: ReservationStatus,
     expires_at: Option<DateTime<Utc>>,
     release_reason: Option<String>,
+    /// Why the reservation was refused, if it was (then `release_reason` has the reason).
+    refusal: Option<ReserveFailure>,
     /// `expires_at <= now()`, by the database's clock.
     expired: bool,
 }
 
-type HeadRow = (Uuid, String, Option<DateTime<Utc>>, Option<String>, bool);
+type HeadRow = (
+    Uuid,
+    String,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
 
 async fn head(
     conn: &mut PgConnection,
@@ -37,11 +46,11 @@ async fn head(
     lock: bool,
 ) -> Result<Option<Head>, sqlx::Error> {
     let sql = if lock {
-        "SELECT reservation_id, status, expires_at, release_reason, \
+        "SELECT reservation_id, status, expires_at, release_reason, refusal, \
                 COALESCE(expires_at <= now(), false) \
          FROM reservations WHERE order_id = $1 FOR UPDATE"
     } else {
-        "SELECT reservation_id, status, expires_at, release_reason, \
+        "SELECT reservation_id, status, expires_at, release_reason, refusal, \
                 COALESCE(expires_at <= now(), false) \
          FROM reservations WHERE order_id = $1"
     };
@@ -49,15 +58,21 @@ async fn head(
         .bind(order_id)
         .fetch_optional(conn)
         .await?;
-    row.map(|(id, status, expires_at, release_reason, expired)| {
-        Ok(Head {
-            id: ReservationId(id),
-            status: ReservationStatus::from_db(&status)?,
-            expires_at,
-            release_reason,
-            expired,
-        })
-    })
+    row.map(
+        |(id, status, expires_at, release_reason, refusal, expired)| {
+            Ok(Head {
+                id: ReservationId(id),
+                status: ReservationStatus::from_db(&status)?,
+                expires_at,
+                release_reason,
+                refusal: refusal
+                    .as_deref()
+                    .map(ReserveFailure::from_refusal)
+                    .transpose()?,
+                expired,
+            })
+        },
+    )
     .transpose()
 }
 
@@ -68,15 +83,52 @@ fn reserve_outcome_of(head: &Head) -> ReserveOutcome {
             reservation_id: head.id,
             expires_at: head.expires_at.unwrap_or_default(),
         },
-        ReservationStatus::Released => ReserveOutcome::Failed {
-            failure: ReserveFailure::AlreadyReleased,
-            reason: "reservation was already released".to_owned(),
+        ReservationStatus::Released => match head.refusal {
+            // Refused before: the same refusal.
+            Some(failure) => ReserveOutcome::Failed {
+                failure,
+                reason: head.release_reason.clone().unwrap_or_default(),
+            },
+            None => ReserveOutcome::Failed {
+                failure: ReserveFailure::AlreadyReleased,
+                reason: "reservation was already released".to_owned(),
+            },
         },
     }
 }
 
+/// Records a refusal as a tombstone holding nothing, so that the same ReserveInventory sent
+/// again is refused alike, whatever the stock is by then. A reservation or release of the
+/// order committed meanwhile wins, and its outcome is returned.
+async fn refuse(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    failure: ReserveFailure,
+    reason: String,
+) -> Result<ReserveOutcome, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO reservations (reservation_id, order_id, status, release_reason, refusal) \
+         VALUES ($1, $2, 'RELEASED', $3, $4) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(ReservationId::new())
+    .bind(order_id)
+    .bind(&reason)
+    .bind(failure.as_refusal())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(ReserveOutcome::Failed { failure, reason });
+    }
+    let existing = head(conn, order_id, false).await?.ok_or_else(|| {
+        sqlx::Error::Protocol(format!("reservation of order {order_id} vanished"))
+    })?;
+    Ok(reserve_outcome_of(&existing))
+}
+
 /// Reserves every line for `order_id`, or nothing. An order has at most one reservation: if it
-/// has one already (or a release came first), its outcome is returned and nothing more is held.
+/// has one already (or a release or a refusal came first), its outcome is returned and nothing
+/// more is held. A refusal is recorded.
 pub async fn reserve(
     conn: &mut PgConnection,
     order_id: OrderId,
@@ -100,10 +152,8 @@ pub async fn reserve(
         .filter(|s| !available.contains_key(*s))
         .collect();
     if !unknown.is_empty() {
-        return Ok(ReserveOutcome::Failed {
-            failure: ReserveFailure::UnknownSku,
-            reason: format!("unknown SKU: {}", unknown.join(", ")),
-        });
+        let reason = format!("unknown SKU: {}", unknown.join(", "));
+        return refuse(conn, order_id, ReserveFailure::UnknownSku, reason).await;
     }
     let short: Vec<String> = lines
         .iter()
@@ -113,10 +163,8 @@ pub async fn reserve(
         })
         .collect();
     if !short.is_empty() {
-        return Ok(ReserveOutcome::Failed {
-            failure: ReserveFailure::OutOfStock,
-            reason: format!("out of stock: {}", short.join(", ")),
-        });
+        let reason = format!("out of stock: {}", short.join(", "));
+        return refuse(conn, order_id, ReserveFailure::OutOfStock, reason).await;
     }
 
     // Claims the order; a reservation or release of the same order committed meanwhile wins.
@@ -168,6 +216,12 @@ pub async fn commit(
     match head.status {
         ReservationStatus::Committed => Ok(CommitOutcome::Committed {
             reservation_id: head.id,
+        }),
+        ReservationStatus::Released if head.refusal.is_some() => Ok(CommitOutcome::Failed {
+            reason: format!(
+                "reservation was refused: {}",
+                head.release_reason.as_deref().unwrap_or_default()
+            ),
         }),
         ReservationStatus::Released => Ok(CommitOutcome::Failed {
             reason: released_reason(head.release_reason.as_deref()),

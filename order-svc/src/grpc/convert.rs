@@ -32,7 +32,11 @@ pub fn order_request(request: pb::CreateOrderRequest) -> Result<OrderRequest, Er
 pub fn order_id(value: &str) -> Result<OrderId, Error> {
     Uuid::parse_str(value)
         .map(OrderId)
-        .map_err(|_| Error::Invalid(format!("order_id must be a UUID, got {value:?}")))
+        .map_err(|_| match value.chars().count() {
+            // A long value is not echoed back.
+            0..=64 => Error::Invalid(format!("order_id must be a UUID, got {value:?}")),
+            _ => Error::Invalid("order_id must be a UUID".to_owned()),
+        })
 }
 
 /// The context of the messages a request causes: the caller's correlation id (a new one when

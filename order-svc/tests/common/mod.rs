@@ -105,6 +105,8 @@ async fn unreachable_url() -> String {
 
 pub struct TestApp {
     pub client: OrderServiceClient<Channel>,
+    /// Where the gRPC server listens, `http://host:port`.
+    pub grpc_url: String,
     pub pool: PgPool,
     pub config: Config,
     pub payments: FakePayments,
@@ -150,11 +152,13 @@ impl TestApp {
         record_outbox_writes(&pool).await;
         let addr = app.grpc_addr();
         let run = tokio::spawn(app.run(cancel.clone()));
-        let client = OrderServiceClient::connect(format!("http://{addr}"))
+        let grpc_url = format!("http://{addr}");
+        let client = OrderServiceClient::connect(grpc_url.clone())
             .await
             .expect("connecting to order-svc");
         Self {
             client,
+            grpc_url,
             pool,
             config,
             payments,

@@ -53,8 +53,11 @@ pub fn uuid(field: &str, value: &str) -> Result<Uuid, Error> {
     if value.is_empty() {
         return Err(Error::Invalid(format!("{field} is required")));
     }
-    Uuid::parse_str(value)
-        .map_err(|_| Error::Invalid(format!("{field} {value:?} is not a valid UUID")))
+    Uuid::parse_str(value).map_err(|_| match value.chars().count() {
+        // A long value is not echoed back.
+        0..=64 => Error::Invalid(format!("{field} {value:?} is not a valid UUID")),
+        _ => Error::Invalid(format!("{field} is not a valid UUID")),
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub struct TestApp {
     pub config: Config,
     pub handler: PaymentCommands,
     pub grpc: PaymentServiceClient<Channel>,
+    /// Where the gRPC server listens, `http://host:port`.
+    pub grpc_url: String,
     cancel: CancellationToken,
 }
 
@@ -49,8 +51,17 @@ impl TestApp {
 
     /// Starts the App, letting `customize` change it (its provider, say) before it runs.
     pub async fn start_with(customize: impl FnOnce(App) -> App) -> TestApp {
+        Self::start_configured(|_| {}, customize).await
+    }
+
+    /// Starts the App with its settings changed by `configure`, and itself by `customize`.
+    pub async fn start_configured(
+        configure: impl FnOnce(&mut Config),
+        customize: impl FnOnce(App) -> App,
+    ) -> TestApp {
         let url = platform::testing::fresh_database("payment").await;
-        let config = config(&url);
+        let mut config = config(&url);
+        configure(&mut config);
         let app = customize(App::build(config.clone()).await.expect("App::build"));
         let pool = app.pool().clone();
         record_outbox(&pool).await;
@@ -58,7 +69,8 @@ impl TestApp {
         let addr = app.grpc_addr();
         let cancel = CancellationToken::new();
         tokio::spawn(app.run(cancel.clone()));
-        let grpc = PaymentServiceClient::connect(format!("http://{addr}"))
+        let grpc_url = format!("http://{addr}");
+        let grpc = PaymentServiceClient::connect(grpc_url.clone())
             .await
             .expect("connecting to the gRPC server");
         TestApp {
@@ -66,6 +78,7 @@ impl TestApp {
             config,
             handler,
             grpc,
+            grpc_url,
             cancel,
         }
     }
@@ -114,8 +127,9 @@ impl TestApp {
             .unwrap()
     }
 
+    /// How many payments the order has (tombstones, which hold no money, are not payments).
     pub async fn payment_count(&self, order_id: Uuid) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM payments WHERE order_id = $1")
+        sqlx::query_scalar("SELECT count(*) FROM payments WHERE order_id = $1 AND NOT tombstone")
             .bind(order_id)
             .fetch_one(&self.pool)
             .await
@@ -209,5 +223,13 @@ pub fn saga_context() -> MessageContext {
         causation_id: Uuid::now_v7().to_string(),
         traceparent: TRACEPARENT.into(),
         tracestate: String::new(),
+    }
+}
+
+/// The VoidPayment the orchestrator sends when the payment deadline passes.
+pub fn void(order_id: Uuid) -> proto::payment::v1::VoidPayment {
+    proto::payment::v1::VoidPayment {
+        order_id: order_id.to_string(),
+        reason: "payment not verified before the deadline".into(),
     }
 }

@@ -1,0 +1,22 @@
+//! Server reflection in both protocol versions, so that clients of either can browse the API.
+
+mod common;
+
+use common::running_app;
+
+#[tokio::test]
+async fn reflection_lists_the_service_in_v1_and_v1alpha() {
+    let app = running_app(&[]).await;
+    let url = format!("http://{}", app.addr);
+    let (v1, v1alpha) = platform::testing::reflected_services(&url).await;
+    for (version, services) in [("v1", v1), ("v1alpha", v1alpha)] {
+        let services = services.unwrap_or_else(|status| panic!("reflection {version}: {status}"));
+        assert!(
+            services
+                .iter()
+                .any(|s| s == "inventory.v1.InventoryService"),
+            "{version}: {services:?}"
+        );
+    }
+    app.stop().await;
+}
