@@ -107,6 +107,7 @@ impl App {
             .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<admin::AdminServer>().await)
             .add_service(runtime::grpc::reflection()?)
+            .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(admin::server(
                 self.pool.clone(),
                 engine.clone(),
@@ -141,6 +142,7 @@ impl App {
             .layer(telemetry::grpc::ServerLayer)
             .add_service(runtime::grpc::health::<tonic_health_marker::Orchestrator>().await)
             .add_service(runtime::grpc::reflection()?)
+            .add_service(runtime::grpc::reflection_v1alpha()?)
             .serve_with_incoming_shutdown(
                 runtime::grpc::incoming(self.listener),
                 cancel.clone().cancelled_owned(),
