@@ -67,7 +67,7 @@ impl CommandHandler {
                 reservation_id,
                 expires_at,
             } => {
-                tracing::info!(%order_id, %reservation_id, "reserved");
+                tracing::debug!(%order_id, %reservation_id, "reserved");
                 let reply = pb::InventoryReserved {
                     order_id: order_id.to_string(),
                     reservation_id: reservation_id.to_string(),
@@ -76,7 +76,7 @@ impl CommandHandler {
                 self.reply(conn, order_id, &reply, message).await
             }
             ReserveOutcome::Failed { failure, reason } => {
-                tracing::info!(%order_id, ?failure, %reason, "reservation refused");
+                tracing::debug!(%order_id, ?failure, %reason, "reservation refused");
                 let reply = pb::InventoryReservationFailed {
                     order_id: order_id.to_string(),
                     failure: convert::failure(failure).into(),
@@ -96,7 +96,7 @@ impl CommandHandler {
         let order_id = order_id(&command.order_id)?;
         match reservations::commit(conn, order_id).await? {
             CommitOutcome::Committed { reservation_id } => {
-                tracing::info!(%order_id, %reservation_id, "committed");
+                tracing::debug!(%order_id, %reservation_id, "committed");
                 let reply = pb::InventoryCommitted {
                     order_id: order_id.to_string(),
                     reservation_id: reservation_id.to_string(),
@@ -104,7 +104,7 @@ impl CommandHandler {
                 self.reply(conn, order_id, &reply, message).await
             }
             CommitOutcome::Failed { reason } => {
-                tracing::info!(%order_id, %reason, "commit refused");
+                tracing::debug!(%order_id, %reason, "commit refused");
                 let reply = pb::InventoryCommitFailed {
                     order_id: order_id.to_string(),
                     reason,

@@ -52,6 +52,15 @@ pub struct KafkaArgs {
           value_parser = clap::value_parser!(u32).range(1000..=300_000))]
     pub session_timeout_ms: u32,
 
+    /// This replica's stable name in its consumer groups (Kafka's static membership,
+    /// `group.instance.id`): a replica that restarts under the same name (a pod of a
+    /// StatefulSet, a process a supervisor restarts) takes its partitions back at once, and
+    /// after a broker restart every replica rejoins without waiting out the session timeout
+    /// of its former self. Unique per replica; unset, the replica joins as a new member each
+    /// time.
+    #[arg(long = "kafka-group-instance-id", env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+
     /// Producer linger: how long the relay's producer waits to fill a batch.
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u32,
@@ -139,6 +148,9 @@ impl KafkaArgs {
                 "heartbeat.interval.ms",
                 (self.session_timeout_ms / 6).max(100).to_string(),
             );
+        if let Some(instance) = self.group_instance_id.as_deref().filter(|i| !i.is_empty()) {
+            config.set("group.instance.id", instance);
+        }
         config
     }
 

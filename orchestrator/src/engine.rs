@@ -53,6 +53,12 @@ impl Engine {
         Self { outbox, timing }
     }
 
+    /// To call once a transaction that stepped sagas has committed: wakes the relay for the
+    /// commands it sent.
+    pub fn committed(&self) {
+        self.outbox.committed();
+    }
+
     /// Bookkeeping of a saga after `input` caused `transition`.
     fn bookkeeping(&self, transition: &Transition, input: &Input) -> Bookkeeping {
         let next = &transition.saga;
@@ -202,14 +208,15 @@ impl Engine {
             messaging::after_commit(move || observed.record());
         }
         tracing::Span::current().record("to", transition.saga.state.as_str());
-        tracing::info!(
-            %order_id,
-            from = stored.as_ref().map(|s| s.saga.state.as_str()).unwrap_or("-"),
-            to = transition.saga.state.as_str(),
-            input = input.name(),
-            correlation_id = %context.correlation_id,
-            "saga transition"
-        );
+        let from = stored.as_ref().map(|s| s.saga.state.as_str()).unwrap_or("-");
+        let to = transition.saga.state.as_str();
+        // The saga's start and end at info, every step between at debug: default settings
+        // write two lines per saga here, not one per message.
+        if stored.is_none() || transition.saga.state.is_terminal() {
+            tracing::info!(%order_id, from, to, input = input.name(), correlation_id = %context.correlation_id, "saga transition");
+        } else {
+            tracing::debug!(%order_id, from, to, input = input.name(), correlation_id = %context.correlation_id, "saga transition");
+        }
         Ok(Ok(transition.saga))
     }
 

@@ -76,7 +76,7 @@ impl App {
         let engine = engine::Engine::new(outbox.clone(), self.config.timing());
         let mut tasks = JoinSet::new();
 
-        let relay = Relay::new(self.pool.clone(), &self.config.kafka)?;
+        let relay = Relay::for_outbox(self.pool.clone(), &outbox)?;
         tasks.spawn(runtime::shutdown::cancel_when_done(cancel.clone(), {
             let cancel = cancel.clone();
             async move {

@@ -116,7 +116,9 @@ pub struct Origin {
 }
 
 /// Saves `next` over `previous` (`None`: a new saga), appends the history row and applies the
-/// timer commands, all in the caller's transaction. Returns the new version.
+/// timer commands, all in the caller's transaction and in one statement (one round trip per
+/// transition): the saga row is written first, so it is locked before its timers, as in every
+/// path that touches both. Returns the new version.
 pub async fn save(
     conn: &mut PgConnection,
     previous: Option<&StoredSaga>,
@@ -126,121 +128,75 @@ pub async fn save(
     origin: &Origin,
     bookkeeping: &Bookkeeping,
 ) -> Result<i64, StoreError> {
-    let data = serde_json::to_value(next).map_err(|source| StoreError::Corrupt {
+    let corrupt = |source| StoreError::Corrupt {
         saga_id: next.order_id,
         source,
-    })?;
-    let version = match previous {
-        None => {
-            let inserted = sqlx::query(
-                "INSERT INTO sagas (saga_id, state, data, version, customer_id, correlation_id, traceparent, tracestate) \
-                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (saga_id) DO NOTHING",
-            )
-            .bind(next.order_id)
-            .bind(next.state.as_str())
-            .bind(&data)
-            .bind(&next.order.customer_id)
-            .bind(&origin.correlation_id)
-            .bind(&origin.traceparent)
-            .bind(&origin.tracestate)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                return Err(StoreError::Conflict(next.order_id));
-            }
-            1
-        }
-        Some(previous) => {
-            let (needs_operator, last_error) = bookkeeping.operator_flag.columns();
-            let updated = sqlx::query(
-                "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
-                     needs_operator = COALESCE($5, needs_operator), last_error = COALESCE($6, last_error) \
-                 WHERE saga_id = $1 AND version = $4",
-            )
-            .bind(next.order_id)
-            .bind(next.state.as_str())
-            .bind(&data)
-            .bind(previous.version)
-            .bind(needs_operator)
-            .bind(last_error)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                return Err(StoreError::Conflict(next.order_id));
-            }
-            previous.version + 1
-        }
     };
-    let commands_json = serde_json::to_value(commands).map_err(|source| StoreError::Corrupt {
-        saga_id: next.order_id,
-        source,
-    })?;
-    sqlx::query(
-        "INSERT INTO saga_history (saga_id, version, from_state, to_state, input, message_id, message_type, commands, correlation_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(next.order_id)
-    .bind(version)
-    .bind(previous.map(|p| p.saga.state.as_str()))
-    .bind(next.state.as_str())
-    .bind(cause.input)
-    .bind(cause.message_id)
-    .bind(cause.message_type)
-    .bind(&commands_json)
-    .bind(cause.correlation_id)
-    .execute(&mut *conn)
-    .await?;
+    let data = serde_json::to_value(next).map_err(corrupt)?;
+    let commands_json = serde_json::to_value(commands).map_err(corrupt)?;
+    // Timers to arm (kind, when) and to disarm.
+    let now = Utc::now();
+    let mut arm: Vec<(&str, DateTime<Utc>)> = Vec::new();
+    let mut disarm: Vec<&str> = Vec::new();
     for command in commands {
         match command {
-            Command::StartDeadline => {
-                set_timer(
-                    conn,
-                    next.order_id,
-                    DEADLINE_TIMER,
-                    Some(bookkeeping.deadline),
-                )
-                .await?
-            }
-            Command::CancelDeadline => set_timer(conn, next.order_id, DEADLINE_TIMER, None).await?,
+            Command::StartDeadline => arm.push((DEADLINE_TIMER, now + bookkeeping.deadline)),
+            Command::CancelDeadline => disarm.push(DEADLINE_TIMER),
             _ => {}
         }
     }
-    set_timer(conn, next.order_id, STEP_TIMER, bookkeeping.step_timer).await?;
-    Ok(version)
-}
-
-/// Arms timer `kind` of a saga to fire `after` from now, or disarms it (`None`).
-async fn set_timer(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-    kind: &str,
-    after: Option<chrono::Duration>,
-) -> Result<(), sqlx::Error> {
-    match after {
-        Some(after) => {
-            let fire_at: DateTime<Utc> = Utc::now() + after;
-            sqlx::query(
-                "INSERT INTO saga_timers (saga_id, kind, fire_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, \
-                     failures = 0, last_error = NULL",
-            )
-            .bind(saga_id)
-            .bind(kind)
-            .bind(fire_at)
-            .execute(conn)
-            .await?;
-        }
-        None => {
-            sqlx::query("DELETE FROM saga_timers WHERE saga_id = $1 AND kind = $2")
-                .bind(saga_id)
-                .bind(kind)
-                .execute(conn)
-                .await?;
-        }
+    match bookkeeping.step_timer {
+        Some(after) => arm.push((STEP_TIMER, now + after)),
+        None => disarm.push(STEP_TIMER),
     }
-    Ok(())
+    let (arm_kinds, arm_at): (Vec<&str>, Vec<DateTime<Utc>>) = arm.into_iter().unzip();
+    let write_saga = match previous {
+        None => {
+            "INSERT INTO sagas (saga_id, state, data, version, customer_id, correlation_id, traceparent, tracestate) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (saga_id) DO NOTHING \
+             RETURNING saga_id, version"
+        }
+        Some(_) => {
+            "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
+                 needs_operator = COALESCE($9, needs_operator), last_error = COALESCE($10, last_error) \
+             WHERE saga_id = $1 AND version = $8 \
+             RETURNING saga_id, version"
+        }
+    };
+    let (needs_operator, last_error) = bookkeeping.operator_flag.columns();
+    let statement = format!(
+        "WITH s AS ({write_saga}), \
+         h AS (INSERT INTO saga_history (saga_id, version, from_state, to_state, input, message_id, message_type, commands, correlation_id) \
+               SELECT saga_id, version, $11, $2, $12, $13, $14, $15, $16 FROM s), \
+         armed AS (INSERT INTO saga_timers (saga_id, kind, fire_at) \
+               SELECT s.saga_id, k.kind, k.fire_at FROM s, unnest($17::text[], $18::timestamptz[]) AS k(kind, fire_at) \
+               ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, failures = 0, last_error = NULL), \
+         disarmed AS (DELETE FROM saga_timers t USING s WHERE t.saga_id = s.saga_id AND t.kind = ANY($19::text[])) \
+         SELECT version FROM s"
+    );
+    let version: Option<i64> = sqlx::query_scalar(&statement)
+        .bind(next.order_id)
+        .bind(next.state.as_str())
+        .bind(&data)
+        .bind(&next.order.customer_id)
+        .bind(&origin.correlation_id)
+        .bind(&origin.traceparent)
+        .bind(&origin.tracestate)
+        .bind(previous.map(|p| p.version))
+        .bind(needs_operator)
+        .bind(last_error)
+        .bind(previous.map(|p| p.saga.state.as_str()))
+        .bind(cause.input)
+        .bind(cause.message_id)
+        .bind(cause.message_type)
+        .bind(&commands_json)
+        .bind(cause.correlation_id)
+        .bind(&arm_kinds)
+        .bind(&arm_at)
+        .bind(&disarm)
+        .fetch_optional(&mut *conn)
+        .await?;
+    version.ok_or(StoreError::Conflict(next.order_id))
 }
 
 /// Flags a saga as needing an operator (a message of it could not be handled at all). The flag

@@ -110,6 +110,7 @@ async fn fire_one(pool: &PgPool, engine: &Engine) -> Result<Option<DueTimer>, Fa
             .step(&mut tx, timer.saga_id, &input, &trigger)
             .await?;
         tx.commit().await?;
+        engine.committed();
         Ok(())
     }
     .await;

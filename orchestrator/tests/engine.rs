@@ -18,6 +18,7 @@ fn kafka() -> KafkaArgs {
         partitions: 1,
         fetch_wait_max_ms: 500,
         session_timeout_ms: 6000,
+        group_instance_id: None,
         linger_ms: 1,
         batch_max: 16,
     }

@@ -98,7 +98,7 @@ impl Handler for OrderCommands {
         let final_command = !matches!(command, OrderCommand::MarkPaymentInitiated { .. });
         match store::apply(conn, order_id, &command).await? {
             Applied::Moved => {
-                tracing::info!(%order_id, status = %command.target(), "order status changed");
+                tracing::debug!(%order_id, status = %command.target(), "order status changed");
                 if final_command {
                     let reason = match &command {
                         OrderCommand::Fail { reason } => Some(reason.clone()),
@@ -114,7 +114,7 @@ impl Handler for OrderCommands {
                 payment_id,
                 failure_reason,
             } => {
-                tracing::info!(
+                tracing::debug!(
                     %order_id,
                     %status,
                     payment_id = ?payment_id.map(|p| p.to_string()),

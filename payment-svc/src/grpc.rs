@@ -147,7 +147,8 @@ impl PaymentGrpc {
         };
         self.outbox.enqueue(&mut tx, &[message]).await?;
         tx.commit().await?;
-        tracing::info!(
+        self.outbox.committed();
+        tracing::debug!(
             payment_id = %id,
             %order_id,
             status = %updated.status,

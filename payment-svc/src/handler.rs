@@ -109,7 +109,7 @@ impl PaymentCommands {
             return self.reply(conn, message, order_id, &reply).await;
         }
         if created {
-            tracing::info!(
+            tracing::debug!(
                 %order_id,
                 payment_id = %payment.payment_id,
                 status = %payment.status,
@@ -117,7 +117,7 @@ impl PaymentCommands {
                 "payment recorded"
             );
         } else {
-            tracing::info!(%order_id, payment_id = %payment.payment_id, "ChargePayment again: replying as before");
+            tracing::debug!(%order_id, payment_id = %payment.payment_id, "ChargePayment again: replying as before");
         }
         if payment.status == PaymentStatus::Declined {
             self.reply(conn, message, order_id, &convert::payment_failed(&payment))
@@ -166,18 +166,18 @@ impl PaymentCommands {
             )));
         };
         if payment.tombstone {
-            tracing::info!(%order_id, reason, "{what}: the order has no payment");
+            tracing::debug!(%order_id, reason, "{what}: the order has no payment");
             return Ok(None);
         }
         let (settled, decline_reason) = self.settle_attempt(&payment).await?;
         let status = next(settled);
         if status == payment.status {
-            tracing::info!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");
+            tracing::debug!(%order_id, payment_id = %payment.payment_id, %status, reason, "{what}: nothing to change");
             return Ok(Some(payment));
         }
         let updated =
             store::set_status(conn, payment.payment_id, status, decline_reason.as_deref()).await?;
-        tracing::info!(
+        tracing::debug!(
             %order_id,
             payment_id = %payment.payment_id,
             from = %payment.status,
@@ -214,7 +214,7 @@ impl PaymentCommands {
                 self.provider_timeout.as_millis()
             ))
         })?;
-        tracing::info!(payment_id = %payment.payment_id, attempt = %key, ?decision, "open verification attempt settled");
+        tracing::debug!(payment_id = %payment.payment_id, attempt = %key, ?decision, "open verification attempt settled");
         Ok(match decision {
             Decision::Approved => (PaymentStatus::Succeeded, None),
             Decision::Declined { reason } => (PaymentStatus::Declined, Some(reason)),

@@ -105,8 +105,14 @@ impl App {
     /// until one of them fails, which stops the rest).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let addr = self.grpc_addr();
-        let handler = self.handler();
+        // One outbox for the handler, the gRPC service and the relay, so that their commits
+        // wake the relay in memory.
         let outbox = self.outbox();
+        let handler = PaymentCommands::new(
+            outbox.clone(),
+            self.provider.clone(),
+            self.config.provider_timeout(),
+        );
         let App {
             config,
             pool,
@@ -126,7 +132,7 @@ impl App {
             .add_service(runtime::grpc::reflection()?)
             .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(service);
-        let relay = Relay::new(pool.clone(), &config.kafka)?;
+        let relay = Relay::for_outbox(pool.clone(), &outbox)?;
         let consumer = Consumer::new(
             &config.kafka,
             SERVICE,

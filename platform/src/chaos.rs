@@ -160,6 +160,9 @@ impl Fleet {
             if key.ends_with("_ADDR") {
                 *value = "127.0.0.1:0".to_owned();
             }
+            if key == "KAFKA_GROUP_INSTANCE_ID" {
+                *value = "orchestrator-replica".to_owned();
+            }
         }
         self.replica = Some(self.spawn("orchestrator", &env, "orchestrator-replica")?);
         Ok(())

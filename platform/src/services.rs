@@ -113,6 +113,8 @@ impl PlatformConfig {
         let mut env: Vec<(String, String)> = vec![
             ("KAFKA_BROKERS".into(), self.kafka_brokers.clone()),
             ("KAFKA_TOPIC_PREFIX".into(), self.topic_prefix.clone()),
+            // One replica of each service: restarted, it takes its partitions back at once.
+            ("KAFKA_GROUP_INSTANCE_ID".into(), service.to_owned()),
         ];
         let own: Vec<(&str, String)> = match service {
             "order-svc" => vec![

@@ -113,11 +113,12 @@ impl TestPlatform {
             extra_env: extra_env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .chain([
-                    ("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned()),
-                    // The orchestrator's admin API takes a token of this platform's own.
-                    (ADMIN_TOKEN_ENV.to_owned(), format!("test-admin-{suffix}")),
-                ])
+                .chain(
+                    (!extra_env.iter().any(|(k, _)| *k == "RUST_LOG"))
+                        .then(|| ("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned())),
+                )
+                // The orchestrator's admin API takes a token of this platform's own.
+                .chain([(ADMIN_TOKEN_ENV.to_owned(), format!("test-admin-{suffix}"))])
                 .collect(),
         };
         let bin_dir = crate::services::binary_dir();
@@ -409,12 +410,15 @@ impl TestPlatform {
     /// of its own (its log is `<service>-replica-<n>.log`).
     pub fn start_replica(&mut self, service: &'static str) {
         let mut env = self.config.env(service);
+        let n = self.children.iter().filter(|(s, _)| *s == service).count();
         for (key, value) in env.iter_mut() {
             if key.ends_with("_ADDR") {
                 *value = "127.0.0.1:0".to_owned();
             }
+            if key == "KAFKA_GROUP_INSTANCE_ID" {
+                *value = format!("{service}-replica-{n}");
+            }
         }
-        let n = self.children.iter().filter(|(s, _)| *s == service).count();
         let log = std::fs::File::create(self.log_dir.join(format!("{service}-replica-{n}.log")))
             .expect("log file");
         let child = crate::services::spawn(

@@ -493,7 +493,12 @@ fn logged_since(
 
 #[tokio::test]
 async fn every_log_line_written_for_an_order_carries_its_correlation_id() {
-    let platform = TestPlatform::start(&[("LOG_FORMAT", "json")]).await;
+    // Every line, the per-message ones (at debug) included.
+    let platform = TestPlatform::start(&[
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "debug,sqlx=warn,h2=info,hyper=info,tower=info,rdkafka=info,tonic=info"),
+    ])
+    .await;
     platform.warm_up().await;
     let before = log_sizes(&platform);
 

@@ -39,6 +39,7 @@ pub async fn setup(label: &str) -> Setup {
         partitions: 1,
         fetch_wait_max_ms: 500,
         session_timeout_ms: 6000,
+        group_instance_id: None,
         linger_ms: 1,
         batch_max: 64,
     };

@@ -224,6 +224,7 @@ impl SagaAdminApi {
                     }
                     let detail = self.detail(&mut tx, saga_id).await?;
                     tx.commit().await?;
+                    self.engine.committed();
                     tracing::info!(
                         %saga_id,
                         input = operation.input.name(),
