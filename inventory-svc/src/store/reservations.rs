@@ -345,7 +345,8 @@ pub async fn release_expired(pool: &PgPool, batch: i64) -> Result<usize, sqlx::E
     Ok(ids.len())
 }
 
-/// The reservation of `order_id` with its lines, if any.
+/// The reservation of `order_id` with its lines, if any. A recorded refusal is not a
+/// reservation: it held nothing, and reads as none.
 pub async fn find(
     conn: &mut PgConnection,
     order_id: OrderId,
@@ -353,6 +354,9 @@ pub async fn find(
     let Some(head) = head(conn, order_id, false).await? else {
         return Ok(None);
     };
+    if head.refusal.is_some() {
+        return Ok(None);
+    }
     let lines: Vec<(String, i64)> = sqlx::query_as(
         "SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1 ORDER BY sku",
     )
@@ -373,7 +377,8 @@ pub async fn find(
 }
 
 /// One page of a listing: up to `limit` reservations (with their lines) of orders whose id
-/// comes after `after` (from the first when `None`), in order id order. Tombstones included.
+/// comes after `after` (from the first when `None`), in order id order. Release tombstones
+/// included, recorded refusals not (they held nothing).
 pub async fn list_page(
     conn: &mut PgConnection,
     after: Option<OrderId>,
@@ -382,7 +387,7 @@ pub async fn list_page(
     type Row = (Uuid, Uuid, String, Option<DateTime<Utc>>, Option<String>);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT reservation_id, order_id, status, expires_at, release_reason FROM reservations \
-         WHERE order_id > $1 ORDER BY order_id LIMIT $2",
+         WHERE order_id > $1 AND refusal IS NULL ORDER BY order_id LIMIT $2",
     )
     .bind(after.map_or(Uuid::nil(), |id| id.0))
     .bind(limit)
