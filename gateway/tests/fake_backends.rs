@@ -96,6 +96,17 @@ impl OrderService for FakeOrders {
         Err(Status::unimplemented("not faked"))
     }
 
+    async fn list_customer_orders(
+        &self,
+        request: Request<proto::order::v1::ListCustomerOrdersRequest>,
+    ) -> Result<Response<proto::order::v1::ListCustomerOrdersResponse>, Status> {
+        self.0.record(&request);
+        Ok(Response::new(proto::order::v1::ListCustomerOrdersResponse {
+            orders: vec![order(OrderStatus::Pending)],
+            next_page_token: "next".into(),
+        }))
+    }
+
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
