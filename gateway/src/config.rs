@@ -30,6 +30,9 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
+
+    #[command(flatten)]
+    pub jwt: crate::identity::JwtConfig,
 }
 
 impl Config {
@@ -45,6 +48,12 @@ impl Config {
             inventory_svc_url = %runtime::redact_url(&self.inventory_svc_url),
             payment_svc_url = %runtime::redact_url(&self.payment_svc_url),
             request_timeout_ms = self.request_timeout_ms,
+            jwt_algorithm = ?self.jwt.algorithm,
+            jwt_secret = if self.jwt.secret.is_some() { "(set)" } else { "(development)" },
+            jwt_public_key_file = ?self.jwt.public_key_file,
+            jwt_issuer = %self.jwt.issuer,
+            jwt_audience = %self.jwt.audience,
+            jwt_leeway_secs = self.jwt.leeway_secs,
             "configuration"
         );
     }
@@ -75,6 +84,10 @@ mod tests {
         assert_eq!(config.inventory_svc_url, "http://127.0.0.1:50052");
         assert_eq!(config.payment_svc_url, "http://127.0.0.1:50053");
         assert_eq!(config.request_timeout_ms, 10_000);
+        assert_eq!(config.jwt.algorithm, crate::identity::JwtAlgorithm::HS256);
+        assert_eq!(config.jwt.secret, None);
+        assert_eq!(config.jwt.issuer, "order-platform");
+        assert_eq!(config.jwt.audience, "order-api");
     }
 
     #[test]

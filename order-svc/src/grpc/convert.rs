@@ -47,8 +47,12 @@ pub fn page_token(token: &str) -> Result<(DateTime<Utc>, OrderId), Error> {
     let (micros, id) = token.split_once('_').ok_or_else(invalid)?;
     let micros: i64 = micros.parse().map_err(|_| invalid())?;
     let created_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
-    let id = Uuid::try_parse(id).map_err(|_| invalid())?;
-    Ok((created_at, OrderId(id)))
+    let id = OrderId(Uuid::try_parse(id).map_err(|_| invalid())?);
+    // Only the very text this service writes (no sign, no other spelling of the id).
+    if micros < 0 || next_page_token(created_at, id) != token {
+        return Err(invalid());
+    }
+    Ok((created_at, id))
 }
 
 /// The context of the messages a request causes: the caller's correlation id (a new one when
