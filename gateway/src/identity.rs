@@ -1,7 +1,6 @@
 //! Who a customer is: the `sub` of the JSON Web Token in `Authorization: Bearer`, verified
 //! with the configured key, issuer and audience.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
+pub use crate::config::{JwtAlgorithm, JwtConfig};
 use crate::error::ApiError;
 
 /// The HS256 secret used when none is configured: for a local platform only, since anyone
@@ -22,66 +22,6 @@ pub const DEFAULT_AUDIENCE: &str = "order-api";
 
 /// Longest `sub` taken as a customer id (order-svc's limit).
 const MAX_CUSTOMER_ID_CHARS: usize = 128;
-
-/// How the gateway verifies customers' tokens.
-#[derive(clap::Args, Clone, Debug)]
-pub struct JwtConfig {
-    /// Signature algorithm of customers' tokens: HS256 takes JWT_SECRET, RS256 and ES256 take
-    /// JWT_PUBLIC_KEY_FILE.
-    #[arg(
-        long = "jwt-algorithm",
-        env = "JWT_ALGORITHM",
-        value_enum,
-        default_value = "HS256"
-    )]
-    pub algorithm: JwtAlgorithm,
-
-    /// HS256 shared secret. Unset: a development secret, with a warning at start.
-    #[arg(long = "jwt-secret", env = "JWT_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
-
-    /// PEM file of the RS256 or ES256 public key.
-    #[arg(long = "jwt-public-key-file", env = "JWT_PUBLIC_KEY_FILE")]
-    pub public_key_file: Option<PathBuf>,
-
-    /// The `iss` every token must have.
-    #[arg(long = "jwt-issuer", env = "JWT_ISSUER", default_value = DEFAULT_ISSUER)]
-    pub issuer: String,
-
-    /// The `aud` every token must have.
-    #[arg(long = "jwt-audience", env = "JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
-    pub audience: String,
-
-    /// Clock skew allowed on `exp` and `nbf`, in seconds.
-    #[arg(long = "jwt-leeway-secs", env = "JWT_LEEWAY_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(0..=300))]
-    pub leeway_secs: u64,
-}
-
-impl JwtConfig {
-    /// HS256 with `secret`, the default issuer and audience: what tests and local tools use.
-    pub fn hs256(secret: &str) -> JwtConfig {
-        JwtConfig {
-            algorithm: JwtAlgorithm::HS256,
-            secret: Some(secret.to_owned()),
-            public_key_file: None,
-            issuer: DEFAULT_ISSUER.to_owned(),
-            audience: DEFAULT_AUDIENCE.to_owned(),
-            leeway_secs: 30,
-        }
-    }
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(clippy::upper_case_acronyms)]
-pub enum JwtAlgorithm {
-    #[value(name = "HS256")]
-    HS256,
-    #[value(name = "RS256")]
-    RS256,
-    #[value(name = "ES256")]
-    ES256,
-}
 
 /// Checks tokens; cheap to clone.
 #[derive(Clone)]

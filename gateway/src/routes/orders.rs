@@ -120,7 +120,7 @@ enum WaitStatus {
 #[into_params(parameter_in = Query)]
 pub(super) struct WaitParams {
     /// Answer once the order's status is no longer this one (or after `timeout_ms`).
-    #[param(value_type = Option<WaitStatus>)]
+    #[param(value_type = Option<WaitStatus>, inline)]
     wait_while: Option<String>,
     /// How long to wait at most, in milliseconds (also bounded by the gateway's request
     /// timeout); without `wait_while` it is ignored.
@@ -215,7 +215,7 @@ pub(super) struct PageParams {
     params(PageParams),
     responses(
         (status = 200, description = "A page of orders; `next_cursor` leads to the next.", body = OrdersPageJson),
-        (status = 400, description = "The query is invalid.", body = ErrorDocument),
+        (status = 400, description = "The query is invalid (an empty cursor included).", body = ErrorDocument),
         (status = 422, description = "The cursor is not one this API gave.", body = ErrorDocument),
     )
 )]
@@ -231,6 +231,12 @@ pub(super) async fn list(
         return Err(ApiError::BadRequest(format!(
             "limit must be 1 to {MAX_PAGE}, got {limit}"
         )));
+    }
+    if params.cursor.as_deref() == Some("") {
+        return Err(ApiError::BadRequest(
+            "cursor must be a next_cursor this API gave; leave it out for the first page"
+                .to_owned(),
+        ));
     }
     let reply = state
         .backends
