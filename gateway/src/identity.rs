@@ -277,6 +277,36 @@ mod tests {
         }
     }
 
+    /// A key pair made for this test only (`openssl ecparam -name prime256v1 -genkey`).
+    const ES256_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgUG7nCG7nMYLgESJk\ngSPVLl4dXFvjCDEi8sRid6BoR7qhRANCAARSDNzrfwMaHyY/EIgY9f46mTMwcgxy\n/oW3kQ+87c+VgQN9iTD5sh0EbmoaxAPNV9YKKgYewjYrdyZmPO4JCKCS\n-----END PRIVATE KEY-----";
+    const ES256_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEUgzc638DGh8mPxCIGPX+OpkzMHIM\ncv6Ft5EPvO3PlYEDfYkw+bIdBG5qGsQDzVfWCioGHsI2K3cmZjzuCQigkg==\n-----END PUBLIC KEY-----";
+
+    #[test]
+    fn es256_tokens_verify_with_the_public_key_and_nothing_else_does() {
+        let dir = std::env::temp_dir().join(format!("gateway-es256-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let public_key = dir.join("public.pem");
+        std::fs::write(&public_key, ES256_PUBLIC).unwrap();
+        let config = JwtConfig {
+            algorithm: JwtAlgorithm::ES256,
+            secret: None,
+            public_key_file: Some(public_key),
+            ..JwtConfig::hs256("unused")
+        };
+        let verifier = Verifier::from_config(&config).unwrap();
+        let key = EncodingKey::from_ec_pem(ES256_PRIVATE.as_bytes()).unwrap();
+        let signed =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims(60), &key).unwrap();
+        assert_eq!(
+            verifier.customer(&signed).unwrap(),
+            CustomerId("c-1".into())
+        );
+        // The public key used as an HS256 secret (algorithm confusion) is refused.
+        let confused = token_with(claims(60), ES256_PUBLIC);
+        assert!(verifier.customer(&confused).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn keys_must_fit_the_algorithm() {
         let mut config = JwtConfig::hs256(SECRET);
