@@ -12,6 +12,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 const REQUIREMENTS: &str = "platform/test-tools/requirements.txt";
+/// Schemathesis' settings, shared with runs by hand.
+const CONFIG: &str = "platform/test-tools/schemathesis.toml";
 
 /// Schemathesis' command, after checking that it runs; fails (never skips) when it does not.
 fn schemathesis() -> &'static str {
@@ -50,9 +52,10 @@ async fn schemathesis_finds_nothing_over_every_operation() {
     let st = schemathesis();
     let platform = TestPlatform::start(&[]).await;
     platform.warm_up().await;
-    // An order of the token's customer with a payment, so that reads find something.
+    // An order of the token's customer with a payment, so that reads and verifications find
+    // something.
     let order_id = platform.place_order("SKU-MOUSE", 1, "pm_card_visa").await;
-    platform.payment_id(&order_id).await;
+    let payment_id = platform.payment_id(&order_id).await;
 
     let served = platform
         .http
@@ -74,10 +77,21 @@ async fn schemathesis_finds_nothing_over_every_operation() {
     std::fs::write(&document, &served).expect("writing openapi.json");
     let report_dir: PathBuf = platform.log_dir.join("schemathesis");
 
+    let config = platform.log_dir.join("schemathesis.toml");
+    let shared = std::fs::read_to_string(platform::workspace_root().join(CONFIG)).expect(CONFIG);
+    std::fs::write(
+        &config,
+        format!(
+            "{shared}\n[dictionaries.payments]\nvalues = [\"{payment_id}\"]\n\n\
+             [[operations]]\ninclude-name = \"POST /payment/verify\"\n\
+             parameters = {{ \"body.payment_id\" = {{ dictionary = \"payments\", probability = 0.5 }} }}\n"
+        ),
+    )
+    .expect("writing schemathesis.toml");
     let token = platform.token(TEST_CUSTOMER);
     let output = tokio::process::Command::new(st)
         .arg("--config-file")
-        .arg(platform::workspace_root().join("platform/test-tools/schemathesis.toml"))
+        .arg(&config)
         .args(["run", "--checks", "all", "--workers", "1", "--no-color"])
         .arg("--url")
         .arg(&platform.gateway)
@@ -89,6 +103,8 @@ async fn schemathesis_finds_nothing_over_every_operation() {
         .arg(&report_dir)
         .arg(&document)
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its caches (`.schemathesis/`) go beside the platform's logs, not into the tree.
+        .current_dir(&platform.log_dir)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(900), output)
