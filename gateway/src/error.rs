@@ -25,7 +25,10 @@ pub enum ApiError {
     /// Well-formed JSON with missing or mistyped fields, or a request a service refused as invalid.
     #[error("{0}")]
     Invalid(String),
-    /// No usable customer token; the message says what is wrong with it, never its content.
+    /// A customer route without a bearer token.
+    #[error("{0}")]
+    NoToken(String),
+    /// A token that is not usable; the message says what is wrong with it, never its content.
     #[error("{0}")]
     Unauthorized(String),
     /// The token's customer may not do this (place an order for another customer).
@@ -57,7 +60,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NoToken(_) | ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -79,7 +82,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
             ApiError::Invalid(_) => ErrorCode::InvalidRequest,
-            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::NoToken(_) | ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
@@ -265,11 +268,16 @@ impl IntoResponse for ApiError {
             message: self.to_string(),
         };
         let mut response = self.status().into_response();
-        if let ApiError::Unauthorized(_) = self {
-            // RFC 6750: the scheme, and that the token (when one came) is not usable.
+        // RFC 6750: the scheme, and that the token is not usable when one came.
+        let challenge = match self {
+            ApiError::NoToken(_) => Some(r#"Bearer realm="orders""#),
+            ApiError::Unauthorized(_) => Some(r#"Bearer realm="orders", error="invalid_token""#),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Bearer realm="orders", error="invalid_token""#),
+                HeaderValue::from_static(challenge),
             );
         }
         body.write_into(&mut response, None);

@@ -147,7 +147,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let verifier = <Verifier as axum::extract::FromRef<S>>::from_ref(state);
         let missing = || {
-            ApiError::Unauthorized(
+            ApiError::NoToken(
                 "this route needs a customer's token: `Authorization: Bearer <JWT>`".to_owned(),
             )
         };

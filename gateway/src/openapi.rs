@@ -122,7 +122,9 @@ fn shared(operation: &mut Operation, probe: bool) {
     if secured {
         let www_authenticate = HeaderBuilder::new()
             .schema(Some(string()))
-            .description(Some("`Bearer realm=\"orders\", error=\"invalid_token\"`"))
+            .description(Some(
+                "`Bearer realm=\"orders\"`, with `error=\"invalid_token\"` when a token came",
+            ))
             .build();
         responses.insert(
             "401".to_owned(),

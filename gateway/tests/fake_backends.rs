@@ -688,7 +688,14 @@ async fn customer_routes_refuse_a_missing_or_unusable_token_with_401() {
                 .to_str()
                 .unwrap()
                 .to_owned();
-            assert!(challenge.starts_with("Bearer"), "{challenge}");
+            assert!(challenge.starts_with("Bearer realm="), "{challenge}");
+            // RFC 6750: an error code only when a bearer token came.
+            let token_came = !matches!(*why, "missing" | "not a bearer");
+            assert_eq!(
+                challenge.contains(r#"error="invalid_token""#),
+                token_came,
+                "{why}: {challenge}"
+            );
             error_body(response, 401, "unauthorized").await;
         }
     }
