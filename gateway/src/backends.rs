@@ -57,7 +57,7 @@ pub struct Backends {
 }
 
 /// What a readiness probe found for one service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Readiness {
     Serving,

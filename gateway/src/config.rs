@@ -1,6 +1,7 @@
 //! Settings, from the command line or the environment, with defaults that run locally.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The gateway's settings (`gateway --help` lists them).
@@ -30,6 +31,77 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
+
+    #[command(flatten)]
+    pub jwt: JwtConfig,
+}
+
+/// How the gateway verifies customers' tokens.
+#[derive(clap::Args, Clone, Debug)]
+pub struct JwtConfig {
+    /// Signature algorithm of customers' tokens: HS256 takes JWT_SECRET, RS256 and ES256 take
+    /// JWT_PUBLIC_KEY_FILE.
+    #[arg(
+        long = "jwt-algorithm",
+        env = "JWT_ALGORITHM",
+        value_enum,
+        default_value = "HS256"
+    )]
+    pub algorithm: JwtAlgorithm,
+
+    /// HS256 shared secret. Unset: a development secret, with a warning at start.
+    #[arg(long = "jwt-secret", env = "JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// PEM file of the RS256 or ES256 public key.
+    #[arg(long = "jwt-public-key-file", env = "JWT_PUBLIC_KEY_FILE")]
+    pub public_key_file: Option<PathBuf>,
+
+    /// The `iss` every token must have.
+    #[arg(
+        long = "jwt-issuer",
+        env = "JWT_ISSUER",
+        default_value = "order-platform"
+    )]
+    pub issuer: String,
+
+    /// The `aud` every token must have.
+    #[arg(
+        long = "jwt-audience",
+        env = "JWT_AUDIENCE",
+        default_value = "order-api"
+    )]
+    pub audience: String,
+
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[arg(long = "jwt-leeway-secs", env = "JWT_LEEWAY_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub leeway_secs: u64,
+}
+
+impl JwtConfig {
+    /// HS256 with `secret`, the default issuer and audience: what tests and local tools use.
+    pub fn hs256(secret: &str) -> JwtConfig {
+        JwtConfig {
+            algorithm: JwtAlgorithm::HS256,
+            secret: Some(secret.to_owned()),
+            public_key_file: None,
+            issuer: crate::identity::DEFAULT_ISSUER.to_owned(),
+            audience: crate::identity::DEFAULT_AUDIENCE.to_owned(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    HS256,
+    #[value(name = "RS256")]
+    RS256,
+    #[value(name = "ES256")]
+    ES256,
 }
 
 impl Config {
@@ -45,6 +117,12 @@ impl Config {
             inventory_svc_url = %runtime::redact_url(&self.inventory_svc_url),
             payment_svc_url = %runtime::redact_url(&self.payment_svc_url),
             request_timeout_ms = self.request_timeout_ms,
+            jwt_algorithm = ?self.jwt.algorithm,
+            jwt_secret = if self.jwt.secret.is_some() { "(set)" } else { "(development)" },
+            jwt_public_key_file = ?self.jwt.public_key_file,
+            jwt_issuer = %self.jwt.issuer,
+            jwt_audience = %self.jwt.audience,
+            jwt_leeway_secs = self.jwt.leeway_secs,
             "configuration"
         );
     }
@@ -75,6 +153,10 @@ mod tests {
         assert_eq!(config.inventory_svc_url, "http://127.0.0.1:50052");
         assert_eq!(config.payment_svc_url, "http://127.0.0.1:50053");
         assert_eq!(config.request_timeout_ms, 10_000);
+        assert_eq!(config.jwt.algorithm, super::JwtAlgorithm::HS256);
+        assert_eq!(config.jwt.secret, None);
+        assert_eq!(config.jwt.issuer, crate::identity::DEFAULT_ISSUER);
+        assert_eq!(config.jwt.audience, crate::identity::DEFAULT_AUDIENCE);
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub enum ApiError {
     /// Well-formed JSON with missing or mistyped fields, or a request a service refused as invalid.
     #[error("{0}")]
     Invalid(String),
+    /// A customer route without a bearer token.
+    #[error("{0}")]
+    NoToken(String),
+    /// A token that is not usable; the message says what is wrong with it, never its content.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The token's customer may not do this (place an order for another customer).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -51,6 +60,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NoToken(_) | ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -64,23 +75,30 @@ impl ApiError {
     }
 
     /// The error's kind in the body, stable for clients to match on.
-    pub fn code(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorCode {
         match self {
-            ApiError::MalformedJson(_) => "malformed_json",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::Invalid(_) => "invalid_request",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ApiError::BadRequest(_) => ErrorCode::BadRequest,
+            ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            ApiError::Invalid(_) => ErrorCode::InvalidRequest,
+            ApiError::NoToken(_) | ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::TooManyRequests(_) => ErrorCode::TooManyRequests,
             ApiError::Unavailable { .. } | ApiError::ServiceTimedOut { .. } => {
-                "service_unavailable"
+                ErrorCode::ServiceUnavailable
             }
-            ApiError::Timeout(_) => "timeout",
-            ApiError::Internal => "internal",
+            ApiError::Timeout(_) => ErrorCode::Timeout,
+            ApiError::Internal => ErrorCode::Internal,
         }
+    }
+
+    /// [`ApiError::kind`] as it is written in the body.
+    pub fn code(&self) -> &'static str {
+        self.kind().as_str()
     }
 
     /// The one mapping of a service's gRPC status to the gateway's answer. The services' own
@@ -161,31 +179,77 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// The kinds of error, as the body names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    MalformedJson,
+    BadRequest,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    TooManyRequests,
+    ServiceUnavailable,
+    Timeout,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::ServiceUnavailable => "service_unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Every error answer's body.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDocument {
+    pub error: ErrorDetail,
+    /// The request's correlation id, also in the `X-Correlation-ID` header.
+    pub correlation_id: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// For people: what was wrong and, where it helps, what to do.
+    pub message: String,
+}
+
 /// The JSON error body; the correlation middleware adds the request's correlation id.
 #[derive(Clone, Debug)]
 pub(crate) struct ErrorBody {
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ErrorBody {
     pub(crate) fn write_into(&self, response: &mut Response, correlation_id: Option<&str>) {
-        #[derive(serde::Serialize)]
-        struct Document<'a> {
-            error: Inner<'a>,
-            correlation_id: Option<&'a str>,
-        }
-        #[derive(serde::Serialize)]
-        struct Inner<'a> {
-            code: &'a str,
-            message: &'a str,
-        }
-        let document = Document {
-            error: Inner {
+        let document = ErrorDocument {
+            error: ErrorDetail {
                 code: self.code,
-                message: &self.message,
+                message: self.message.clone(),
             },
-            correlation_id,
+            correlation_id: correlation_id.map(str::to_owned),
         };
         // Serialising strings cannot fail; the fallback keeps the body JSON regardless.
         let body = serde_json::to_vec(&document).unwrap_or_else(|_| b"{}".to_vec());
@@ -200,10 +264,22 @@ impl ErrorBody {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            code: self.code(),
+            code: self.kind(),
             message: self.to_string(),
         };
         let mut response = self.status().into_response();
+        // RFC 6750: the scheme, and that the token is not usable when one came.
+        let challenge = match self {
+            ApiError::NoToken(_) => Some(r#"Bearer realm="orders""#),
+            ApiError::Unauthorized(_) => Some(r#"Bearer realm="orders", error="invalid_token""#),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         body.write_into(&mut response, None);
         response.extensions_mut().insert(body);
         response

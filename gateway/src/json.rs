@@ -9,6 +9,7 @@ use proto::order::v1 as order;
 use proto::payment::v1 as payment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
@@ -26,23 +27,39 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 // ---- requests
 
-#[derive(Debug, Deserialize)]
+/// An order to place, for the customer the token names.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateOrderBody {
-    pub customer_id: String,
+    /// May be omitted; when given, it must be the token's customer (else 403).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
+    pub customer_id: Option<String>,
+    /// One line per SKU (lines of the same SKU are added up).
+    #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<LineItemBody>,
+    /// The payment provider's token for the customer's payment method; the simulator takes
+    /// `pm_card_visa` (succeeds), `pm_card_chargeDeclined` (declined) and others.
+    #[schema(min_length = 1, max_length = 255, example = "pm_card_visa")]
     pub payment_method: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct LineItemBody {
+    /// A SKU of the catalog (`GET /products`).
+    #[schema(min_length = 1, max_length = 64, example = "SKU-MOUSE")]
     pub sku: String,
+    #[schema(minimum = 1, maximum = 1000)]
     pub quantity: u32,
 }
 
 impl CreateOrderBody {
-    pub fn into_proto(self, idempotency_key: String) -> order::CreateOrderRequest {
+    pub fn into_proto(
+        self,
+        customer_id: String,
+        idempotency_key: String,
+    ) -> order::CreateOrderRequest {
         order::CreateOrderRequest {
-            customer_id: self.customer_id,
+            customer_id,
             items: self
                 .items
                 .into_iter()
@@ -57,8 +74,10 @@ impl CreateOrderBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct VerifyPaymentBody {
+    /// The order's `payment_id`, shown once the order is `PAYMENT_INITIATED`.
+    #[schema(format = Uuid)]
     pub payment_id: String,
 }
 
@@ -69,7 +88,8 @@ pub struct VerifyPaymentBody {
 #[error("{0}")]
 pub struct InvalidReply(String);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// `PENDING -> PAYMENT_INITIATED -> COMPLETED | FAILED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OrderStatus {
     Unspecified,
@@ -91,23 +111,40 @@ impl From<order::OrderStatus> for OrderStatus {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OrderJson {
+    #[schema(format = Uuid)]
     pub order_id: String,
     pub customer_id: String,
     pub status: OrderStatus,
     pub items: Vec<OrderLineJson>,
+    /// Priced by the order service from its catalog.
     pub total_cents: i64,
     pub currency: String,
     pub payment_method: String,
+    /// Set from `PAYMENT_INITIATED` on: what `POST /payment/verify` takes.
+    #[schema(format = Uuid)]
     pub payment_id: Option<String>,
+    /// Why the order failed, only when `FAILED`: `out of stock: ...`, `unknown SKU: ...`,
+    /// `payment declined: <reason>`, `payment not verified in time`,
+    /// `inventory commit failed: ...` (the payment refunded), `aborted by an operator: ...`.
     pub failure_reason: Option<String>,
     /// RFC 3339, UTC, milliseconds.
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of the customer's orders, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrdersPageJson {
+    pub orders: Vec<OrderJson>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OrderLineJson {
     pub sku: String,
     pub quantity: u32,
@@ -148,7 +185,7 @@ impl TryFrom<order::Order> for OrderJson {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PaymentStatus {
     Unspecified,
@@ -172,11 +209,14 @@ impl From<payment::PaymentStatus> for PaymentStatus {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PaymentJson {
+    #[schema(format = Uuid)]
     pub payment_id: String,
+    #[schema(format = Uuid)]
     pub order_id: String,
     pub status: PaymentStatus,
+    /// The provider's reason, only when `DECLINED` (e.g. `card_declined`, `insufficient_funds`).
     pub decline_reason: Option<String>,
     pub amount_cents: i64,
     pub currency: String,
@@ -201,12 +241,12 @@ impl TryFrom<payment::Payment> for PaymentJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProductsJson {
     pub products: Vec<ProductJson>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProductJson {
     pub sku: String,
     pub name: String,

@@ -1,6 +1,7 @@
-//! The platform's REST API: `POST /orders`, `GET /orders/{id}`, `POST /payment/verify`,
-//! `GET /products`, `/healthz`, `/readyz`, forwarded over gRPC to order-svc, inventory-svc
-//! and payment-svc. It keeps no state of its own.
+//! The platform's REST API: `POST /orders`, `GET /orders`, `GET /orders/{id}`,
+//! `POST /payment/verify`, `GET /products`, `/healthz`, `/readyz`, forwarded over gRPC to
+//! order-svc, inventory-svc and payment-svc, for the customer a JWT names; its OpenAPI
+//! document at `GET /openapi.json`. It keeps no state of its own.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,13 +15,20 @@ pub mod backends;
 pub mod config;
 pub mod correlation;
 pub mod error;
+pub mod identity;
 pub mod json;
+pub mod openapi;
 mod routes;
 
 pub use config::Config;
 
 /// Largest request body accepted (413 above).
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+/// The OpenAPI document of the API, exactly as `GET /openapi.json` serves it.
+pub fn openapi_json() -> String {
+    routes::openapi_json()
+}
 
 /// The gateway, bound and ready to serve.
 pub struct App {
@@ -38,6 +46,7 @@ impl App {
             // Half the request timeout at most, so that a slow probe still gets its 503 body.
             readiness_timeout: Duration::from_secs(2).min(config.request_timeout() / 2),
             request_timeout: config.request_timeout(),
+            verifier: identity::Verifier::from_config(&config.jwt)?,
         };
         let router = routes::router(state, config.request_timeout());
         let listener = TcpListener::bind(config.http_addr)

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 const ORDER_ID: &str = "0190f3f0-0000-7000-8000-000000000001";
+/// A payment id the fake payment service does not know.
+const UNKNOWN_PAYMENT: &str = "0190f3f0-0000-7000-8000-0000000000ff";
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// The metadata and request of every call a fake received.
@@ -96,6 +98,19 @@ impl OrderService for FakeOrders {
         Err(Status::unimplemented("not faked"))
     }
 
+    async fn list_customer_orders(
+        &self,
+        request: Request<proto::order::v1::ListCustomerOrdersRequest>,
+    ) -> Result<Response<proto::order::v1::ListCustomerOrdersResponse>, Status> {
+        self.0.record(&request);
+        Ok(Response::new(
+            proto::order::v1::ListCustomerOrdersResponse {
+                orders: vec![order(OrderStatus::Pending)],
+                next_page_token: "next".into(),
+            },
+        ))
+    }
+
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
@@ -119,7 +134,9 @@ impl OrderService for FakeOrders {
         request: Request<GetOrderRequest>,
     ) -> Result<Response<Order>, Status> {
         self.0.record(&request);
-        if request.get_ref().order_id != ORDER_ID {
+        let customer = &request.get_ref().customer_id;
+        if request.get_ref().order_id != ORDER_ID || (!customer.is_empty() && customer != "cust-1")
+        {
             return Err(Status::not_found(format!(
                 "no order {}",
                 request.get_ref().order_id
@@ -219,11 +236,15 @@ impl PaymentService for FakePayments {
         self.0.record(&request);
         let payment_id = request.into_inner().payment_id;
         let (status, decline_reason) = match payment_id.as_str() {
-            "pay-declined" => (PaymentStatus::Declined, "card_declined"),
-            "pay-voided" => {
-                return Err(Status::failed_precondition("payment pay-voided was voided"))
+            "0190f3f0-0000-7000-8000-0000000000a2" => (PaymentStatus::Declined, "card_declined"),
+            "0190f3f0-0000-7000-8000-0000000000a3" => {
+                return Err(Status::failed_precondition(
+                    "payment 0190f3f0-0000-7000-8000-0000000000a3 was voided",
+                ))
             }
-            "pay-broken" => return Err(Status::internal("database password expired")),
+            "0190f3f0-0000-7000-8000-0000000000a4" => {
+                return Err(Status::internal("database password expired"))
+            }
             _ => (PaymentStatus::Succeeded, ""),
         };
         let payment = Payment {
@@ -244,9 +265,17 @@ impl PaymentService for FakePayments {
 
     async fn get_payment(
         &self,
-        _: Request<GetPaymentRequest>,
+        request: Request<GetPaymentRequest>,
     ) -> Result<Response<Payment>, Status> {
-        Err(Status::unimplemented("not faked"))
+        let payment_id = request.into_inner().payment_id;
+        if payment_id == UNKNOWN_PAYMENT {
+            return Err(Status::not_found(format!("payment {payment_id} not found")));
+        }
+        Ok(Response::new(Payment {
+            payment_id,
+            order_id: ORDER_ID.into(),
+            ..Default::default()
+        }))
     }
 
     async fn validate_payment_method(
@@ -484,12 +513,14 @@ async fn verify_payment_answers_the_outcome_declined_included_and_409_when_voide
             .send()
     };
 
-    let response = verify("pay-ok").await.unwrap();
+    let response = verify("0190f3f0-0000-7000-8000-0000000000a1")
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"payment_id": "pay-ok", "order_id": ORDER_ID, "status": "SUCCEEDED", "decline_reason": null,
+        json!({"payment_id": "0190f3f0-0000-7000-8000-0000000000a1", "order_id": ORDER_ID, "status": "SUCCEEDED", "decline_reason": null,
                "amount_cents": 2500, "currency": "USD"})
     );
     assert_eq!(
@@ -497,17 +528,36 @@ async fn verify_payment_answers_the_outcome_declined_included_and_409_when_voide
         Some(TRACEPARENT)
     );
 
-    let response = verify("pay-declined").await.unwrap();
+    let response = verify("0190f3f0-0000-7000-8000-0000000000a2")
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["status"], "DECLINED");
     assert_eq!(body["decline_reason"], "card_declined");
 
-    let body = error_body(verify("pay-voided").await.unwrap(), 409, "conflict").await;
-    assert_eq!(body["error"]["message"], "payment pay-voided was voided");
+    let body = error_body(
+        verify("0190f3f0-0000-7000-8000-0000000000a3")
+            .await
+            .unwrap(),
+        409,
+        "conflict",
+    )
+    .await;
+    assert_eq!(
+        body["error"]["message"],
+        "payment 0190f3f0-0000-7000-8000-0000000000a3 was voided"
+    );
 
     // An internal failure is a 500 that does not show the service's details.
-    let body = error_body(verify("pay-broken").await.unwrap(), 500, "internal").await;
+    let body = error_body(
+        verify("0190f3f0-0000-7000-8000-0000000000a4")
+            .await
+            .unwrap(),
+        500,
+        "internal",
+    )
+    .await;
     assert!(
         !body["error"]["message"]
             .as_str()
@@ -561,5 +611,204 @@ async fn readyz_is_200_when_every_service_is_serving() {
         body,
         json!({"status": "ready", "services": {"inventory-svc": "serving", "order-svc": "serving", "payment-svc": "serving"}})
     );
+    fakes.stop().await;
+}
+
+/// Every customer route and the ways a token can be unusable: each a 401 with
+/// `WWW-Authenticate` and the JSON error, never reaching a service.
+#[tokio::test]
+async fn customer_routes_refuse_a_missing_or_unusable_token_with_401() {
+    use base64::Engine as _;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = |aud: &str, exp: u64| json!({"sub": "cust-1", "iss": "order-platform", "aud": aud, "exp": exp});
+    let sign = |claims: serde_json::Value, secret: &str| {
+        let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+        encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    };
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(claims("order-api", now + 600))
+    );
+    let bad: Vec<(&str, Option<String>)> = vec![
+        ("missing", None),
+        ("not a bearer", Some("Basic Y3VzdDoxMjM=".to_owned())),
+        ("malformed", Some("Bearer not-a-jwt".to_owned())),
+        (
+            "expired",
+            Some(format!(
+                "Bearer {}",
+                sign(claims("order-api", now - 3600), common::SECRET)
+            )),
+        ),
+        ("alg none", Some(format!("Bearer {alg_none}"))),
+        (
+            "wrongly signed",
+            Some(format!(
+                "Bearer {}",
+                sign(claims("order-api", now + 600), "another-secret")
+            )),
+        ),
+        (
+            "wrong audience",
+            Some(format!(
+                "Bearer {}",
+                sign(claims("another-api", now + 600), common::SECRET)
+            )),
+        ),
+    ];
+    let routes = [
+        (reqwest::Method::POST, "/orders".to_owned()),
+        (reqwest::Method::GET, "/orders".to_owned()),
+        (reqwest::Method::GET, format!("/orders/{ORDER_ID}")),
+        (reqwest::Method::POST, "/payment/verify".to_owned()),
+    ];
+    let calls_before = fakes.orders.0.lock().unwrap().len();
+    for (why, authorization) in &bad {
+        for (method, path) in &routes {
+            // A client of its own: the shared one sends a valid token by default.
+            let mut request = reqwest::Client::new()
+                .request(method.clone(), gateway.url(path))
+                .json(&json!({"items": [{"sku": "SKU-1", "quantity": 1}], "payment_method": "pm_card_visa", "payment_id": ORDER_ID}));
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            let response = request.send().await.unwrap();
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .unwrap_or_else(|| panic!("{why} {method} {path}: no WWW-Authenticate"))
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(challenge.starts_with("Bearer realm="), "{challenge}");
+            // RFC 6750: an error code only when a bearer token came.
+            let token_came = !matches!(*why, "missing" | "not a bearer");
+            assert_eq!(
+                challenge.contains(r#"error="invalid_token""#),
+                token_came,
+                "{why}: {challenge}"
+            );
+            error_body(response, 401, "unauthorized").await;
+        }
+    }
+    assert_eq!(
+        fakes.orders.0.lock().unwrap().len(),
+        calls_before,
+        "no refused request reaches a service"
+    );
+    // The catalog and the probes stay open.
+    for path in ["/products", "/healthz", "/readyz", "/openapi.json"] {
+        let response = reqwest::get(gateway.url(path)).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+    }
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn a_customer_acts_on_their_own_orders_only() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let other = format!("Bearer {}", common::token("cust-2"));
+
+    // Placing: for the token's customer; another customer in the body is refused.
+    let mut body = valid_order();
+    body.as_object_mut().unwrap().remove("customer_id");
+    let response = gateway
+        .client
+        .post(gateway.url("/orders"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    assert!(fakes
+        .orders
+        .last()
+        .request
+        .contains(r#"customer_id: "cust-1""#));
+    let response = gateway
+        .client
+        .post(gateway.url("/orders"))
+        .header("authorization", &other)
+        .json(&valid_order())
+        .send()
+        .await
+        .unwrap();
+    error_body(response, 403, "forbidden").await;
+
+    // Reading and verifying another customer's order: the 404 of an order that does not exist.
+    let unknown = "0190f3f0-0000-7000-8000-00000000ffff";
+    let get = |id: &str, authorization: &str| {
+        gateway
+            .client
+            .get(gateway.url(&format!("/orders/{id}")))
+            .header("authorization", authorization)
+            .send()
+    };
+    let theirs = error_body(get(ORDER_ID, &other).await.unwrap(), 404, "not_found").await;
+    assert_eq!(theirs["error"]["message"], format!("no order {ORDER_ID}"));
+    let verify = |payment_id: &str, authorization: &str| {
+        gateway
+            .client
+            .post(gateway.url("/payment/verify"))
+            .header("authorization", authorization)
+            .json(&json!({"payment_id": payment_id}))
+            .send()
+    };
+    let payment = "0190f3f0-0000-7000-8000-0000000000a1";
+    let theirs = error_body(verify(payment, &other).await.unwrap(), 404, "not_found").await;
+    let mine = format!("Bearer {}", common::token("cust-1"));
+    let none = error_body(
+        verify(UNKNOWN_PAYMENT, &mine).await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        theirs["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(payment, "ID"),
+        none["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(UNKNOWN_PAYMENT, "ID"),
+    );
+    let _ = unknown;
+    assert_eq!(verify(payment, &mine).await.unwrap().status().as_u16(), 200);
+
+    // Listing: the token's customer, the service's page token as the cursor.
+    let response = gateway
+        .client
+        .get(gateway.url("/orders?limit=5&cursor=abc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let page: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(page["orders"][0]["order_id"], ORDER_ID);
+    assert_eq!(page["next_cursor"], "next");
+    let seen = fakes.orders.last().request;
+    assert!(
+        seen.contains(r#"customer_id: "cust-1""#)
+            && seen.contains("page_size: 5")
+            && seen.contains(r#"page_token: "abc""#),
+        "{seen}"
+    );
+    let response = gateway
+        .client
+        .get(gateway.url("/orders?limit=101"))
+        .send()
+        .await
+        .unwrap();
+    error_body(response, 400, "bad_request").await;
     fakes.stop().await;
 }

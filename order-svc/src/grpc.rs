@@ -10,11 +10,15 @@ use tracing::Instrument as _;
 
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::orders::Orders;
 use crate::watch::{StatusWatch, MAX_WAIT};
 
 /// Orders read at a time by ListOrders.
 const LIST_PAGE_SIZE: usize = 1000;
+/// ListCustomerOrders' page size when the request gives none, and its largest.
+const CUSTOMER_PAGE_SIZE: u32 = 20;
+const MAX_CUSTOMER_PAGE_SIZE: u32 = 100;
 
 pub struct OrderGrpc {
     orders: Orders,
@@ -51,6 +55,47 @@ impl OrderService for OrderGrpc {
                 }
             },
         )))
+    }
+
+    async fn list_customer_orders(
+        &self,
+        request: Request<pb::ListCustomerOrdersRequest>,
+    ) -> Result<Response<pb::ListCustomerOrdersResponse>, Status> {
+        let request = request.into_inner();
+        if request.customer_id.is_empty() {
+            return Err(Status::invalid_argument("customer_id is required"));
+        }
+        let page_size = match request.page_size {
+            0 => CUSTOMER_PAGE_SIZE,
+            n if n <= MAX_CUSTOMER_PAGE_SIZE => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size must be 1 to {MAX_CUSTOMER_PAGE_SIZE}, got {n}"
+                )))
+            }
+        } as usize;
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(convert::page_token(token)?),
+        };
+        // One more than a page, to know whether another page follows.
+        let mut orders = self
+            .orders
+            .list_for_customer(&request.customer_id, before, page_size + 1)
+            .await?;
+        let next_page_token = if orders.len() > page_size {
+            orders.truncate(page_size);
+            orders
+                .last()
+                .map(|o| convert::next_page_token(o.created_at, o.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListCustomerOrdersResponse {
+            orders: orders.into_iter().map(convert::order).collect(),
+            next_page_token,
+        }))
     }
 
     async fn create_order(
@@ -90,8 +135,14 @@ impl OrderService for OrderGrpc {
         let id = convert::order_id(&request.order_id)?;
         let wait_while = pb::OrderStatus::try_from(request.wait_while_status)
             .map_err(|_| Status::invalid_argument("invalid wait_while_status"))?;
-        if wait_while == pb::OrderStatus::Unspecified {
-            return Ok(Response::new(convert::order(self.orders.get(id).await?)));
+        let order = self.orders.get(id).await?;
+        if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
+            // Word for word the answer for an order that does not exist.
+            return Err(Error::NotFound(format!("order {id} not found")).into());
+        }
+        if wait_while == pb::OrderStatus::Unspecified || convert::status(order.status) != wait_while
+        {
+            return Ok(Response::new(convert::order(order)));
         }
         let wait = Duration::from_millis(u64::from(request.wait_timeout_ms)).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;

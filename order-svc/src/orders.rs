@@ -1,6 +1,6 @@
 //! Placing and reading orders: what the gRPC API does, with no protocol in it.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use messaging::{MessageContext, Outbox};
 use sqlx::PgPool;
 
@@ -139,6 +139,17 @@ impl Orders {
         let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
         let mut conn = self.pool.acquire().await?;
         Ok(store::list_page(&mut conn, after, &statuses, limit as i64).await?)
+    }
+
+    /// Up to `limit` orders of `customer_id`, newest first, older than `before` when given.
+    pub async fn list_for_customer(
+        &self,
+        customer_id: &str,
+        before: Option<(DateTime<Utc>, OrderId)>,
+        limit: usize,
+    ) -> Result<Vec<Order>, Error> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(store::list_customer_page(&mut conn, customer_id, before, limit as i64).await?)
     }
 
     pub async fn products(&self) -> Result<Vec<Product>, Error> {

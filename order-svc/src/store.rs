@@ -260,6 +260,36 @@ pub async fn list_page(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
+    with_lines(conn, &rows).await
+}
+
+/// Up to `limit` orders of `customer_id` with their lines, newest first (by creation time,
+/// then id), older than `before` when given.
+pub async fn list_customer_page(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    before: Option<(DateTime<Utc>, OrderId)>,
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let (created_at, id) = before.map_or((None, Uuid::max()), |(t, id)| (Some(t), id.0));
+    let rows = sqlx::query(
+        "SELECT order_id, customer_id, status, total_cents, currency, payment_method, payment_id, \
+             failure_reason, correlation_id, created_at, updated_at \
+         FROM orders WHERE customer_id = $1 \
+             AND ($2::timestamptz IS NULL OR (created_at, order_id) < ($2, $3)) \
+         ORDER BY created_at DESC, order_id DESC LIMIT $4",
+    )
+    .bind(customer_id)
+    .bind(created_at)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    with_lines(conn, &rows).await
+}
+
+/// The orders of `rows`, in their order, each with its lines (read in one query).
+async fn with_lines(conn: &mut PgConnection, rows: &[PgRow]) -> Result<Vec<Order>, sqlx::Error> {
     let ids: Vec<Uuid> = rows
         .iter()
         .map(|row| row.try_get("order_id"))

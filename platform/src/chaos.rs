@@ -278,6 +278,8 @@ pub async fn run(
             order_timeout: Duration::from_secs(config.payment_deadline_secs * 4 + 120),
             retry_transient: true,
             progress: config.progress,
+            // The platform's gateway runs without JWT_SECRET: its development secret.
+            jwt_secret: gateway::identity::DEV_JWT_SECRET.to_owned(),
         };
         let started = Instant::now();
         let load = tokio::spawn(async move { load::run(&load_config).await });

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use hdrhistogram::Histogram;
+use reqwest::header::AUTHORIZATION;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -119,7 +120,12 @@ pub struct LoadConfig {
     pub retry_transient: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// The gateway's HS256 JWT_SECRET, to sign the customers' tokens with.
+    pub jwt_secret: String,
 }
+
+/// Customers the load's orders are spread over, each with a token of their own.
+const CUSTOMERS: u64 = 100;
 
 /// The SKUs orders that should succeed use (restocked before a run), and the one kept empty.
 pub const IN_STOCK_SKUS: [&str; 4] = ["SKU-KEYBOARD", "SKU-MOUSE", "SKU-HEADSET", "SKU-WEBCAM"];
@@ -215,6 +221,8 @@ struct Client {
     retry_transient: bool,
     retries: AtomicU64,
     deadline_budget: Duration,
+    /// `Bearer <token>` of customer `load-{i}`.
+    authorizations: Vec<String>,
 }
 
 fn transient(status: reqwest::StatusCode) -> bool {
@@ -250,6 +258,7 @@ impl Client {
     /// Long-polls the order until its status is no longer `status`.
     async fn wait_while(
         &self,
+        authorization: &str,
         order_id: &str,
         status: &str,
         deadline: Instant,
@@ -259,7 +268,11 @@ impl Client {
                 "{}/orders/{order_id}?wait_while={status}&timeout_ms=5000",
                 self.gateway
             );
-            let (code, order) = self.send(deadline, |http| http.get(&url)).await?;
+            let (code, order) = self
+                .send(deadline, |http| {
+                    http.get(&url).header(AUTHORIZATION, authorization)
+                })
+                .await?;
             if !code.is_success() {
                 bail!("GET /orders/{order_id}: {code} {order}");
             }
@@ -290,8 +303,8 @@ impl Client {
             Outcome::Decline => (IN_STOCK_SKUS[(i % 4) as usize], "pm_card_chargeDeclined"),
             Outcome::OutOfStock => (EMPTY_SKU, "pm_card_visa"),
         };
+        let authorization = self.authorizations[(i % CUSTOMERS) as usize].as_str();
         let body = json!({
-            "customer_id": format!("load-{}", i % 100),
             "items": [{"sku": sku, "quantity": 1}],
             "payment_method": method,
         });
@@ -299,7 +312,10 @@ impl Client {
         let url = format!("{}/orders", self.gateway);
         let (status, created) = self
             .send(deadline, |http| {
-                http.post(&url).header("Idempotency-Key", &key).json(&body)
+                http.post(&url)
+                    .header(AUTHORIZATION, authorization)
+                    .header("Idempotency-Key", &key)
+                    .json(&body)
             })
             .await
             .map_err(|e| format!("order #{i}: POST /orders: {e}"))?;
@@ -311,7 +327,7 @@ impl Client {
         let order_id = created["order_id"].as_str().unwrap_or_default().to_owned();
         let fail = |e: anyhow::Error| format!("order {order_id} ({}): {e:#}", outcome.name());
         let mut order = self
-            .wait_while(&order_id, "PENDING", deadline)
+            .wait_while(authorization, &order_id, "PENDING", deadline)
             .await
             .map_err(fail)?;
         let mut verify_status = None;
@@ -321,7 +337,11 @@ impl Client {
                 let url = format!("{}/payment/verify", self.gateway);
                 let body = json!({ "payment_id": payment_id });
                 let (code, verified) = self
-                    .send(deadline, |http| http.post(&url).json(&body))
+                    .send(deadline, |http| {
+                        http.post(&url)
+                            .header(AUTHORIZATION, authorization)
+                            .json(&body)
+                    })
                     .await
                     .map_err(fail)?;
                 verify_status = Some(if code.is_success() {
@@ -331,7 +351,7 @@ impl Client {
                 });
             }
             order = self
-                .wait_while(&order_id, "PAYMENT_INITIATED", deadline)
+                .wait_while(authorization, &order_id, "PAYMENT_INITIATED", deadline)
                 .await
                 .map_err(fail)?;
         }
@@ -373,6 +393,19 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         retry_transient: config.retry_transient,
         retries: AtomicU64::new(0),
         deadline_budget: config.order_timeout,
+        authorizations: (0..CUSTOMERS)
+            .map(|i| {
+                let token = gateway::identity::hs256_token(
+                    &config.jwt_secret,
+                    gateway::identity::DEFAULT_ISSUER,
+                    gateway::identity::DEFAULT_AUDIENCE,
+                    &format!("load-{i}"),
+                    // Longer than any run.
+                    Duration::from_secs(7 * 24 * 3600),
+                )?;
+                Ok(format!("Bearer {token}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
     });
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let bar = if config.progress {

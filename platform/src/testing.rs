@@ -22,6 +22,10 @@ PostgreSQL and the broker, or start them with `cargo run -p platform -- infra` a
 
 /// The orchestrator's setting of its admin token.
 const ADMIN_TOKEN_ENV: &str = "ADMIN_TOKEN";
+/// The gateway's setting of the HS256 secret of customers' tokens.
+const JWT_SECRET_ENV: &str = "JWT_SECRET";
+/// The customer `TestPlatform::http` acts as.
+pub const TEST_CUSTOMER: &str = "test-customer";
 
 /// Prefix of every database made by tests, so a test run can drop those of earlier runs.
 pub const TEST_DATABASE_PREFIX: &str = "test_";
@@ -79,6 +83,26 @@ pub fn topic_prefix() -> String {
     format!("t{}.", unique_suffix())
 }
 
+fn jwt_secret(config: &crate::services::PlatformConfig) -> String {
+    config
+        .extra_env
+        .iter()
+        .find(|(k, _)| k == JWT_SECRET_ENV)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| gateway::identity::DEV_JWT_SECRET.to_owned())
+}
+
+fn customer_token(config: &crate::services::PlatformConfig, customer: &str) -> String {
+    gateway::identity::hs256_token(
+        &jwt_secret(config),
+        gateway::identity::DEFAULT_ISSUER,
+        gateway::identity::DEFAULT_AUDIENCE,
+        customer,
+        Duration::from_secs(3600),
+    )
+    .expect("a token")
+}
+
 /// The five real service binaries started as processes for one test, on free ports, with
 /// databases and topics of their own. Killed when dropped.
 pub struct TestPlatform {
@@ -117,8 +141,12 @@ impl TestPlatform {
                     (!extra_env.iter().any(|(k, _)| *k == "RUST_LOG"))
                         .then(|| ("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned())),
                 )
-                // The orchestrator's admin API takes a token of this platform's own.
-                .chain([(ADMIN_TOKEN_ENV.to_owned(), format!("test-admin-{suffix}"))])
+                .chain([
+                    // The orchestrator's admin API takes a token of this platform's own.
+                    (ADMIN_TOKEN_ENV.to_owned(), format!("test-admin-{suffix}")),
+                    // The gateway takes customers' tokens signed with a secret of its own.
+                    (JWT_SECRET_ENV.to_owned(), format!("test-jwt-{suffix}")),
+                ])
                 .collect(),
         };
         let bin_dir = crate::services::binary_dir();
@@ -138,13 +166,19 @@ impl TestPlatform {
             .unwrap_or_else(|e| panic!("{e:#}"));
             children.push((service, child));
         }
+        let authorization = format!("Bearer {}", customer_token(&config, TEST_CUSTOMER));
         let mut platform = TestPlatform {
             gateway: format!("http://{}", config.addresses.gateway),
-            config,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // As customer `TEST_CUSTOMER`, unless a request sets its own Authorization.
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::AUTHORIZATION,
+                    authorization.parse().expect("a header value"),
+                )]))
                 .build()
                 .expect("http client"),
+            config,
             log_dir,
             children,
         };
@@ -201,6 +235,16 @@ impl TestPlatform {
             .find(|(k, _)| k == ADMIN_TOKEN_ENV)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| crate::ops::DEV_ADMIN_TOKEN.to_owned())
+    }
+
+    /// A token of this platform's gateway for `customer`, valid for an hour.
+    pub fn token(&self, customer: &str) -> String {
+        customer_token(&self.config, customer)
+    }
+
+    /// The HS256 secret this platform's gateway verifies customers' tokens with.
+    pub fn jwt_secret(&self) -> String {
+        jwt_secret(&self.config)
     }
 
     /// The gRPC URL of a service, for checks through its own API.
@@ -355,7 +399,7 @@ impl TestPlatform {
             .post(
                 "/orders",
                 &serde_json::json!({
-                    "customer_id": "test-customer",
+                    "customer_id": TEST_CUSTOMER,
                     "items": [{"sku": sku, "quantity": quantity}],
                     "payment_method": payment_method,
                 }),

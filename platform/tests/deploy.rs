@@ -429,13 +429,16 @@ fn service_of_url_variable(variable: &str) -> Option<String> {
         .map(|name| name.to_lowercase().replace('_', "-"))
 }
 
-/// The gateway's routes, from `.route("PATH", ...)` in `gateway/src/routes/`.
+/// The gateway's routes, from `.route("PATH", ...)` and `#[utoipa::path(..., path = "PATH")]`
+/// in `gateway/src/routes/`.
 fn gateway_routes() -> BTreeSet<String> {
     let mut routes = BTreeSet::new();
     for (_, source) in rust_sources("gateway/src/routes") {
-        for (at, _) in source.match_indices(".route(\"") {
-            let rest = &source[at + ".route(\"".len()..];
-            routes.insert(rest[..rest.find('"').expect("closing quote")].to_owned());
+        for marker in [".route(\"", "path = \""] {
+            for (at, _) in source.match_indices(marker) {
+                let rest = &source[at + marker.len()..];
+                routes.insert(rest[..rest.find('"').expect("closing quote")].to_owned());
+            }
         }
     }
     assert!(

@@ -327,7 +327,6 @@ async fn verify_racing_the_deadline_has_one_outcome_and_keeps_no_money_of_a_fail
 async fn the_same_order_placed_at_once_with_one_idempotency_key_is_placed_once() {
     let platform = TestPlatform::start(&[]).await;
     let body = json!({
-        "customer_id": "c-twice",
         "items": [{"sku": "SKU-KEYBOARD", "quantity": 1}],
         "payment_method": "pm_card_visa"
     });

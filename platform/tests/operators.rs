@@ -81,7 +81,6 @@ async fn place(
         .post(format!("{}/orders", platform.gateway))
         .header("X-Correlation-ID", correlation_id)
         .json(&json!({
-            "customer_id": "customer-ops",
             "items": [{"sku": sku, "quantity": quantity}],
             "payment_method": method,
         }))

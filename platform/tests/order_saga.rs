@@ -56,7 +56,6 @@ async fn one_order_goes_from_post_to_completed_through_all_five_services() {
         .post(
             "/orders",
             &json!({
-                "customer_id": "customer-42",
                 "items": [{"sku": "SKU-MOUSE", "quantity": 3}],
                 "payment_method": "pm_card_visa"
             }),
@@ -130,7 +129,6 @@ async fn one_order_goes_from_post_to_completed_through_all_five_services() {
 async fn a_retried_post_with_the_same_idempotency_key_returns_the_same_order() {
     let platform = TestPlatform::start(&[]).await;
     let body = json!({
-        "customer_id": "customer-7",
         "items": [{"sku": "SKU-KEYBOARD", "quantity": 1}],
         "payment_method": "pm_card_visa"
     });

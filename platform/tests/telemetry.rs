@@ -221,7 +221,6 @@ async fn wait_for_order(
 
 fn order_body(sku: &str, payment_method: &str) -> Value {
     json!({
-        "customer_id": "customer-telemetry",
         "items": [{"sku": sku, "quantity": 1}],
         "payment_method": payment_method,
     })

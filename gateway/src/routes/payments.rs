@@ -1,29 +1,80 @@
-//! `POST /payment/verify`.
+//! `POST /payment/verify`: of the customer's own orders only.
 
 use axum::extract::State;
 use axum::Json;
-use proto::payment::v1::VerifyPaymentRequest;
+use proto::order::v1::GetOrderRequest;
+use proto::payment::v1::{GetPaymentRequest, VerifyPaymentRequest};
 
 use super::AppState;
 use crate::backends::Service;
 use crate::correlation::RequestContext;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorDocument};
+use crate::identity::CustomerId;
 use crate::json::{ApiJson, PaymentJson, VerifyPaymentBody};
 
-/// The provider's outcome, declined included, is a 200; a payment that can no longer be
-/// verified (voided) is refused by the payment service with FAILED_PRECONDITION: 409.
+/// Verify a payment of one of the customer's orders: the provider decides.
+///
+/// The provider's outcome, declined included, is a 200 (verifying again answers the same
+/// outcome and charges nothing more); a payment that can no longer be verified (voided after
+/// the order's deadline) is a 409.
+#[utoipa::path(
+    post,
+    path = "/payment/verify",
+    tag = "payments",
+    operation_id = "verifyPayment",
+    security(("customer" = [])),
+    request_body = VerifyPaymentBody,
+    responses(
+        (status = 200, description = "The provider's outcome.", body = PaymentJson),
+        (status = 400, description = "Malformed JSON.", body = ErrorDocument),
+        (status = 404, description = "No such payment of this customer's orders.", body = ErrorDocument),
+        (status = 409, description = "The payment can no longer be verified.", body = ErrorDocument),
+        (status = 413, description = "The body is larger than 64 KiB.", body = ErrorDocument),
+        (status = 415, description = "The body is not `application/json`.", body = ErrorDocument),
+        (status = 422, description = "Invalid fields.", body = ErrorDocument),
+    )
+)]
 pub(super) async fn verify(
     State(state): State<AppState>,
+    customer: CustomerId,
     context: RequestContext,
     ApiJson(body): ApiJson<VerifyPaymentBody>,
 ) -> Result<Json<PaymentJson>, ApiError> {
-    let request = VerifyPaymentRequest {
-        payment_id: body.payment_id,
-    };
+    let payment_id = uuid::Uuid::parse_str(&body.payment_id)
+        .map_err(|_| ApiError::Invalid(format!("payment_id `{}` is not a UUID", body.payment_id)))?
+        .to_string();
+    // Another customer's payment is answered word for word as one that does not exist.
+    let not_found = || ApiError::NotFound(format!("payment {payment_id} not found"));
+    let payment = state
+        .backends
+        .payment()
+        .get_payment(context.grpc(GetPaymentRequest {
+            payment_id: payment_id.clone(),
+            order_id: String::new(),
+        }))
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound => not_found(),
+            _ => ApiError::from_grpc(Service::Payment, status),
+        })?
+        .into_inner();
+    state
+        .backends
+        .order()
+        .get_order(context.grpc(GetOrderRequest {
+            order_id: payment.order_id,
+            customer_id: customer.0,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound => not_found(),
+            _ => ApiError::from_grpc(Service::Order, status),
+        })?;
     let reply = state
         .backends
         .payment()
-        .verify_payment(context.grpc(request))
+        .verify_payment(context.grpc(VerifyPaymentRequest { payment_id }))
         .await
         .map_err(|status| ApiError::from_grpc(Service::Payment, status))?
         .into_inner();

@@ -11,6 +11,14 @@ use crate::correlation::RequestContext;
 use crate::error::ApiError;
 use crate::json::{self, ProductsJson};
 
+/// The catalog, each product with the stock available now. Open to anyone.
+#[utoipa::path(
+    get,
+    path = "/products",
+    tag = "catalog",
+    operation_id = "listProducts",
+    responses((status = 200, description = "The catalog.", body = ProductsJson))
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     context: RequestContext,

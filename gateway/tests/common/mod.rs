@@ -4,8 +4,26 @@
 
 use std::net::SocketAddr;
 
+use gateway::identity::{self, JwtConfig};
 use gateway::{App, Config};
 use tokio_util::sync::CancellationToken;
+
+/// The HS256 secret the test gateways verify tokens with.
+pub const SECRET: &str = "gateway-tests-secret";
+/// The customer of the token `Gateway::client` sends.
+pub const CUSTOMER: &str = "cust-1";
+
+/// A token of the test gateways for `customer`.
+pub fn token(customer: &str) -> String {
+    identity::hs256_token(
+        SECRET,
+        identity::DEFAULT_ISSUER,
+        identity::DEFAULT_AUDIENCE,
+        customer,
+        std::time::Duration::from_secs(600),
+    )
+    .expect("token")
+}
 
 pub struct Gateway {
     pub base: String,
@@ -27,6 +45,7 @@ impl Gateway {
             inventory_svc_url: inventory.to_owned(),
             payment_svc_url: payment.to_owned(),
             request_timeout_ms,
+            jwt: JwtConfig::hs256(SECRET),
         };
         let app = App::build(config).await.expect("gateway builds");
         let base = format!("http://{}", app.http_addr());
@@ -34,7 +53,18 @@ impl Gateway {
         let task = tokio::spawn(app.run(cancel.clone()));
         Gateway {
             base,
-            client: reqwest::Client::new(),
+            // Every request as customer `CUSTOMER`, unless it sets its own Authorization.
+            client: reqwest::Client::builder()
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        format!("Bearer {}", token(CUSTOMER)).parse().unwrap(),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
+                .build()
+                .unwrap(),
             cancel,
             task,
         }

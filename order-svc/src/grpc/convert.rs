@@ -1,5 +1,6 @@
 //! Conversion between the protobuf contracts and the domain, at the edge of the service.
 
+use chrono::{DateTime, Utc};
 use messaging::MessageContext;
 use proto::order::v1 as pb;
 use tonic::metadata::MetadataMap;
@@ -37,6 +38,25 @@ pub fn order_id(value: &str) -> Result<OrderId, Error> {
             0..=64 => Error::Invalid(format!("order_id must be a UUID, got {value:?}")),
             _ => Error::Invalid("order_id must be a UUID".to_owned()),
         })
+}
+
+/// ListCustomerOrders' page token: where the previous page ended (creation time in
+/// microseconds, then order id).
+pub fn next_page_token(created_at: DateTime<Utc>, id: OrderId) -> String {
+    format!("{}_{}", created_at.timestamp_micros(), id.0.simple())
+}
+
+pub fn page_token(token: &str) -> Result<(DateTime<Utc>, OrderId), Error> {
+    let invalid = || Error::Invalid(format!("page_token {token:?} is not one this service gave"));
+    let (micros, id) = token.split_once('_').ok_or_else(invalid)?;
+    let micros: i64 = micros.parse().map_err(|_| invalid())?;
+    let created_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    let id = OrderId(Uuid::try_parse(id).map_err(|_| invalid())?);
+    // Only the very text this service writes (no sign, no other spelling of the id).
+    if micros < 0 || next_page_token(created_at, id) != token {
+        return Err(invalid());
+    }
+    Ok((created_at, id))
 }
 
 /// The context of the messages a request causes: the caller's correlation id (a new one when
@@ -157,6 +177,22 @@ mod tests {
         let mut too_long = MetadataMap::new();
         too_long.insert(CORRELATION_ID, "x".repeat(129).parse().unwrap());
         assert!(Uuid::parse_str(&message_context(&too_long).correlation_id).is_ok());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_others_are_refused() {
+        let at = chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = OrderId(Uuid::now_v7());
+        assert_eq!(page_token(&next_page_token(at, id)).unwrap(), (at, id));
+        for token in [
+            "x",
+            "1_",
+            "_",
+            "12_not-a-uuid",
+            "abc_0190f3f0000070008000000000000001",
+        ] {
+            assert!(page_token(token).is_err(), "{token}");
+        }
     }
 
     #[test]

@@ -17,6 +17,10 @@ struct Args {
     /// The gateway's URL.
     #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:3000")]
     gateway: String,
+    /// The gateway's HS256 JWT_SECRET: the load's customers' tokens are signed with it.
+    #[arg(long, env = "JWT_SECRET", default_value = gateway::identity::DEV_JWT_SECRET,
+          hide_default_value = true, hide_env_values = true)]
+    jwt_secret: String,
     /// The inventory service's gRPC URL, to restock before the run.
     #[arg(
         long,
@@ -73,6 +77,7 @@ async fn main() -> ExitCode {
         order_timeout: Duration::from_secs(args.timeout),
         retry_transient: args.retry,
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        jwt_secret: args.jwt_secret,
     };
     let cpu_before = if args.cpu {
         match platform::cpu::Sample::take() {

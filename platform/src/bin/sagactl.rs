@@ -96,6 +96,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a customer's token for the gateway (`Authorization: Bearer <token>`), signed with
+    /// the gateway's HS256 JWT_SECRET (its development secret when unset).
+    Token(TokenArgs),
     /// Check the whole platform's consistency through the services' APIs: completed orders paid
     /// in full with their stock committed, failed orders keeping no money and holding no stock,
     /// no saga stuck, stock conserved per SKU.
@@ -108,6 +111,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The customer the token is for (its `sub`).
+    #[arg(long)]
+    customer: String,
+    /// The gateway's JWT_SECRET.
+    #[arg(long, env = "JWT_SECRET", default_value = gateway::identity::DEV_JWT_SECRET,
+          hide_default_value = true, hide_env_values = true)]
+    jwt_secret: String,
+    /// The gateway's JWT_ISSUER.
+    #[arg(long, env = "JWT_ISSUER", default_value = gateway::identity::DEFAULT_ISSUER)]
+    jwt_issuer: String,
+    /// The gateway's JWT_AUDIENCE.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = gateway::identity::DEFAULT_AUDIENCE)]
+    jwt_audience: String,
+    /// How long the token is valid, e.g. 1h, 30m.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    valid_for: Duration,
 }
 
 #[derive(Args)]
@@ -157,6 +180,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Token(args) = &cli.command {
+        return token(args);
+    }
     let targets = cli.targets;
     let admin_status = |status: tonic::Status| {
         Failure::from_status("the orchestrator's admin API", &targets.admin_url, &status)
@@ -234,6 +260,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 print!("{}", render::operated("aborted", &detail));
             }
         }
+        Command::Token(args) => return token(&args),
         Command::Audit { stuck_after, json } => {
             let mut audit_targets = audit::Targets {
                 admin,
@@ -302,4 +329,18 @@ async fn list(
 
 fn pretty(value: &serde_json::Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// `sagactl token`: prints the token, alone on its line, for `$(sagactl token ...)`.
+fn token(args: &TokenArgs) -> Result<u8, Failure> {
+    let token = gateway::identity::hs256_token(
+        &args.jwt_secret,
+        &args.jwt_issuer,
+        &args.jwt_audience,
+        &args.customer,
+        args.valid_for,
+    )
+    .map_err(|e| Failure::Error(format!("cannot make a token: {e}")))?;
+    println!("{token}");
+    Ok(0)
 }
