@@ -105,8 +105,9 @@ pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
             .on_response(
                 |response: &Response, latency: Duration, span: &tracing::Span| {
                     span.record("http.response.status_code", response.status().as_u16());
+                    // Per request: debug, so that default settings cost nothing.
                     DefaultOnResponse::new()
-                        .level(Level::INFO)
+                        .level(Level::DEBUG)
                         .on_response(response, latency, span);
                 },
             )
