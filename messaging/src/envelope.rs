@@ -2,9 +2,9 @@
 //! protobuf-encoded, in one `envelope` header, and the W3C trace context again in
 //! `traceparent`/`tracestate` headers, where tracing tools outside the platform look for it.
 //!
-//! One header rather than one per field: a broker may store every header as a row of its own
-//! (tansu does, with a statement each), and the envelope is read whole anyway. Messages with
-//! one header per field (this platform's earlier releases) are still read.
+//! One header rather than one per field: every header costs a key and a length in each record
+//! on the wire and on disk, and the envelope is read whole anyway. Messages with one header
+//! per field (this platform's earlier releases) are still read.
 
 use prost::Message as _;
 use proto::messaging::v1::Envelope;
