@@ -249,7 +249,7 @@ impl Relay {
             }
         }
         let span = publish_span(&records);
-        let outcomes = self.send(&records).instrument(span).await;
+        let outcomes = self.send(&records).instrument(span.clone()).await;
         let mut published = Vec::with_capacity(records.len());
         let mut retry: Option<String> = None;
         for (record, outcome) in records.iter().zip(outcomes) {
@@ -297,11 +297,14 @@ impl Relay {
             metrics::counter!(metric::OUTBOX_PUBLISHED, "topic" => topic.to_owned())
                 .increment(count);
         }
-        tracing::debug!(
-            published = published.len(),
-            parked = parked.len(),
-            "outbox: published"
-        );
+        // In the batch's span, which names the order and its correlation id for a batch of one.
+        span.in_scope(|| {
+            tracing::debug!(
+                published = published.len(),
+                parked = parked.len(),
+                "outbox: published"
+            )
+        });
         match retry {
             Some(error) => Err(anyhow::anyhow!(error)),
             None => Ok(done.len()),

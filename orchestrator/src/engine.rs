@@ -208,7 +208,10 @@ impl Engine {
             messaging::after_commit(move || observed.record());
         }
         tracing::Span::current().record("to", transition.saga.state.as_str());
-        let from = stored.as_ref().map(|s| s.saga.state.as_str()).unwrap_or("-");
+        let from = stored
+            .as_ref()
+            .map(|s| s.saga.state.as_str())
+            .unwrap_or("-");
         let to = transition.saga.state.as_str();
         // The saga's start and end at info, every step between at debug: default settings
         // write two lines per saga here, not one per message.

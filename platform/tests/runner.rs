@@ -79,11 +79,11 @@ impl Setup {
             });
         }
         let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(180);
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let line = tokio::time::timeout_at(deadline.into(), rx.recv())
                 .await
-                .unwrap_or_else(|_| panic!("platform infra not ready within 180 s: {seen:#?}"))
+                .unwrap_or_else(|_| panic!("platform infra not ready within 300 s: {seen:#?}"))
                 .unwrap_or_else(|| panic!("platform infra exited before it was ready: {seen:#?}"));
             let ready = line.contains("infrastructure ready");
             seen.push(line);

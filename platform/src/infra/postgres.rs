@@ -173,6 +173,7 @@ pub async fn start(root: &Path, port: u16, fast: bool) -> anyhow::Result<String>
 /// Stops the cluster in `root`: `immediate` is a crash (no checkpoint; WAL replay at the next
 /// start), otherwise a clean fast shutdown.
 pub async fn stop(root: &Path, immediate: bool) -> anyhow::Result<()> {
+    let postmaster = running_pid(root);
     let status = pg_command("pg_ctl")?
         .arg("-D")
         .arg(root.join("data"))
@@ -187,6 +188,14 @@ pub async fn stop(root: &Path, immediate: bool) -> anyhow::Result<()> {
         .await?;
     if !status.success() {
         bail!("pg_ctl stop failed ({status})");
+    }
+    // pg_ctl returns once the pid file is gone; the postmaster exits a moment later, and
+    // its port is free only then.
+    if let Some(pid) = postmaster {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process::alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     Ok(())
 }
