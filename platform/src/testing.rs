@@ -448,6 +448,36 @@ impl TestPlatform {
             .await;
         }
         self.final_order(&order_id).await;
+        self.wait_for_saga_end(&order_id).await;
+    }
+
+    /// Waits until the orchestrator's saga of `order_id` has ended (`COMPLETED` or `FAILED`):
+    /// its last step, order-svc's confirmation of the order's status, comes after the order
+    /// shows its final status.
+    pub async fn wait_for_saga_end(&self, order_id: &str) {
+        use proto::saga::v1::{GetSagaRequest, SagaState};
+        let mut admin = crate::ops::admin_client(&self.admin_url(), &self.admin_token())
+            .await
+            .unwrap_or_else(|e| panic!("the orchestrator's admin API: {e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = admin
+                .get_saga(GetSagaRequest {
+                    saga_id: order_id.to_owned(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().saga)
+                .map(|s| s.state());
+            if matches!(state, Some(SagaState::Completed | SagaState::Failed)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "saga {order_id} did not end within 60 s: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts another replica of `service`: the same database, topics and consumer group, ports

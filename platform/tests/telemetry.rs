@@ -287,8 +287,9 @@ async fn one_order_is_one_trace_across_the_five_services() {
     .await;
     assert_eq!(completed["status"], "COMPLETED", "{completed}");
 
-    // Wait for the last hop's span (order-svc completing the order), the parent of every
-    // consumer span, and the verify request's spans (exports come in batches).
+    // Wait for the last hops' spans (order-svc completing the order, the orchestrator taking
+    // its confirmation), the parent of every consumer span, and the verify request's spans
+    // (exports come in batches).
     let spans = collector
         .wait_for("the order's whole trace", |spans| {
             let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
@@ -297,6 +298,10 @@ async fn one_order_is_one_trace_across_the_five_services() {
                 s.service == "order-svc"
                     && s.kind == SpanKind::Consumer
                     && s.attribute("message_type") == Some("order.v1.CompleteOrder")
+            }) && in_trace().any(|s| {
+                s.service == "orchestrator"
+                    && s.kind == SpanKind::Consumer
+                    && s.attribute("message_type") == Some("order.v1.OrderCompleted")
             });
             let parents = in_trace()
                 .filter(|s| s.kind == SpanKind::Consumer)
