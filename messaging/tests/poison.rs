@@ -102,15 +102,7 @@ async fn a_database_error_that_repeats_dead_letters_its_message_and_the_rest_goe
         &complete("after"),
     )
     .await;
-    let cancel = CancellationToken::new();
-    let consumer = Consumer::new(
-        &setup.kafka,
-        "decode",
-        &[TOPIC],
-        setup.pool.clone(),
-        setup.outbox.clone(),
-    );
-    let task = tokio::spawn(consumer.run(DecodeBug, cancel.clone()));
+    let (cancel, task) = start_consumer(&setup, "decode", DecodeBug);
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use messaging::consumer::dead_letter_headers;
 use messaging::envelope;
-use messaging::{Consumer, Handler, HandlerError, Incoming, MessageContext, Relay};
+use messaging::{Handler, HandlerError, Incoming, MessageContext, Relay};
 use proto::order::v1::CompleteOrder;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
@@ -201,15 +201,7 @@ async fn offsets_are_committed_only_after_the_transaction() {
         &complete("a"),
     )
     .await;
-    let cancel = CancellationToken::new();
-    let stuck = Consumer::new(
-        &setup.kafka,
-        "offsets",
-        &[TOPIC],
-        setup.pool.clone(),
-        setup.outbox.clone(),
-    );
-    let task = tokio::spawn(stuck.run(Stuck, cancel.clone()));
+    let (cancel, task) = start_consumer(&setup, "offsets", Stuck);
     tokio::time::sleep(Duration::from_secs(3)).await;
     cancel.cancel();
     task.await.expect("join").expect("consumer");

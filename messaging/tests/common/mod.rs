@@ -133,10 +133,10 @@ pub async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> 
     }
 }
 
-pub fn start_consumer(
+pub fn start_consumer<H: Handler>(
     setup: &Setup,
     group: &str,
-    handler: Recorder,
+    handler: H,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
