@@ -451,6 +451,25 @@ impl TestPlatform {
         self.wait_for_saga_end(&order_id).await;
     }
 
+    /// Verifies the payment of every order of `orders` as a client would, then asserts that
+    /// each ends `COMPLETED`.
+    pub async fn verify_and_expect_completed(&self, orders: &[String]) {
+        for order_id in orders {
+            let payment_id = self.payment_id(order_id).await;
+            let (status, body) = self
+                .post(
+                    "/payment/verify",
+                    &serde_json::json!({ "payment_id": payment_id }),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        for order_id in orders {
+            let order = self.final_order(order_id).await;
+            assert_eq!(order["status"], "COMPLETED", "{order}");
+        }
+    }
+
     /// Waits until the orchestrator's saga of `order_id` has ended (`COMPLETED` or `FAILED`):
     /// its last step, order-svc's confirmation of the order's status, comes after the order
     /// shows its final status.

@@ -6,7 +6,6 @@ use std::time::Duration;
 use futures::future::join_all;
 use platform::infra;
 use platform::testing::{unique_suffix, TestPlatform};
-use serde_json::json;
 
 #[tokio::test]
 async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
@@ -36,17 +35,7 @@ async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {
         .await
         .expect("restart the broker");
 
-    for order_id in &orders {
-        let payment_id = platform.payment_id(order_id).await;
-        let (status, body) = platform
-            .post("/payment/verify", &json!({ "payment_id": payment_id }))
-            .await;
-        assert_eq!(status, 200, "{body}");
-    }
-    for order_id in &orders {
-        let order = platform.final_order(order_id).await;
-        assert_eq!(order["status"], "COMPLETED", "{order}");
-    }
+    platform.verify_and_expect_completed(&orders).await;
     let after = platform.stock("SKU-KEYBOARD").await;
     assert_eq!(after.reserved, before.reserved);
     assert_eq!(

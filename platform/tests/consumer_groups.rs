@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use platform::infra::kafka;
 use platform::testing::TestPlatform;
-use serde_json::json;
 
 /// The members of `group` and how many partitions each holds, as
 /// `kafka-consumer-groups.sh --describe --members` prints them.
@@ -79,17 +78,7 @@ async fn a_killed_replicas_partitions_are_taken_over_and_every_saga_ends_once() 
         "partitions took {taken_over:?} to move"
     );
 
-    for order_id in &orders {
-        let payment_id = platform.payment_id(order_id).await;
-        let (status, body) = platform
-            .post("/payment/verify", &json!({ "payment_id": payment_id }))
-            .await;
-        assert_eq!(status, 200, "{body}");
-    }
-    for order_id in &orders {
-        let order = platform.final_order(order_id).await;
-        assert_eq!(order["status"], "COMPLETED", "{order}");
-    }
+    platform.verify_and_expect_completed(&orders).await;
     // Each order reserved and sold once: nothing handled twice to effect, nothing lost.
     let after = platform.stock("SKU-KEYBOARD").await;
     assert_eq!(after.reserved, before.reserved, "no reservation left held");
