@@ -136,6 +136,18 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, conn: &mut PgConnection, message: &Incoming)
         -> Result<(), HandlerError>;
 
+    /// Called once per batch in its transaction, before [`handle`](Self::handle) is called
+    /// for each of `messages` (the batch's, less the ones handled before): to read in one
+    /// statement what each message's handling would otherwise read alone. Does nothing by
+    /// default.
+    async fn prepare(
+        &self,
+        _conn: &mut PgConnection,
+        _messages: &[&Incoming],
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
     /// Called in the transaction that dead-letters `message`, e.g. to flag its saga for an
     /// operator. Does nothing by default.
     async fn on_dead_letter(
@@ -172,6 +184,7 @@ pub struct Consumer {
 
 struct TopicTelemetry {
     topic: String,
+    delivery: metrics::Histogram,
     /// `<topic> process`, the name of the span of each message (OpenTelemetry's convention).
     span_name: String,
     handled: metrics::Counter,
@@ -192,6 +205,7 @@ impl Consumer {
             .iter()
             .map(|topic| TopicTelemetry {
                 topic: topic.clone(),
+                delivery: metrics::histogram!(metric::MESSAGE_DELIVERY, "topic" => topic.clone()),
                 span_name: format!("{topic} process"),
                 handled: metrics::counter!(metric::MESSAGES_HANDLED, "topic" => topic.clone()),
                 dead_letters: metrics::counter!(metric::DEAD_LETTERS, "topic" => topic.clone()),
@@ -255,12 +269,12 @@ impl Consumer {
                     continue;
                 }
             };
-            let mut batch = vec![Incoming::from_kafka(&first)];
+            let mut batch = vec![self.received(&first)];
             drop(first);
             // Whatever has already arrived joins the batch, without waiting for more.
             while batch.len() < batch_max {
                 match consumer.recv().now_or_never() {
-                    Some(Ok(m)) => batch.push(Incoming::from_kafka(&m)),
+                    Some(Ok(m)) => batch.push(self.received(&m)),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "kafka receive failed");
                         break;
@@ -292,6 +306,20 @@ impl Consumer {
             tracing::debug!(error = %e, "offset commit");
         }
         Ok(())
+    }
+
+    /// A message just received, its delivery time measured (from the relay's send, the
+    /// record's timestamp, to now).
+    fn received(&self, message: &BorrowedMessage<'_>) -> Incoming {
+        let incoming = Incoming::from_kafka(message);
+        if let (Some(sent_ms), Some(t)) = (
+            message.timestamp().to_millis(),
+            self.telemetry(&incoming.topic),
+        ) {
+            t.delivery
+                .record((now_ms().saturating_sub(sent_ms)).max(0) as f64 / 1000.0);
+        }
+        incoming
     }
 
     /// Handles a batch until it is committed. Returns false if cancelled first.
@@ -369,30 +397,53 @@ impl Consumer {
         handler: &H,
         batch: &[Incoming],
     ) -> Result<(), HandlerError> {
+        let started = std::time::Instant::now();
         crate::after_commit::scope::<(), HandlerError, _>(async {
             let mut tx = self.pool.begin().await?;
+            // The batch's inbox rows in one statement; a message handled before, or twice in
+            // the batch, is skipped.
+            let mut ids = Vec::with_capacity(batch.len());
             for message in batch {
-                let tx = &mut *tx;
-                async move {
-                    let id = message.message_id()?;
-                    inbox::check_age(&message.envelope, id, self.inbox_retention)?;
-                    let fresh =
-                        inbox::record(tx, id, message.message_type(), &message.topic).await?;
-                    if fresh {
-                        handler.handle(tx, message).await
-                    } else {
-                        tracing::debug!(message_id = %id, "duplicate message skipped");
-                        Ok(())
-                    }
-                }
-                .instrument(self.span(message))
-                .await?;
+                let id = message.message_id()?;
+                inbox::check_age(&message.envelope, id, self.inbox_retention)?;
+                ids.push((id, message.message_type(), message.topic.as_str()));
             }
+            let mut fresh = inbox::record_all(&mut tx, &ids).await?;
+            let to_handle: Vec<&Incoming> = batch
+                .iter()
+                .zip(&ids)
+                .filter(|(_, (id, ..))| fresh.contains(id))
+                .map(|(message, _)| message)
+                .collect();
+            handler.prepare(&mut tx, &to_handle).await?;
+            // The messages the handlers send are recorded together, once they have all run.
+            let (handled, outgoing) = crate::outbox::collect(async {
+                for (message, (id, ..)) in batch.iter().zip(&ids) {
+                    let tx = &mut *tx;
+                    let first = fresh.remove(id);
+                    async move {
+                        if first {
+                            handler.handle(tx, message).await
+                        } else {
+                            tracing::debug!(message_id = %id, "duplicate message skipped");
+                            Ok(())
+                        }
+                    }
+                    .instrument(self.span(message))
+                    .await?;
+                }
+                Ok::<(), HandlerError>(())
+            })
+            .await;
+            handled?;
+            self.outbox.enqueue(&mut tx, &outgoing).await?;
             tx.commit().await?;
             Ok(())
         })
         .await?;
         self.outbox.committed();
+        metrics::histogram!(metric::CONSUMER_BATCH).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::CONSUMER_BATCH_SIZE).record(batch.len() as f64);
         for message in batch {
             if let Some(t) = self.telemetry(&message.topic) {
                 t.handled.increment(1);
@@ -509,6 +560,13 @@ impl Drop for DropOffThread {
                 .spawn(move || drop(consumer));
         }
     }
+}
+
+/// Milliseconds since the epoch, as Kafka's timestamps.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {

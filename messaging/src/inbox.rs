@@ -10,6 +10,7 @@
 //! rows (a relay that crashed between the broker's acknowledgement and its delete) come
 //! within seconds or minutes, far inside the window.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use proto::messaging::v1::Envelope;
@@ -99,15 +100,29 @@ pub async fn record(
     message_type: &str,
     topic: &str,
 ) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO inbox (message_id, message_type, topic) VALUES ($1, $2, $3) \
-         ON CONFLICT (message_id) DO NOTHING",
+    let fresh = record_all(conn, &[(message_id, message_type, topic)]).await?;
+    Ok(fresh.contains(&message_id))
+}
+
+/// Records a batch of messages (id, type, topic) as handled, in one statement. Returns the ids
+/// recorded now; an id handled before, or twice in `messages`, is recorded once, so the
+/// caller applies the effect of each returned id once and of no other.
+pub async fn record_all(
+    conn: &mut PgConnection,
+    messages: &[(Uuid, &str, &str)],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.0).collect();
+    let types: Vec<&str> = messages.iter().map(|m| m.1).collect();
+    let topics: Vec<&str> = messages.iter().map(|m| m.2).collect();
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO inbox (message_id, message_type, topic) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) \
+         ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
     )
-    .bind(message_id)
-    .bind(message_type)
-    .bind(topic)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&topics)
+    .fetch_all(conn)
+    .await?;
+    Ok(inserted.into_iter().collect())
 }

@@ -8,6 +8,8 @@
 //! relay stands by, send a `NOTIFY outbox` with their transaction. (A `NOTIFY` takes a lock
 //! that serializes every notifying commit of the cluster, WAL flush included.)
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -128,12 +130,21 @@ impl Outbox {
 
     /// Records messages in the caller's transaction. They are published once it commits (call
     /// [`committed`](Self::committed) then).
+    ///
+    /// Inside [`collect`] (the consumer's batch), the messages are held and recorded with the
+    /// rest of the batch's, in one statement, before the batch's transaction commits.
     pub async fn enqueue(
         &self,
         conn: &mut PgConnection,
         messages: &[OutboxMessage],
     ) -> Result<(), sqlx::Error> {
         if messages.is_empty() {
+            return Ok(());
+        }
+        let held = HELD
+            .try_with(|held| held.borrow_mut().extend_from_slice(messages))
+            .is_ok();
+        if held {
             return Ok(());
         }
         let mut ids = Vec::with_capacity(messages.len());
@@ -178,6 +189,23 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+tokio::task_local! {
+    /// Messages enqueued inside [`collect`], in the order they were enqueued.
+    static HELD: RefCell<Vec<OutboxMessage>>;
+}
+
+/// Runs `work` (handlers writing in one transaction) holding back the messages it enqueues,
+/// and returns them with its result, in order, for the caller to record in that transaction
+/// with one [`Outbox::enqueue`] before it commits.
+pub(crate) async fn collect<T>(work: impl Future<Output = T>) -> (T, Vec<OutboxMessage>) {
+    HELD.scope(RefCell::new(Vec::new()), async {
+        let result = work.await;
+        let held = HELD.with(|held| std::mem::take(&mut *held.borrow_mut()));
+        (result, held)
+    })
+    .await
 }
 
 /// Extra headers are stored as length-prefixed key and value strings (empty for most rows).

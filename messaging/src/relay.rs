@@ -150,10 +150,16 @@ impl Relay {
                 return None;
             }
         };
-        match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut conn)
-            .await
+        // The publisher's own writes (deleting what the broker acknowledged, parking what it
+        // refused) commit without waiting for their WAL flush: one lost in a crash only
+        // publishes its rows again, which the consumers' inbox absorbs. The flush a service's
+        // own transactions wait for stays.
+        match sqlx::query_scalar::<_, bool>(
+            "SELECT pg_try_advisory_lock($1) FROM set_config('synchronous_commit', 'off', false)",
+        )
+        .bind(RELAY_LOCK)
+        .fetch_one(&mut conn)
+        .await
         {
             Ok(true) => {
                 tracing::debug!("outbox relay: publishing");
@@ -248,8 +254,20 @@ impl Relay {
                 Err(e) => parked.push((id, topic, format!("undecodable envelope: {e}"))),
             }
         }
+        let read_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let waited = metrics::histogram!(metric::OUTBOX_WAIT);
+        for record in &records {
+            let written = record.envelope.occurred_at_ms;
+            if written > 0 {
+                waited.record(read_at_ms.saturating_sub(written).max(0) as f64 / 1000.0);
+            }
+        }
         let span = publish_span(&records);
+        let sent = std::time::Instant::now();
         let outcomes = self.send(&records).instrument(span.clone()).await;
+        metrics::histogram!(metric::OUTBOX_PUBLISH).record(sent.elapsed().as_secs_f64());
         let mut published = Vec::with_capacity(records.len());
         let mut retry: Option<String> = None;
         for (record, outcome) in records.iter().zip(outcomes) {

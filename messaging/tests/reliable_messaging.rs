@@ -419,3 +419,83 @@ async fn read_until(reader: &StreamConsumer, count: usize, seen: &mut Vec<(Strin
         seen.push((key, order.order_id.parse().expect("number")));
     }
 }
+
+/// Sends one `OrderCompleted` per handled message through the outbox, and fails transiently
+/// once at the message of `fail_at` after sending it, so that the batch rolls back.
+struct Replier {
+    outbox: messaging::Outbox,
+    fail_at: String,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Handler for Replier {
+    async fn handle(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let command: CompleteOrder = message.decode()?;
+        let order_id = Uuid::parse_str(&command.order_id).expect("order id");
+        let reply = self.outbox.message(
+            proto::topics::SAGA_REPLIES,
+            order_id,
+            &proto::order::v1::OrderCompleted {
+                order_id: command.order_id.clone(),
+            },
+            &message.context(),
+        );
+        self.outbox.enqueue(conn, &[reply]).await?;
+        if command.order_id == self.fail_at && !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(HandlerError::Transient("failing once after sending".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn what_a_batch_sends_is_recorded_once_in_order_and_not_at_all_when_it_rolls_back() {
+    let setup = setup("msg_batch_outbox").await;
+    let orders: Vec<String> = (0..5).map(|_| Uuid::now_v7().to_string()).collect();
+    let duplicate = Uuid::now_v7();
+    for (i, order) in orders.iter().enumerate() {
+        let id = if i == 1 { duplicate } else { Uuid::now_v7() };
+        send(&setup.kafka, id, "order.v1.CompleteOrder", &complete(order)).await;
+        if i == 1 {
+            // Delivered twice, in the same batch: one reply.
+            send(&setup.kafka, id, "order.v1.CompleteOrder", &complete(order)).await;
+        }
+    }
+    let (cancel, task) = start_consumer(
+        &setup,
+        "batch-outbox",
+        Replier {
+            outbox: setup.outbox.clone(),
+            fail_at: orders[3].clone(),
+            failed: Default::default(),
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let replies = loop {
+        let keys: Vec<String> = sqlx::query_scalar("SELECT message_key FROM outbox ORDER BY id")
+            .fetch_all(&setup.pool)
+            .await
+            .expect("outbox");
+        if keys.len() >= orders.len() || Instant::now() > deadline {
+            break keys;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("outbox");
+    assert_eq!(
+        replies, orders,
+        "one reply per message, in the order handled, none from the attempt rolled back"
+    );
+    assert_eq!(again, orders.len() as i64, "nothing recorded later");
+    cancel.cancel();
+    task.await.expect("join").expect("consumer");
+}

@@ -105,7 +105,27 @@ impl Engine {
         input: &Input,
         trigger: &Trigger,
     ) -> Result<Option<Saga>, HandlerError> {
-        match self.try_step(conn, order_id, input, trigger).await? {
+        let stored = store::load(conn, order_id).await.map_err(store_error)?;
+        self.step_loaded(conn, order_id, input, trigger, stored)
+            .await
+    }
+
+    /// Like [`Engine::step`], with the saga already read in this transaction (`None`: there
+    /// is none yet).
+    pub async fn step_loaded(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+        stored: Option<StoredSaga>,
+    ) -> Result<Option<Saga>, HandlerError> {
+        let span = transition_span(order_id, input, stored.as_ref(), trigger);
+        match self
+            .transition(conn, order_id, input, trigger, stored)
+            .instrument(span)
+            .await?
+        {
             Ok(saga) => Ok(Some(saga)),
             Err(why) => {
                 tracing::debug!(%order_id, input = input.name(), why, "input ignored");
@@ -127,6 +147,15 @@ impl Engine {
         self.transition(conn, order_id, input, trigger, stored)
             .instrument(span)
             .await
+    }
+
+    /// Reads the sagas of `order_ids` in one statement, for [`Engine::step_loaded`].
+    pub async fn load_many(
+        &self,
+        conn: &mut PgConnection,
+        order_ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, StoredSaga>, HandlerError> {
+        store::load_many(conn, order_ids).await.map_err(store_error)
     }
 
     /// Applies `input` to the loaded saga and saves the result, in the `saga.transition` span.

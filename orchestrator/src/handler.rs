@@ -1,6 +1,9 @@
 //! The orchestrator's consumer: `OrderCreated` and the services' replies (order-svc's
 //! confirmations included), as saga inputs.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, Incoming};
 use prost::Name;
@@ -12,13 +15,53 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, Trigger};
 use crate::saga::{Input, Line, OrderDetails};
+use crate::store::StoredSaga;
 
 pub struct SagaHandler {
-    pub engine: Engine,
+    engine: Engine,
+    /// The sagas of the batch in hand, read together by [`Handler::prepare`]; each is taken
+    /// by its first message (`None`: it has no saga yet), and a second message of the same
+    /// saga reads what the first one wrote.
+    prepared: Mutex<HashMap<Uuid, Option<StoredSaga>>>,
+}
+
+impl SagaHandler {
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            prepared: Mutex::default(),
+        }
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Option<StoredSaga>>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[async_trait]
 impl Handler for SagaHandler {
+    async fn prepare(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&Incoming],
+    ) -> Result<(), HandlerError> {
+        self.prepared().clear();
+        // A message that does not decode is refused by `handle`, with its error.
+        let ids: Vec<Uuid> = messages
+            .iter()
+            .filter_map(|m| decode(m).ok().map(|(id, _)| id))
+            .collect();
+        if ids.len() < 2 {
+            return Ok(());
+        }
+        let mut found = self.engine.load_many(conn, &ids).await?;
+        let mut prepared = self.prepared();
+        for id in ids {
+            prepared.insert(id, found.remove(&id));
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,
@@ -30,7 +73,15 @@ impl Handler for SagaHandler {
             message_type: message.envelope.message_type.clone(),
             context: Some(message.context()),
         };
-        self.engine.step(conn, order_id, &input, &trigger).await?;
+        let prepared = self.prepared().remove(&order_id);
+        match prepared {
+            Some(stored) => {
+                self.engine
+                    .step_loaded(conn, order_id, &input, &trigger, stored)
+                    .await?
+            }
+            None => self.engine.step(conn, order_id, &input, &trigger).await?,
+        };
         Ok(())
     }
 

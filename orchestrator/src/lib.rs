@@ -92,9 +92,7 @@ impl App {
             self.pool.clone(),
             outbox.clone(),
         );
-        let handler = handler::SagaHandler {
-            engine: engine.clone(),
-        };
+        let handler = handler::SagaHandler::new(engine.clone());
         tasks.spawn(runtime::shutdown::cancel_when_done(
             cancel.clone(),
             consumer.run(handler, cancel.clone()),

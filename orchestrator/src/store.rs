@@ -3,6 +3,9 @@
 pub mod admin;
 
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -79,23 +82,46 @@ pub async fn load(
     saga_id: Uuid,
 ) -> Result<Option<StoredSaga>, StoreError> {
     let row = sqlx::query(
-        "SELECT data, version, correlation_id, traceparent, tracestate, updated_at FROM sagas WHERE saga_id = $1",
+        "SELECT saga_id, data, version, correlation_id, traceparent, tracestate, updated_at FROM sagas WHERE saga_id = $1",
     )
     .bind(saga_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(row) = row else { return Ok(None) };
+    row.map(|row| stored_saga(&row, saga_id)).transpose()
+}
+
+/// The sagas of `saga_ids` that exist, in one statement, by id. An id missing from the result
+/// has no saga.
+pub async fn load_many(
+    conn: &mut PgConnection,
+    saga_ids: &[Uuid],
+) -> Result<HashMap<Uuid, StoredSaga>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT saga_id, data, version, correlation_id, traceparent, tracestate, updated_at FROM sagas WHERE saga_id = ANY($1)",
+    )
+    .bind(saga_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let saga_id: Uuid = row.try_get("saga_id")?;
+            Ok((saga_id, stored_saga(row, saga_id)?))
+        })
+        .collect()
+}
+
+fn stored_saga(row: &PgRow, saga_id: Uuid) -> Result<StoredSaga, StoreError> {
     let data: serde_json::Value = row.try_get("data")?;
     let saga =
         serde_json::from_value(data).map_err(|source| StoreError::Corrupt { saga_id, source })?;
-    Ok(Some(StoredSaga {
+    Ok(StoredSaga {
         saga,
         version: row.try_get("version")?,
         correlation_id: row.try_get("correlation_id")?,
         traceparent: row.try_get("traceparent")?,
         tracestate: row.try_get("tracestate")?,
         updated_at: row.try_get("updated_at")?,
-    }))
+    })
 }
 
 /// What caused a transition, for the history.

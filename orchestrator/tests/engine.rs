@@ -854,3 +854,102 @@ async fn an_order_confirmed_the_other_way_is_flagged_and_the_saga_does_not_end()
     assert_eq!(end, Some(SagaState::Failed));
     assert!(!operator_flag(&pool, failing).await.0);
 }
+
+/// `payload` as the consumer delivers it, with a new message id.
+fn incoming<M: prost::Message + prost::Name>(
+    order_id: Uuid,
+    topic: &str,
+    payload: &M,
+) -> messaging::Incoming {
+    messaging::Incoming {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset: 0,
+        key: Some(order_id.to_string()),
+        envelope: proto::messaging::v1::Envelope {
+            message_id: Uuid::now_v7().to_string(),
+            message_type: M::full_name(),
+            saga_id: order_id.to_string(),
+            correlation_id: "batch-corr".to_owned(),
+            ..Default::default()
+        },
+        payload: payload.encode_to_vec(),
+    }
+}
+
+fn order_created(order_id: Uuid) -> messaging::Incoming {
+    incoming(
+        order_id,
+        proto::topics::ORDER_EVENTS,
+        &proto::order::v1::OrderCreated {
+            order_id: order_id.to_string(),
+            customer_id: "c-1".into(),
+            lines: vec![proto::order::v1::PricedLine {
+                sku: "SKU-MOUSE".into(),
+                quantity: 2,
+                unit_price_cents: 2900,
+                line_total_cents: 5800,
+            }],
+            total_cents: 5800,
+            currency: "USD".into(),
+            payment_method: "pm_card_visa".into(),
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_batch_reads_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its_first_step() {
+    use messaging::Handler as _;
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    // A saga that exists before the batch, and one that the batch starts and steps again.
+    let (existing, started) = (Uuid::now_v7(), Uuid::now_v7());
+    step(&pool, &engine, existing, created())
+        .await
+        .expect("started before the batch");
+
+    let reserved = |order_id: Uuid| {
+        incoming(
+            order_id,
+            proto::topics::SAGA_REPLIES,
+            &proto::inventory::v1::InventoryReserved {
+                order_id: order_id.to_string(),
+                reservation_id: Uuid::now_v7().to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    let batch = [
+        reserved(existing),
+        order_created(started),
+        reserved(started),
+    ];
+    let mut tx = pool.begin().await.expect("begin");
+    let messages: Vec<&messaging::Incoming> = batch.iter().collect();
+    handler.prepare(&mut tx, &messages).await.expect("prepare");
+    for message in &batch {
+        handler.handle(&mut tx, message).await.expect("handle");
+    }
+    tx.commit().await.expect("commit");
+
+    for order_id in [existing, started] {
+        let saga = store::load(&mut pool.acquire().await.expect("conn"), order_id)
+            .await
+            .expect("load")
+            .expect("saga");
+        assert_eq!(saga.saga.state, SagaState::Charging, "{order_id}");
+        assert_eq!(saga.version, 2, "two transitions of {order_id}");
+        let history: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT version, to_state FROM saga_history WHERE saga_id = $1 ORDER BY version",
+        )
+        .bind(order_id)
+        .fetch_all(&pool)
+        .await
+        .expect("history");
+        assert_eq!(
+            history,
+            [(1, "RESERVING".to_owned()), (2, "CHARGING".to_owned())],
+            "{order_id}"
+        );
+    }
+}

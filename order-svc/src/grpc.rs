@@ -135,21 +135,26 @@ impl OrderService for OrderGrpc {
         let id = convert::order_id(&request.order_id)?;
         let wait_while = pb::OrderStatus::try_from(request.wait_while_status)
             .map_err(|_| Status::invalid_argument("invalid wait_while_status"))?;
-        let order = self.orders.get(id).await?;
-        if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
-            // Word for word the answer for an order that does not exist.
-            return Err(Error::NotFound(format!("order {id} not found")).into());
-        }
-        if wait_while == pb::OrderStatus::Unspecified || convert::status(order.status) != wait_while
-        {
-            return Ok(Response::new(convert::order(order)));
-        }
-        let wait = Duration::from_millis(u64::from(request.wait_timeout_ms)).min(MAX_WAIT);
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut changes = self.watch.subscribe();
+        let waits = wait_while != pb::OrderStatus::Unspecified;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(request.wait_timeout_ms)).min(MAX_WAIT);
+        // Subscribed before the first read, so that a change between the read and the wait
+        // is not missed; each read is then one that a change made necessary.
+        let mut changes = waits.then(|| self.watch.subscribe());
         loop {
-            let order = convert::order(self.orders.get(id).await?);
-            if order.status() != wait_while || !changes.changed(id.0, deadline).await {
+            let order = self.orders.get(id).await?;
+            if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
+                // Word for word the answer for an order that does not exist.
+                return Err(Error::NotFound(format!("order {id} not found")).into());
+            }
+            let order = convert::order(order);
+            let waiting = match changes.as_mut() {
+                Some(changes) if order.status() == wait_while => {
+                    changes.changed(id.0, deadline).await
+                }
+                _ => false,
+            };
+            if !waiting {
                 return Ok(Response::new(order));
             }
         }

@@ -123,31 +123,39 @@ pub async fn insert_order(
 
 /// The order with its lines, in SKU order.
 pub async fn get_order(conn: &mut PgConnection, id: OrderId) -> Result<Option<Order>, sqlx::Error> {
+    // One round trip: the order with its lines as arrays (GetOrder's long poll reads this at
+    // every status change of every waiting order).
     let row = sqlx::query(
-        "SELECT customer_id, status, total_cents, currency, payment_method, payment_id, \
-             failure_reason, correlation_id, created_at, updated_at \
-         FROM orders WHERE order_id = $1",
+        "SELECT o.customer_id, o.status, o.total_cents, o.currency, o.payment_method, \
+             o.payment_id, o.failure_reason, o.correlation_id, o.created_at, o.updated_at, \
+             l.skus, l.quantities, l.prices \
+         FROM orders o, LATERAL (SELECT array_agg(sku ORDER BY sku) AS skus, \
+             array_agg(quantity ORDER BY sku) AS quantities, \
+             array_agg(unit_price_cents ORDER BY sku) AS prices \
+             FROM order_lines WHERE order_id = o.order_id) l \
+         WHERE o.order_id = $1",
     )
     .bind(id.0)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    let lines = sqlx::query(
-        "SELECT sku, quantity, unit_price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
-    )
-    .bind(id.0)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|line| {
-        let quantity: i32 = line.try_get("quantity")?;
-        Ok(OrderLine {
-            sku: line.try_get("sku")?,
-            quantity: u32::try_from(quantity).map_err(|e| decode_error("quantity", e))?,
-            unit_price_cents: line.try_get("unit_price_cents")?,
+    let skus: Vec<String> = row.try_get::<Option<_>, _>("skus")?.unwrap_or_default();
+    let quantities: Vec<i32> = row
+        .try_get::<Option<_>, _>("quantities")?
+        .unwrap_or_default();
+    let prices: Vec<i64> = row.try_get::<Option<_>, _>("prices")?.unwrap_or_default();
+    let lines = skus
+        .into_iter()
+        .zip(quantities)
+        .zip(prices)
+        .map(|((sku, quantity), unit_price_cents)| {
+            Ok(OrderLine {
+                sku,
+                quantity: u32::try_from(quantity).map_err(|e| decode_error("quantity", e))?,
+                unit_price_cents,
+            })
         })
-    })
-    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Some(Order {
         id,
         customer_id: row.try_get("customer_id")?,

@@ -7,6 +7,7 @@ pub mod infra;
 pub mod load;
 pub mod ops;
 pub mod services;
+pub mod stages;
 pub mod testing;
 pub mod tools;
 

@@ -166,6 +166,10 @@ pub struct Report {
     /// measured (`loadgen --cpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_ms_per_saga: Option<BTreeMap<String, f64>>,
+    /// The mean time of each stage of one Kafka crossing, from the services' metrics, when
+    /// measured (`loadgen --stages`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crossing: Option<crate::stages::Crossing>,
     #[serde(skip)]
     pub results: Vec<OrderResult>,
 }
@@ -199,6 +203,9 @@ impl Report {
             let parts: Vec<String> = cpu.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
             let total: f64 = cpu.values().sum();
             println!("  CPU ms per saga: {} (total {total:.1})", parts.join(", "));
+        }
+        if let Some(crossing) = &self.crossing {
+            println!("  {}", crossing.line());
         }
         for r in &self.unexpected {
             println!(
@@ -500,6 +507,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<Report> {
         errors,
         retries: client.retries.load(Ordering::Relaxed),
         cpu_ms_per_saga: None,
+        crossing: None,
         results,
     })
 }

@@ -40,16 +40,7 @@ impl Default for Addresses {
             orchestrator: local(50054),
             admin: local(50055),
             gateway: local(3000),
-            // The telemetry crate's defaults: gateway 9100, then 9101 to 9104.
-            metrics: SERVICES.map(|service| {
-                local(match service {
-                    "order-svc" => 9101,
-                    "inventory-svc" => 9102,
-                    "payment-svc" => 9103,
-                    "orchestrator" => 9104,
-                    _ => 9100,
-                })
-            }),
+            metrics: SERVICES.map(telemetry::prometheus::default_addr),
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod metric;
 pub mod propagation;
 
 mod otlp;
-mod prometheus;
+pub mod prometheus;
 mod text;
 
 use std::net::SocketAddr;

@@ -23,6 +23,17 @@ pub const OUTBOX_PARKED: &str = "outbox_parked_total";
 pub const OUTBOX_PARKED_ROWS: &str = "outbox_parked_rows";
 /// Messages on the consumer's partitions not yet consumed, by `topic` (every consumer).
 pub const CONSUMER_LAG: &str = "consumer_lag";
+/// One Kafka crossing, stage 1: from a message's creation in its writer's transaction to the
+/// relay reading its outbox row.
+pub const OUTBOX_WAIT: &str = "outbox_wait_seconds";
+/// Stage 2: from the relay sending a batch to the broker's last acknowledgement of it.
+pub const OUTBOX_PUBLISH: &str = "outbox_publish_seconds";
+/// Stage 3: from the relay's send (the record's timestamp) to the consumer receiving it.
+pub const MESSAGE_DELIVERY: &str = "message_delivery_seconds";
+/// Stage 4: the consumer's transaction of one batch, from its start to its commit.
+pub const CONSUMER_BATCH: &str = "consumer_batch_seconds";
+/// Messages in each batch the consumer handled in one transaction.
+pub const CONSUMER_BATCH_SIZE: &str = "consumer_batch_messages";
 /// Partitions assigned to this consumer by its group, by `group` (every consumer).
 pub const CONSUMER_PARTITIONS: &str = "consumer_partitions";
 /// Messages handled by a consumer, by `topic` (every consumer).
@@ -81,6 +92,31 @@ pub(crate) fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         "Messages on the partitions assigned to this consumer that it has not consumed yet, by topic."
+    );
+    describe_histogram!(
+        OUTBOX_WAIT,
+        Unit::Seconds,
+        "From a message's creation in its writer's transaction to the relay reading it: the \
+         rest of that transaction, its commit and the relay's wake."
+    );
+    describe_histogram!(
+        OUTBOX_PUBLISH,
+        Unit::Seconds,
+        "From the relay sending a batch to the broker to its last acknowledgement."
+    );
+    describe_histogram!(
+        MESSAGE_DELIVERY,
+        Unit::Seconds,
+        "From the relay's send of a message (its Kafka timestamp) to a consumer receiving it, by topic."
+    );
+    describe_histogram!(
+        CONSUMER_BATCH,
+        Unit::Seconds,
+        "The consumer's transaction of one batch, from its start to its commit."
+    );
+    describe_histogram!(
+        CONSUMER_BATCH_SIZE,
+        "Messages the consumer handled in one transaction."
     );
     describe_counter!(
         MESSAGES_HANDLED,

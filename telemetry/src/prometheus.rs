@@ -18,7 +18,7 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where a service serves `/metrics` unless `METRICS_ADDR` says otherwise: the platform's
 /// services each have a port of their own, so they run side by side on one machine.
-fn default_addr(service: &str) -> SocketAddr {
+pub fn default_addr(service: &str) -> SocketAddr {
     let port = match service {
         "gateway" => 9100,
         "order-svc" => 9101,

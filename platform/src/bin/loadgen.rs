@@ -57,6 +57,11 @@ struct Args {
     /// PostgreSQL), read from /proc: only when they run on this machine.
     #[arg(long)]
     cpu: bool,
+    /// Also report the mean time of each stage of one Kafka crossing (outbox wait, publish,
+    /// delivery, handler transaction) over the run, from the services' `/metrics` at their
+    /// default addresses.
+    #[arg(long)]
+    stages: bool,
 }
 
 #[tokio::main]
@@ -90,6 +95,18 @@ async fn main() -> ExitCode {
     } else {
         None
     };
+    let http = reqwest::Client::new();
+    let stages_before = if args.stages {
+        match platform::stages::Sample::take(&http).await {
+            Ok(sample) => Some(sample),
+            Err(e) => {
+                eprintln!("loadgen: --stages: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let mut report = match load::run(&config).await {
         Ok(r) => r,
         Err(e) => {
@@ -99,6 +116,12 @@ async fn main() -> ExitCode {
     };
     if let (Some(before), Some(after)) = (cpu_before, platform::cpu::Sample::take()) {
         report.cpu_ms_per_saga = Some(before.per_saga(&after, report.finished));
+    }
+    if let Some(before) = stages_before {
+        match platform::stages::Sample::take(&http).await {
+            Ok(after) => report.crossing = Some(before.crossing(&after)),
+            Err(e) => eprintln!("loadgen: --stages: {e:#}"),
+        }
     }
     if args.json {
         match serde_json::to_string_pretty(&report) {
