@@ -148,6 +148,13 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called once per batch in its transaction, after [`handle`](Self::handle) has been
+    /// called for each message and before the commit: to write in one statement what the
+    /// batch's handlings decided. Does nothing by default.
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
     /// Called in the transaction that dead-letters `message`, e.g. to flag its saga for an
     /// operator. Does nothing by default.
     async fn on_dead_letter(
@@ -432,7 +439,7 @@ impl Consumer {
                     .instrument(self.span(message))
                     .await?;
                 }
-                Ok::<(), HandlerError>(())
+                handler.flush(&mut tx).await
             })
             .await;
             handled?;

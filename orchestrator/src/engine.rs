@@ -14,7 +14,9 @@ use tracing::Instrument as _;
 
 use crate::saga::{self, Command, Input, Outcome, Saga, SagaState, Transition};
 use crate::saga_metrics::{self, Observed};
-use crate::store::{self, Bookkeeping, Cause, OperatorFlag, Origin, StoreError, StoredSaga};
+use crate::store::{
+    self, Bookkeeping, Cause, OperatorFlag, Origin, SagaWrite, StoreError, StoredSaga,
+};
 
 /// What caused a step: a message, or a timer.
 #[derive(Clone, Debug)]
@@ -106,32 +108,10 @@ impl Engine {
         trigger: &Trigger,
     ) -> Result<Option<Saga>, HandlerError> {
         let stored = store::load(conn, order_id).await.map_err(store_error)?;
-        self.step_loaded(conn, order_id, input, trigger, stored)
-            .await
-    }
-
-    /// Like [`Engine::step`], with the saga already read in this transaction (`None`: there
-    /// is none yet).
-    pub async fn step_loaded(
-        &self,
-        conn: &mut PgConnection,
-        order_id: Uuid,
-        input: &Input,
-        trigger: &Trigger,
-        stored: Option<StoredSaga>,
-    ) -> Result<Option<Saga>, HandlerError> {
-        let span = transition_span(order_id, input, stored.as_ref(), trigger);
-        match self
-            .transition(conn, order_id, input, trigger, stored)
-            .instrument(span)
+        Ok(self
+            .try_step_loaded(conn, order_id, input, trigger, stored)
             .await?
-        {
-            Ok(saga) => Ok(Some(saga)),
-            Err(why) => {
-                tracing::debug!(%order_id, input = input.name(), why, "input ignored");
-                Ok(None)
-            }
-        }
+            .ok())
     }
 
     /// Like [`Engine::step`], but says why an input was ignored (for operators' requests).
@@ -143,13 +123,72 @@ impl Engine {
         trigger: &Trigger,
     ) -> Result<Result<Saga, &'static str>, HandlerError> {
         let stored = store::load(conn, order_id).await.map_err(store_error)?;
-        let span = transition_span(order_id, input, stored.as_ref(), trigger);
-        self.transition(conn, order_id, input, trigger, stored)
-            .instrument(span)
+        self.try_step_loaded(conn, order_id, input, trigger, stored)
             .await
     }
 
-    /// Reads the sagas of `order_ids` in one statement, for [`Engine::step_loaded`].
+    async fn try_step_loaded(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+        stored: Option<StoredSaga>,
+    ) -> Result<Result<Saga, &'static str>, HandlerError> {
+        match self
+            .step_unsaved(conn, order_id, input, trigger, stored)
+            .await?
+        {
+            Ok(write) => {
+                self.save_all(conn, std::slice::from_ref(&write)).await?;
+                Ok(Ok(write.next))
+            }
+            Err(why) => Ok(Err(why)),
+        }
+    }
+
+    /// Applies `input` to `stored`, the saga of `order_id` as read in this transaction
+    /// (`None`: it has none yet), and enqueues the commands it sends, but leaves the saga to
+    /// save: the caller saves it (with others, [`Engine::save_all`]) before its transaction
+    /// commits. `Err`: the input was ignored, and why.
+    pub async fn step_unsaved(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        input: &Input,
+        trigger: &Trigger,
+        stored: Option<StoredSaga>,
+    ) -> Result<Result<SagaWrite, &'static str>, HandlerError> {
+        let span = transition_span(order_id, input, stored.as_ref(), trigger);
+        let transition = self
+            .transition(conn, order_id, input, trigger, stored)
+            .instrument(span)
+            .await?;
+        if let Err(why) = &transition {
+            tracing::debug!(%order_id, input = input.name(), why, "input ignored");
+        }
+        Ok(transition)
+    }
+
+    /// Saves transitions of distinct sagas made by [`Engine::step_unsaved`], in one statement.
+    pub async fn save_all(
+        &self,
+        conn: &mut PgConnection,
+        writes: &[SagaWrite],
+    ) -> Result<(), HandlerError> {
+        store::save_all(conn, writes).await.map_err(store_error)
+    }
+
+    /// Reads the saga of `order_id`, for [`Engine::step_unsaved`].
+    pub async fn load(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+    ) -> Result<Option<StoredSaga>, HandlerError> {
+        store::load(conn, order_id).await.map_err(store_error)
+    }
+
+    /// Reads the sagas of `order_ids` in one statement, for [`Engine::step_unsaved`].
     pub async fn load_many(
         &self,
         conn: &mut PgConnection,
@@ -158,7 +197,8 @@ impl Engine {
         store::load_many(conn, order_ids).await.map_err(store_error)
     }
 
-    /// Applies `input` to the loaded saga and saves the result, in the `saga.transition` span.
+    /// Applies `input` to the loaded saga and enqueues its commands, in the `saga.transition`
+    /// span; returns what to save.
     async fn transition(
         &self,
         conn: &mut PgConnection,
@@ -166,7 +206,7 @@ impl Engine {
         input: &Input,
         trigger: &Trigger,
         stored: Option<StoredSaga>,
-    ) -> Result<Result<Saga, &'static str>, HandlerError> {
+    ) -> Result<Result<SagaWrite, &'static str>, HandlerError> {
         let transition = match saga::apply(stored.as_ref().map(|s| &s.saga), order_id, input) {
             Outcome::Changed(t) => t,
             Outcome::Ignored(why) => {
@@ -193,23 +233,6 @@ impl Engine {
             traceparent: non_empty_or(&incoming.traceparent, &origin.traceparent),
             tracestate: non_empty_or(&incoming.tracestate, &origin.tracestate),
         };
-        let cause = Cause {
-            input: input.name(),
-            message_id: &trigger.message_id,
-            message_type: &trigger.message_type,
-            correlation_id: &context.correlation_id,
-        };
-        store::save(
-            conn,
-            stored.as_ref(),
-            &transition.saga,
-            &transition.commands,
-            &cause,
-            &origin,
-            &self.bookkeeping(&transition, input),
-        )
-        .await
-        .map_err(store_error)?;
         let messages: Vec<OutboxMessage> = transition
             .commands
             .iter()
@@ -249,7 +272,20 @@ impl Engine {
         } else {
             tracing::debug!(%order_id, from, to, input = input.name(), correlation_id = %context.correlation_id, "saga transition");
         }
-        Ok(Ok(transition.saga))
+        let bookkeeping = self.bookkeeping(&transition, input);
+        Ok(Ok(SagaWrite {
+            previous: stored.as_ref().map(|s| (s.version, s.saga.state)),
+            next: transition.saga,
+            commands: transition.commands,
+            cause: Cause {
+                input: input.name(),
+                message_id: trigger.message_id.clone(),
+                message_type: trigger.message_type.clone(),
+                correlation_id: context.correlation_id,
+            },
+            origin,
+            bookkeeping,
+        }))
     }
 
     /// The Kafka message of a command; timer commands have none.

@@ -15,49 +15,64 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, Trigger};
 use crate::saga::{Input, Line, OrderDetails};
-use crate::store::StoredSaga;
+use crate::store::{SagaWrite, StoredSaga};
 
 pub struct SagaHandler {
     engine: Engine,
-    /// The sagas of the batch in hand, read together by [`Handler::prepare`]; each is taken
-    /// by its first message (`None`: it has no saga yet), and a second message of the same
-    /// saga reads what the first one wrote.
-    prepared: Mutex<HashMap<Uuid, Option<StoredSaga>>>,
+    batch: Mutex<Batch>,
+}
+
+/// What the handler holds between [`Handler::prepare`] and [`Handler::flush`] of one batch.
+#[derive(Default)]
+struct Batch {
+    /// Whether a batch is open: outside one, each step is saved at once.
+    open: bool,
+    /// The batch's sagas as they stand in it: read together by `prepare` (`None`: no saga
+    /// yet), then as each step left them.
+    sagas: HashMap<Uuid, Option<StoredSaga>>,
+    /// The steps not saved yet, at most one per saga (one statement cannot write a row twice).
+    unsaved: Vec<SagaWrite>,
 }
 
 impl SagaHandler {
     pub fn new(engine: Engine) -> Self {
         Self {
             engine,
-            prepared: Mutex::default(),
+            batch: Mutex::default(),
         }
     }
 
-    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Option<StoredSaga>>> {
-        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    fn batch(&self) -> std::sync::MutexGuard<'_, Batch> {
+        self.batch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves the batch's unsaved steps, in one statement.
+    async fn save_unsaved(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
+        let unsaved = std::mem::take(&mut self.batch().unsaved);
+        self.engine.save_all(conn, &unsaved).await
     }
 }
 
 #[async_trait]
 impl Handler for SagaHandler {
+    /// Reads the batch's sagas in one statement; their steps are saved together by `flush`.
     async fn prepare(
         &self,
         conn: &mut PgConnection,
         messages: &[&Incoming],
     ) -> Result<(), HandlerError> {
-        self.prepared().clear();
+        *self.batch() = Batch::default();
         // A message that does not decode is refused by `handle`, with its error.
         let ids: Vec<Uuid> = messages
             .iter()
             .filter_map(|m| decode(m).ok().map(|(id, _)| id))
             .collect();
-        if ids.len() < 2 {
-            return Ok(());
-        }
         let mut found = self.engine.load_many(conn, &ids).await?;
-        let mut prepared = self.prepared();
+        let mut batch = self.batch();
+        batch.open = true;
         for id in ids {
-            prepared.insert(id, found.remove(&id));
+            let stored = found.remove(&id);
+            batch.sagas.entry(id).or_insert(stored);
         }
         Ok(())
     }
@@ -73,15 +88,51 @@ impl Handler for SagaHandler {
             message_type: message.envelope.message_type.clone(),
             context: Some(message.context()),
         };
-        let prepared = self.prepared().remove(&order_id);
-        match prepared {
-            Some(stored) => {
-                self.engine
-                    .step_loaded(conn, order_id, &input, &trigger, stored)
-                    .await?
-            }
-            None => self.engine.step(conn, order_id, &input, &trigger).await?,
+        let (open, prepared, unsaved) = {
+            let batch = self.batch();
+            (
+                batch.open,
+                batch.sagas.get(&order_id).cloned(),
+                batch.unsaved.iter().any(|w| w.next.order_id == order_id),
+            )
         };
+        if !open {
+            self.engine.step(conn, order_id, &input, &trigger).await?;
+            return Ok(());
+        }
+        if unsaved {
+            // A second step of one saga in the batch: the first is saved before it.
+            self.save_unsaved(conn).await?;
+        }
+        let stored = match prepared {
+            Some(stored) => stored,
+            None => self.engine.load(conn, order_id).await?,
+        };
+        let updated_at = chrono::Utc::now();
+        if let Ok(write) = self
+            .engine
+            .step_unsaved(conn, order_id, &input, &trigger, stored)
+            .await?
+        {
+            let mut batch = self.batch();
+            let after = StoredSaga {
+                saga: write.next.clone(),
+                version: write.version(),
+                correlation_id: write.origin.correlation_id.clone(),
+                traceparent: write.origin.traceparent.clone(),
+                tracestate: write.origin.tracestate.clone(),
+                updated_at,
+            };
+            batch.sagas.insert(order_id, Some(after));
+            batch.unsaved.push(write);
+        }
+        Ok(())
+    }
+
+    /// Saves the steps of the batch, in one statement.
+    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.save_unsaved(conn).await?;
+        *self.batch() = Batch::default();
         Ok(())
     }
 

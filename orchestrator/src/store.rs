@@ -9,7 +9,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use crate::saga::{Command, Saga};
+use crate::saga::{Command, Saga, SagaState};
 
 /// The timer that fires the payment deadline.
 pub const DEADLINE_TIMER: &str = "payment_deadline";
@@ -126,11 +126,11 @@ fn stored_saga(row: &PgRow, saga_id: Uuid) -> Result<StoredSaga, StoreError> {
 
 /// What caused a transition, for the history.
 #[derive(Clone, Debug)]
-pub struct Cause<'a> {
-    pub input: &'a str,
-    pub message_id: &'a str,
-    pub message_type: &'a str,
-    pub correlation_id: &'a str,
+pub struct Cause {
+    pub input: &'static str,
+    pub message_id: String,
+    pub message_type: String,
+    pub correlation_id: String,
 }
 
 /// The trace context a new saga keeps for the messages its timers send later.
@@ -141,88 +141,171 @@ pub struct Origin {
     pub tracestate: String,
 }
 
-/// Saves `next` over `previous` (`None`: a new saga), appends the history row and applies the
-/// timer commands, all in the caller's transaction and in one statement (one round trip per
-/// transition): the saga row is written first, so it is locked before its timers, as in every
-/// path that touches both. Returns the new version.
-pub async fn save(
-    conn: &mut PgConnection,
-    previous: Option<&StoredSaga>,
-    next: &Saga,
-    commands: &[Command],
-    cause: &Cause<'_>,
-    origin: &Origin,
-    bookkeeping: &Bookkeeping,
-) -> Result<i64, StoreError> {
-    let corrupt = |source| StoreError::Corrupt {
-        saga_id: next.order_id,
-        source,
-    };
-    let data = serde_json::to_value(next).map_err(corrupt)?;
-    let commands_json = serde_json::to_value(commands).map_err(corrupt)?;
-    // Timers to arm (kind, when) and to disarm.
+/// One transition to save: the saga after it over the version it was read at (`None`: a new
+/// saga), what caused it, and its timers.
+#[derive(Clone, Debug)]
+pub struct SagaWrite {
+    pub previous: Option<(i64, SagaState)>,
+    pub next: Saga,
+    pub commands: Vec<Command>,
+    pub cause: Cause,
+    pub origin: Origin,
+    pub bookkeeping: Bookkeeping,
+}
+
+impl SagaWrite {
+    /// The version the saga has once this write is saved.
+    pub fn version(&self) -> i64 {
+        self.previous.map_or(1, |(version, _)| version + 1)
+    }
+}
+
+/// Saves transitions of distinct sagas in one statement (one round trip for a consumer's
+/// whole batch): each saga row with optimistic concurrency (inserted when new, updated only
+/// at the version it was read at), its history row, and its timers armed and disarmed. The
+/// saga rows are written first and each timer joins its saga's written row, so a saga is
+/// locked before its timers, as in every path that touches both. Fails with
+/// [`StoreError::Conflict`] when any saga changed since it was read; the caller's transaction
+/// then rolls back and nothing of the batch is saved.
+pub async fn save_all(conn: &mut PgConnection, writes: &[SagaWrite]) -> Result<(), StoreError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
     let now = Utc::now();
-    let mut arm: Vec<(&str, DateTime<Utc>)> = Vec::new();
-    let mut disarm: Vec<&str> = Vec::new();
-    for command in commands {
-        match command {
-            Command::StartDeadline => arm.push((DEADLINE_TIMER, now + bookkeeping.deadline)),
-            Command::CancelDeadline => disarm.push(DEADLINE_TIMER),
-            _ => {}
+    let n = writes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut data = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let mut customers = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut traceparents = Vec::with_capacity(n);
+    let mut tracestates = Vec::with_capacity(n);
+    let mut needs_operator = Vec::with_capacity(n);
+    let mut last_errors = Vec::with_capacity(n);
+    let mut from_states = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    let mut message_ids = Vec::with_capacity(n);
+    let mut message_types = Vec::with_capacity(n);
+    let mut commands = Vec::with_capacity(n);
+    let mut cause_correlations = Vec::with_capacity(n);
+    let (mut arm_ids, mut arm_kinds, mut arm_at) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut disarm_ids, mut disarm_kinds) = (Vec::new(), Vec::new());
+    for w in writes {
+        let id = w.next.order_id;
+        let corrupt = |source| StoreError::Corrupt {
+            saga_id: id,
+            source,
+        };
+        ids.push(id);
+        states.push(w.next.state.as_str());
+        data.push(serde_json::to_value(&w.next).map_err(corrupt)?);
+        expected.push(w.previous.map(|(version, _)| version));
+        customers.push(w.next.order.customer_id.as_str());
+        correlations.push(w.origin.correlation_id.as_str());
+        traceparents.push(w.origin.traceparent.as_str());
+        tracestates.push(w.origin.tracestate.as_str());
+        let (needs, error) = w.bookkeeping.operator_flag.columns();
+        needs_operator.push(needs);
+        last_errors.push(error);
+        from_states.push(w.previous.map(|(_, state)| state.as_str()));
+        inputs.push(w.cause.input);
+        message_ids.push(w.cause.message_id.as_str());
+        message_types.push(w.cause.message_type.as_str());
+        commands.push(serde_json::to_value(&w.commands).map_err(corrupt)?);
+        cause_correlations.push(w.cause.correlation_id.as_str());
+        // Timers to arm (kind, when) and to disarm.
+        let mut step_armed = false;
+        for command in &w.commands {
+            match command {
+                Command::StartDeadline => {
+                    arm_ids.push(id);
+                    arm_kinds.push(DEADLINE_TIMER);
+                    arm_at.push(now + w.bookkeeping.deadline);
+                }
+                Command::CancelDeadline => {
+                    disarm_ids.push(id);
+                    disarm_kinds.push(DEADLINE_TIMER);
+                }
+                _ => {}
+            }
+        }
+        if let Some(after) = w.bookkeeping.step_timer {
+            step_armed = true;
+            arm_ids.push(id);
+            arm_kinds.push(STEP_TIMER);
+            arm_at.push(now + after);
+        }
+        if !step_armed {
+            disarm_ids.push(id);
+            disarm_kinds.push(STEP_TIMER);
         }
     }
-    match bookkeeping.step_timer {
-        Some(after) => arm.push((STEP_TIMER, now + after)),
-        None => disarm.push(STEP_TIMER),
-    }
-    let (arm_kinds, arm_at): (Vec<&str>, Vec<DateTime<Utc>>) = arm.into_iter().unzip();
-    let write_saga = match previous {
-        None => {
-            "INSERT INTO sagas (saga_id, state, data, version, customer_id, correlation_id, traceparent, tracestate) \
-             VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (saga_id) DO NOTHING \
-             RETURNING saga_id, version"
-        }
-        Some(_) => {
-            "UPDATE sagas SET state = $2, data = $3, version = version + 1, updated_at = now(), \
-                 needs_operator = COALESCE($9, needs_operator), last_error = COALESCE($10, last_error) \
-             WHERE saga_id = $1 AND version = $8 \
-             RETURNING saga_id, version"
-        }
-    };
-    let (needs_operator, last_error) = bookkeeping.operator_flag.columns();
-    let statement = format!(
-        "WITH s AS ({write_saga}), \
+    let written: i64 = sqlx::query_scalar(
+        "WITH w AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], \
+               $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::text[], \
+               $11::text[], $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::text[]) \
+             AS w(saga_id, state, data, expected, customer_id, correlation_id, traceparent, \
+               tracestate, needs_operator, last_error, from_state, input, message_id, \
+               message_type, commands, cause_correlation)), \
+         inserted AS (INSERT INTO sagas (saga_id, state, data, version, customer_id, correlation_id, traceparent, tracestate) \
+               SELECT saga_id, state, data, 1, customer_id, correlation_id, traceparent, tracestate \
+               FROM w WHERE expected IS NULL \
+               ON CONFLICT (saga_id) DO NOTHING RETURNING saga_id, version), \
+         updated AS (UPDATE sagas s SET state = w.state, data = w.data, version = s.version + 1, \
+                 updated_at = now(), needs_operator = COALESCE(w.needs_operator, s.needs_operator), \
+                 last_error = COALESCE(w.last_error, s.last_error) \
+               FROM w WHERE s.saga_id = w.saga_id AND w.expected IS NOT NULL AND s.version = w.expected \
+               RETURNING s.saga_id, s.version), \
+         s AS (SELECT * FROM inserted UNION ALL SELECT * FROM updated), \
          h AS (INSERT INTO saga_history (saga_id, version, from_state, to_state, input, message_id, message_type, commands, correlation_id) \
-               SELECT saga_id, version, $11, $2, $12, $13, $14, $15, $16 FROM s), \
+               SELECT s.saga_id, s.version, w.from_state, w.state, w.input, w.message_id, w.message_type, w.commands, w.cause_correlation \
+               FROM s JOIN w ON w.saga_id = s.saga_id), \
          armed AS (INSERT INTO saga_timers (saga_id, kind, fire_at) \
-               SELECT s.saga_id, k.kind, k.fire_at FROM s, unnest($17::text[], $18::timestamptz[]) AS k(kind, fire_at) \
+               SELECT a.saga_id, a.kind, a.fire_at FROM unnest($17::uuid[], $18::text[], $19::timestamptz[]) AS a(saga_id, kind, fire_at) \
+               JOIN s ON s.saga_id = a.saga_id \
                ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, failures = 0, last_error = NULL), \
-         disarmed AS (DELETE FROM saga_timers t USING s WHERE t.saga_id = s.saga_id AND t.kind = ANY($19::text[])) \
-         SELECT version FROM s"
-    );
-    let version: Option<i64> = sqlx::query_scalar(&statement)
-        .bind(next.order_id)
-        .bind(next.state.as_str())
-        .bind(&data)
-        .bind(&next.order.customer_id)
-        .bind(&origin.correlation_id)
-        .bind(&origin.traceparent)
-        .bind(&origin.tracestate)
-        .bind(previous.map(|p| p.version))
-        .bind(needs_operator)
-        .bind(last_error)
-        .bind(previous.map(|p| p.saga.state.as_str()))
-        .bind(cause.input)
-        .bind(cause.message_id)
-        .bind(cause.message_type)
-        .bind(&commands_json)
-        .bind(cause.correlation_id)
-        .bind(&arm_kinds)
-        .bind(&arm_at)
-        .bind(&disarm)
-        .fetch_optional(&mut *conn)
-        .await?;
-    version.ok_or(StoreError::Conflict(next.order_id))
+         disarmed AS (DELETE FROM saga_timers t USING unnest($20::uuid[], $21::text[]) AS d(saga_id, kind), s \
+               WHERE t.saga_id = d.saga_id AND t.kind = d.kind AND s.saga_id = d.saga_id) \
+         SELECT count(*) FROM s",
+    )
+    .bind(&ids)
+    .bind(&states)
+    .bind(&data)
+    .bind(&expected)
+    .bind(&customers)
+    .bind(&correlations)
+    .bind(&traceparents)
+    .bind(&tracestates)
+    .bind(&needs_operator)
+    .bind(&last_errors)
+    .bind(&from_states)
+    .bind(&inputs)
+    .bind(&message_ids)
+    .bind(&message_types)
+    .bind(&commands)
+    .bind(&cause_correlations)
+    .bind(&arm_ids)
+    .bind(&arm_kinds)
+    .bind(&arm_at)
+    .bind(&disarm_ids)
+    .bind(&disarm_kinds)
+    .fetch_one(&mut *conn)
+    .await?;
+    if written == n as i64 {
+        return Ok(());
+    }
+    // Which one: the first whose row is not at the version written (for the error only).
+    let found: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT saga_id, version FROM sagas WHERE saga_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let conflicted = writes
+        .iter()
+        .find(|w| !found.contains(&(w.next.order_id, w.version())))
+        .map_or(ids[0], |w| w.next.order_id);
+    Err(StoreError::Conflict(conflicted))
 }
 
 /// Flags a saga as needing an operator (a message of it could not be handled at all). The flag

@@ -898,7 +898,8 @@ fn order_created(order_id: Uuid) -> messaging::Incoming {
 }
 
 #[tokio::test]
-async fn a_batch_reads_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its_first_step() {
+async fn a_batch_reads_and_saves_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its_first_step(
+) {
     use messaging::Handler as _;
     let (pool, engine) = setup(Duration::from_secs(600)).await;
     let handler = orchestrator::handler::SagaHandler::new(engine.clone());
@@ -930,6 +931,7 @@ async fn a_batch_reads_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its
     for message in &batch {
         handler.handle(&mut tx, message).await.expect("handle");
     }
+    handler.flush(&mut tx).await.expect("flush");
     tx.commit().await.expect("commit");
 
     for order_id in [existing, started] {
@@ -952,4 +954,63 @@ async fn a_batch_reads_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its
             "{order_id}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_batch_with_a_saga_changed_since_it_was_read_saves_nothing() {
+    use messaging::Handler as _;
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let (untouched, raced) = (Uuid::now_v7(), Uuid::now_v7());
+    for order_id in [untouched, raced] {
+        step(&pool, &engine, order_id, created())
+            .await
+            .expect("started");
+    }
+    let reserved = |order_id: Uuid| {
+        incoming(
+            order_id,
+            proto::topics::SAGA_REPLIES,
+            &proto::inventory::v1::InventoryReserved {
+                order_id: order_id.to_string(),
+                reservation_id: Uuid::now_v7().to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    let batch = [reserved(untouched), reserved(raced)];
+    let mut tx = pool.begin().await.expect("begin");
+    let messages: Vec<&messaging::Incoming> = batch.iter().collect();
+    handler.prepare(&mut tx, &messages).await.expect("prepare");
+    // Another writer (an operator, a timer, another replica) steps one saga meanwhile.
+    step(
+        &pool,
+        &engine,
+        raced,
+        Input::InventoryReservationFailed {
+            reason: "out of stock".into(),
+        },
+    )
+    .await
+    .expect("the other writer");
+    for message in &batch {
+        handler.handle(&mut tx, message).await.expect("handle");
+    }
+    let saved = handler.flush(&mut tx).await;
+    assert!(
+        matches!(saved, Err(HandlerError::Transient(_))),
+        "retried from the read: {saved:?}"
+    );
+    drop(tx);
+    let states: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT saga_id, state, version FROM sagas ORDER BY saga_id")
+            .fetch_all(&pool)
+            .await
+            .expect("sagas");
+    let mut expected = vec![
+        (untouched, "RESERVING".to_owned(), 1),
+        (raced, "FAILING".to_owned(), 2),
+    ];
+    expected.sort();
+    assert_eq!(states, expected, "the batch rolled back whole");
 }
