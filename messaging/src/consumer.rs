@@ -256,6 +256,9 @@ impl Consumer {
             .with_context(|| format!("subscribing to {topics:?}"))?;
         tracing::info!(group = %self.group, topics = ?self.topics, "consuming");
         let batch_max = usize::from(self.kafka.batch_max);
+        let linger = Duration::from_millis(u64::from(self.kafka.batch_linger_ms));
+        // Whether the last batch found company waiting: the consumer is under load.
+        let mut loaded = false;
         let mut purges = tokio::time::interval(inbox::purge_interval(self.inbox_retention));
         purges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -278,9 +281,19 @@ impl Consumer {
             };
             let mut batch = vec![self.received(&first)];
             drop(first);
-            // Whatever has already arrived joins the batch, without waiting for more.
+            // Whatever has already arrived joins the batch; under load, so does what arrives
+            // within the linger. A consumer taking one message at a time does not wait.
+            let linger_until =
+                (loaded && !linger.is_zero()).then(|| tokio::time::Instant::now() + linger);
             while batch.len() < batch_max {
-                match consumer.recv().now_or_never() {
+                let next = match consumer.recv().now_or_never() {
+                    Some(received) => Some(received),
+                    None => match linger_until {
+                        Some(until) => tokio::time::timeout_at(until, consumer.recv()).await.ok(),
+                        None => None,
+                    },
+                };
+                match next {
                     Some(Ok(m)) => batch.push(self.received(&m)),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "kafka receive failed");
@@ -289,6 +302,7 @@ impl Consumer {
                     None => break,
                 }
             }
+            loaded = batch.len() > 1;
             // A partition revoked while the batch was gathered belongs to its next owner,
             // which starts at the offset committed on revocation.
             let context = consumer.context();

@@ -499,3 +499,82 @@ async fn what_a_batch_sends_is_recorded_once_in_order_and_not_at_all_when_it_rol
     cancel.cancel();
     task.await.expect("join").expect("consumer");
 }
+
+#[tokio::test]
+async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
+    // The relay's deletes commit without waiting for their WAL flush: a crash of PostgreSQL
+    // can bring published rows back, and the relay publishes them again.
+    let setup = setup("msg_republish").await;
+    let messages: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|order| {
+            setup.outbox.message(
+                TOPIC,
+                Uuid::now_v7(),
+                &CompleteOrder {
+                    order_id: order.to_owned(),
+                },
+                &MessageContext::default(),
+            )
+        })
+        .collect();
+    let record = |messages: Vec<messaging::OutboxMessage>| {
+        let (pool, outbox) = (setup.pool.clone(), setup.outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            outbox.enqueue(&mut tx, &messages).await.expect("enqueue");
+            tx.commit().await.expect("commit");
+            outbox.committed();
+        }
+    };
+    let outbox_empty = || async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&setup.pool)
+                .await
+                .expect("count");
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{left} rows never published");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox).expect("relay");
+    let relay_task = tokio::spawn(relay.run(cancel.clone()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (consumer_cancel, consumer) = start_consumer(
+        &setup,
+        "republish",
+        Recorder {
+            calls: calls.clone(),
+            fail_first: 0,
+        },
+    );
+    record(messages.clone()).await;
+    assert_eq!(wait_for_effects(&setup.pool, 3).await.len(), 3);
+    outbox_empty().await;
+
+    // The rows come back as they were (a lost delete), and are published a second time.
+    record(messages).await;
+    outbox_empty().await;
+    // Time for the consumer to receive and skip them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let effects = wait_for_effects(&setup.pool, 3).await;
+    assert_eq!(
+        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"],
+        "one effect each"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the republished messages never reached the handler"
+    );
+    consumer_cancel.cancel();
+    consumer.await.expect("join").expect("consumer");
+    cancel.cancel();
+    relay_task.await.expect("relay");
+}

@@ -21,6 +21,7 @@ fn kafka() -> KafkaArgs {
         group_instance_id: None,
         linger_ms: 1,
         batch_max: 16,
+        batch_linger_ms: 0,
     }
 }
 

@@ -77,14 +77,25 @@ pub async fn insert_order(
     new: &NewOrder<'_>,
 ) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
     let order = new.order;
-    // ON CONFLICT waits for a concurrent twin holding the key to commit (then does nothing)
-    // or roll back (then inserts), so `None` means the twin's order exists.
+    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = order
+        .lines
+        .iter()
+        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price_cents).collect();
+    // The order and its lines in one statement. ON CONFLICT waits for a concurrent twin
+    // holding the key to commit (then does nothing, and no line is written) or roll back
+    // (then inserts), so `None` means the twin's order exists.
     let row = sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, status, total_cents, currency, payment_method, \
-             idempotency_key, request_fingerprint, correlation_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (idempotency_key) DO NOTHING \
-         RETURNING created_at, updated_at",
+        "WITH o AS (INSERT INTO orders (order_id, customer_id, status, total_cents, currency, \
+                 payment_method, idempotency_key, request_fingerprint, correlation_id) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+               ON CONFLICT (idempotency_key) DO NOTHING \
+               RETURNING order_id, created_at, updated_at), \
+         l AS (INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
+               SELECT o.order_id, u.* FROM o, unnest($10::text[], $11::int[], $12::bigint[]) AS u) \
+         SELECT created_at, updated_at FROM o",
     )
     .bind(order.id.0)
     .bind(&order.customer_id)
@@ -95,26 +106,12 @@ pub async fn insert_order(
     .bind(new.idempotency_key)
     .bind(new.request_fingerprint)
     .bind(&order.correlation_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
-    let quantities: Vec<i32> = order
-        .lines
-        .iter()
-        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
-        .collect();
-    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price_cents).collect();
-    sqlx::query(
-        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
-         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])",
-    )
-    .bind(order.id.0)
     .bind(&skus)
     .bind(&quantities)
     .bind(&prices)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else { return Ok(None) };
     Ok(Some((
         row.try_get("created_at")?,
         row.try_get("updated_at")?,

@@ -42,6 +42,7 @@ pub async fn setup(label: &str) -> Setup {
         group_instance_id: None,
         linger_ms: 1,
         batch_max: 64,
+        batch_linger_ms: 2,
     };
     kafka.ensure_topics().await.expect("topics");
     let outbox = Outbox::new("test", kafka.clone());
