@@ -98,8 +98,14 @@ impl App {
         let mut tasks = JoinSet::new();
 
         let api = grpc::InventoryApi::new(pool.clone()).into_server();
-        let health =
-            runtime::grpc::health::<grpc::InventoryServiceServer<grpc::InventoryApi>>().await;
+        let health = runtime::health::serve::<grpc::InventoryServiceServer<grpc::InventoryApi>>(
+            vec![
+                runtime::health::Probe::database(pool.clone()),
+                config.kafka.probe()?,
+            ],
+            cancel.clone(),
+        )
+        .await;
         let reflection = runtime::grpc::reflection()?;
         let reflection_v1alpha = runtime::grpc::reflection_v1alpha()?;
         let shutdown = cancel.clone().cancelled_owned();

@@ -1,12 +1,13 @@
 //! Broker settings shared by every service, the clients built from them, and topic creation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -162,6 +163,28 @@ impl KafkaArgs {
             config.set("group.instance.id", instance);
         }
         config
+    }
+
+    /// A health probe: the brokers answer a metadata request.
+    pub fn probe(&self) -> anyhow::Result<runtime::health::Probe> {
+        let client: Arc<BaseConsumer> = Arc::new(
+            self.client_config()
+                .create()
+                .context("creating the Kafka client of the health probe")?,
+        );
+        Ok(runtime::health::Probe::new("kafka", move || {
+            let client = client.clone();
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    client
+                        .fetch_metadata(None, runtime::health::PROBE_TIMEOUT)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            })
+        }))
     }
 
     /// Creates the platform's topics and their dead-letter topics where missing.

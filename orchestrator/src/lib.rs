@@ -75,6 +75,10 @@ impl App {
         let outbox = Outbox::new(SERVICE, self.config.kafka.clone());
         let engine = engine::Engine::new(outbox.clone(), self.config.timing());
         let mut tasks = JoinSet::new();
+        let probes = vec![
+            runtime::health::Probe::database(self.pool.clone()),
+            self.config.kafka.probe()?,
+        ];
 
         let relay = Relay::for_outbox(self.pool.clone(), &outbox)?;
         tasks.spawn(runtime::shutdown::cancel_when_done(cancel.clone(), {
@@ -103,7 +107,9 @@ impl App {
         let (admin_token, dev_token) = self.config.admin_token();
         let admin_grpc = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
-            .add_service(runtime::grpc::health::<admin::AdminServer>().await)
+            .add_service(
+                runtime::health::serve::<admin::AdminServer>(probes.clone(), cancel.clone()).await,
+            )
             .add_service(runtime::grpc::reflection()?)
             .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(admin::server(
@@ -138,7 +144,10 @@ impl App {
 
         let grpc = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
-            .add_service(runtime::grpc::health::<tonic_health_marker::Orchestrator>().await)
+            .add_service(
+                runtime::health::serve::<tonic_health_marker::Orchestrator>(probes, cancel.clone())
+                    .await,
+            )
             .add_service(runtime::grpc::reflection()?)
             .add_service(runtime::grpc::reflection_v1alpha()?)
             .serve_with_incoming_shutdown(

@@ -111,9 +111,16 @@ impl App {
         );
         let watch = watch::StatusWatch::default();
         let watch_task = watch.clone().run(pool.clone(), cancel.clone());
+        let health = runtime::health::serve::<OrderServiceServer<OrderGrpc>>(
+            vec![
+                runtime::health::Probe::database(pool.clone()),
+                config.kafka.probe()?,
+            ],
+            cancel.clone(),
+        )
+        .await;
         let service =
             OrderServiceServer::new(OrderGrpc::new(Orders::new(pool, outbox, payments), watch));
-        let health = runtime::grpc::health::<OrderServiceServer<OrderGrpc>>().await;
         let reflection = runtime::grpc::reflection()?;
         let reflection_v1alpha = runtime::grpc::reflection_v1alpha()?;
 

@@ -120,6 +120,14 @@ impl App {
             provider,
         } = self;
 
+        let health = runtime::health::serve::<PaymentServiceServer<PaymentGrpc>>(
+            vec![
+                runtime::health::Probe::database(pool.clone()),
+                config.kafka.probe()?,
+            ],
+            cancel.clone(),
+        )
+        .await;
         let service = PaymentServiceServer::new(PaymentGrpc::new(
             pool.clone(),
             outbox.clone(),
@@ -128,7 +136,7 @@ impl App {
         ));
         let server = tonic::transport::Server::builder()
             .layer(telemetry::grpc::ServerLayer)
-            .add_service(runtime::grpc::health::<PaymentServiceServer<PaymentGrpc>>().await)
+            .add_service(health)
             .add_service(runtime::grpc::reflection()?)
             .add_service(runtime::grpc::reflection_v1alpha()?)
             .add_service(service);

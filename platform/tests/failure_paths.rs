@@ -386,3 +386,83 @@ async fn fifty_orders_for_the_last_ten_units_reserve_exactly_ten() {
     assert_eq!((reserved, out_of_stock), (10, 40));
     assert_eq!(levels(&platform, "SKU-MONITOR").await, (0, 10, 0, 0));
 }
+
+/// `/readyz` until `check` holds of its status and body, or panics after `within`.
+async fn readiness_until(
+    platform: &TestPlatform,
+    within: Duration,
+    what: &str,
+    check: impl Fn(reqwest::StatusCode, &Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (status, body) = platform.get("/readyz").await;
+        if check(status, &body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never said {what} within {within:?}; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_whose_database_goes_away_is_not_ready_until_it_returns() {
+    let platform = TestPlatform::start(&[]).await;
+    let database = platform
+        .config
+        .database_url("inventory")
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .expect("a database URL")
+        .get_database()
+        .expect("a database name")
+        .to_owned();
+    let mut server = sqlx::PgConnection::connect(&platform.config.database_server_url)
+        .await
+        .expect("the database server");
+    // The database goes away for inventory-svc: no new connection, the open ones cut.
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS false"
+    ))
+    .execute(&mut server)
+    .await
+    .expect("refuse connections");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&database)
+        .execute(&mut server)
+        .await
+        .expect("cut connections");
+    let body = readiness_until(
+        &platform,
+        Duration::from_secs(20),
+        "inventory-svc not ready",
+        |status, body| {
+            status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && body["unavailable"] == json!(["inventory-svc"])
+        },
+    )
+    .await;
+    assert_eq!(body["status"], "not_ready", "{body}");
+    assert_eq!(
+        body["services"]["inventory-svc"], "not_serving",
+        "it answers, and says it cannot serve: {body}"
+    );
+    assert_eq!(body["services"]["order-svc"], "serving", "{body}");
+
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS true"
+    ))
+    .execute(&mut server)
+    .await
+    .expect("allow connections");
+    let body = readiness_until(
+        &platform,
+        Duration::from_secs(20),
+        "ready again",
+        |status, _| status == reqwest::StatusCode::OK,
+    )
+    .await;
+    assert_eq!(body["status"], "ready", "{body}");
+}

@@ -29,12 +29,12 @@ pub fn reflection_v1alpha() -> anyhow::Result<
     Ok(reflection_builder().build_v1alpha()?)
 }
 
-/// The standard gRPC health service, reporting `S` (and the server as a whole) as serving.
+/// The standard gRPC health service, reporting `S` (and the server as a whole) as serving
+/// with nothing to probe (a stand-in for a service, in tests); a service's own is
+/// [`crate::health::serve`], which probes its dependencies.
 pub async fn health<S: tonic::server::NamedService>(
 ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_serving::<S>().await;
-    service
+    crate::health::serve::<S>(Vec::new(), tokio_util::sync::CancellationToken::new()).await
 }
 
 /// Accepts connections on an already bound listener (bound by the caller, so that tests can

@@ -2,6 +2,7 @@
 
 pub mod database;
 pub mod grpc;
+pub mod health;
 pub mod shutdown;
 pub mod text;
 
