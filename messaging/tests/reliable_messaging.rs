@@ -309,21 +309,7 @@ async fn a_relay_killed_mid_batch_loses_nothing() {
     );
     // The relay deletes what it published once the broker acknowledged it, which may be a
     // moment after the reader saw the last message.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&setup.pool)
-            .await
-            .expect("count");
-        if left == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{left} rows still in the outbox after everything was published"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_empty_outbox(&setup.pool, Duration::from_secs(10)).await;
     cancel.cancel();
     task.await.expect("relay");
 }
@@ -527,20 +513,6 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
             outbox.committed();
         }
     };
-    let outbox_empty = || async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&setup.pool)
-                .await
-                .expect("count");
-            if left == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{left} rows never published");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let cancel = CancellationToken::new();
     let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
@@ -555,11 +527,11 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
     );
     record(messages.clone()).await;
     assert_eq!(wait_for_effects(&setup.pool, 3).await.len(), 3);
-    outbox_empty().await;
+    wait_for_empty_outbox(&setup.pool, Duration::from_secs(30)).await;
 
     // The rows come back as they were (a lost delete), and are published a second time.
     record(messages).await;
-    outbox_empty().await;
+    wait_for_empty_outbox(&setup.pool, Duration::from_secs(30)).await;
     // Time for the consumer to receive and skip them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let effects = wait_for_effects(&setup.pool, 3).await;

@@ -898,6 +898,18 @@ fn order_created(order_id: Uuid) -> messaging::Incoming {
     )
 }
 
+fn inventory_reserved(order_id: Uuid) -> messaging::Incoming {
+    incoming(
+        order_id,
+        proto::topics::SAGA_REPLIES,
+        &proto::inventory::v1::InventoryReserved {
+            order_id: order_id.to_string(),
+            reservation_id: Uuid::now_v7().to_string(),
+            ..Default::default()
+        },
+    )
+}
+
 #[tokio::test]
 async fn a_batch_reads_and_saves_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its_first_step(
 ) {
@@ -910,21 +922,10 @@ async fn a_batch_reads_and_saves_its_sagas_at_once_and_a_saga_stepped_twice_in_i
         .await
         .expect("started before the batch");
 
-    let reserved = |order_id: Uuid| {
-        incoming(
-            order_id,
-            proto::topics::SAGA_REPLIES,
-            &proto::inventory::v1::InventoryReserved {
-                order_id: order_id.to_string(),
-                reservation_id: Uuid::now_v7().to_string(),
-                ..Default::default()
-            },
-        )
-    };
     let batch = [
-        reserved(existing),
+        inventory_reserved(existing),
         order_created(started),
-        reserved(started),
+        inventory_reserved(started),
     ];
     let mut tx = pool.begin().await.expect("begin");
     let messages: Vec<&messaging::Incoming> = batch.iter().collect();
@@ -968,18 +969,7 @@ async fn a_batch_with_a_saga_changed_since_it_was_read_saves_nothing() {
             .await
             .expect("started");
     }
-    let reserved = |order_id: Uuid| {
-        incoming(
-            order_id,
-            proto::topics::SAGA_REPLIES,
-            &proto::inventory::v1::InventoryReserved {
-                order_id: order_id.to_string(),
-                reservation_id: Uuid::now_v7().to_string(),
-                ..Default::default()
-            },
-        )
-    };
-    let batch = [reserved(untouched), reserved(raced)];
+    let batch = [inventory_reserved(untouched), inventory_reserved(raced)];
     let mut tx = pool.begin().await.expect("begin");
     let messages: Vec<&messaging::Incoming> = batch.iter().collect();
     handler.prepare(&mut tx, &messages).await.expect("prepare");

@@ -216,6 +216,7 @@ pub async fn run(
     bin_dir: &Path,
     stopped: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<ChaosReport> {
+    services::check_fresh(bin_dir)?;
     let pg_root = infra::cluster_dir(&config.work_dir, "postgres");
     stop_leftovers(&config.work_dir, &pg_root).await;
     let _ = std::fs::remove_dir_all(&config.work_dir);

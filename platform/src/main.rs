@@ -368,6 +368,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             Ok(false) => return Ok(ExitCode::FAILURE),
             Err(signal) => return Ok(signal.exit_code()),
         }
+    } else if let Err(stale) = services::check_fresh(&services::binary_dir()) {
+        eprintln!("platform: warning (--no-build): {stale:#}");
     }
     let run_dir = args.infra.state_dir.join("run");
     stop_services_left(&run_dir).await;

@@ -155,6 +155,92 @@ pub fn binary_dir() -> PathBuf {
     }
 }
 
+/// The workspace's crates each service binary is built from (its own first).
+fn crates_of(service: &str) -> &'static [&'static str] {
+    match service {
+        "gateway" => &["gateway", "proto", "runtime", "telemetry"],
+        "order-svc" => &["order-svc", "proto", "messaging", "runtime", "telemetry"],
+        "inventory-svc" => &[
+            "inventory-svc",
+            "proto",
+            "messaging",
+            "runtime",
+            "telemetry",
+        ],
+        "payment-svc" => &["payment-svc", "proto", "messaging", "runtime", "telemetry"],
+        "orchestrator" => &["orchestrator", "proto", "messaging", "runtime", "telemetry"],
+        _ => &[],
+    }
+}
+
+/// The checkout these binaries were built from, when it is still there.
+fn workspace_dir() -> Option<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .filter(|dir| dir.join("Cargo.toml").exists())
+        .map(Path::to_path_buf)
+}
+
+/// The newest file of what cargo builds a crate from: its sources, manifest, build script,
+/// migrations and protobuf files (not its tests).
+fn newest_input(crate_dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(path: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(modified) = meta.modified() {
+            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                *newest = Some((modified, path.to_path_buf()));
+            }
+        }
+    }
+    let mut newest = None;
+    for input in ["src", "Cargo.toml", "build.rs", "migrations", "proto"] {
+        walk(&crate_dir.join(input), &mut newest);
+    }
+    newest
+}
+
+/// Why the binary of `service` in `bin_dir` is older than a source it is built from in the
+/// checkout at `workspace` (it would run old code), or `None` when it is not.
+pub fn stale_binary(workspace: &Path, bin_dir: &Path, service: &str) -> Option<String> {
+    let binary = bin_dir.join(service);
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok()?;
+    let (changed, source) = crates_of(service)
+        .iter()
+        .filter_map(|name| newest_input(&workspace.join(name)))
+        .max_by_key(|(modified, _)| *modified)?;
+    (changed > built).then(|| {
+        format!(
+            "{} is older than {}: it would run the code from before that change",
+            binary.display(),
+            source.display()
+        )
+    })
+}
+
+/// Refuses service binaries older than their sources in this checkout, with what to do.
+pub fn check_fresh(bin_dir: &Path) -> anyhow::Result<()> {
+    let Some(workspace) = workspace_dir() else {
+        return Ok(());
+    };
+    let stale: Vec<String> = SERVICES
+        .iter()
+        .filter_map(|service| stale_binary(&workspace, bin_dir, service))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{}.\nBuild them first: `cargo build --workspace --bins` (`cargo run -p platform -- test` does)",
+        stale.join(";\n")
+    )
+}
+
 /// Starts one service binary from `bin_dir` with `env`, its output to `stdout`/`stderr`.
 pub fn spawn(
     bin_dir: &Path,
@@ -225,4 +311,45 @@ pub async fn wait_ready(gateway: &str, timeout: std::time::Duration) -> anyhow::
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     anyhow::bail!("the services did not become ready within {timeout:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn touch(path: &Path, at: SystemTime) {
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("dir");
+        let file = std::fs::File::create(path).expect("file");
+        file.set_modified(at).expect("mtime");
+    }
+
+    #[test]
+    fn a_binary_older_than_a_source_of_its_crates_is_stale_and_others_are_not() {
+        let root = std::env::temp_dir().join(format!("stale-{}", uuid::Uuid::now_v7()));
+        let (workspace, bin) = (root.join("ws"), root.join("bin"));
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+        touch(&workspace.join("order-svc/src/lib.rs"), t(10));
+        touch(&workspace.join("messaging/migrations/0001.sql"), t(10));
+        touch(&workspace.join("gateway/src/lib.rs"), t(10));
+        touch(&bin.join("order-svc"), t(20));
+        touch(&bin.join("gateway"), t(20));
+        assert_eq!(stale_binary(&workspace, &bin, "order-svc"), None);
+
+        // A migration of a crate order-svc is built from changes; the gateway is not built
+        // from it; a test file is no input of the binary.
+        touch(&workspace.join("messaging/migrations/0002.sql"), t(30));
+        touch(&workspace.join("gateway/tests/api.rs"), t(30));
+        let stale = stale_binary(&workspace, &bin, "order-svc").expect("stale");
+        assert!(stale.contains("0002.sql"), "{stale}");
+        assert_eq!(stale_binary(&workspace, &bin, "gateway"), None);
+
+        // Rebuilt: fresh again.
+        touch(&bin.join("order-svc"), t(40));
+        assert_eq!(stale_binary(&workspace, &bin, "order-svc"), None);
+        // A binary that is not there is for `spawn` to report.
+        assert_eq!(stale_binary(&workspace, &bin, "payment-svc"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -150,6 +150,10 @@ impl TestPlatform {
                 .collect(),
         };
         let bin_dir = crate::services::binary_dir();
+        // Tests of old binaries would pass or fail for code that is no longer there.
+        if let Err(e) = crate::services::check_fresh(&bin_dir) {
+            panic!("{e:#}");
+        }
         let log_dir = bin_dir.join("test-logs").join(&suffix);
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let mut children = Vec::new();

@@ -134,6 +134,26 @@ pub async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> 
     }
 }
 
+/// Waits until the relay has published (and deleted) every outbox row, or panics after
+/// `within`.
+pub async fn wait_for_empty_outbox(pool: &PgPool, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(pool)
+            .await
+            .expect("count");
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} rows still in the outbox after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn start_consumer<H: Handler>(
     setup: &Setup,
     group: &str,

@@ -397,12 +397,22 @@ fn jvm_options(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// A cluster id: 16 random bytes in URL-safe base64 without padding, as `StorageTool
+/// random-uuid` prints, and like Kafka's own `Uuid.randomUuid` never starting with `-`, which
+/// the tool's command line would take for an option (one id in 64 would fail the format).
+fn cluster_id() -> String {
+    loop {
+        let id = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
 /// `StorageTool format --standalone`: a log directory must be formatted before the first
 /// start, with a cluster id and this node as the only voter.
 async fn format_storage(libs: &Path, dir: &Path, properties: &Path) -> anyhow::Result<()> {
-    // A cluster id is 16 random bytes in URL-safe base64 without padding, as
-    // `StorageTool random-uuid` prints.
-    let cluster_id = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+    let cluster_id = cluster_id();
     let output = Command::new(java())
         .args(jvm_options(dir))
         .arg("-cp")
@@ -428,6 +438,15 @@ async fn format_storage(libs: &Path, dir: &Path, properties: &Path) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_ids_never_look_like_an_option() {
+        for _ in 0..10_000 {
+            let id = cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(!id.starts_with('-'), "{id}");
+        }
+    }
 
     #[test]
     fn reads_the_java_major_version() {
