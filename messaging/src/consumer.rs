@@ -338,7 +338,7 @@ impl Consumer {
             self.telemetry(&incoming.topic),
         ) {
             t.delivery
-                .record((now_ms().saturating_sub(sent_ms)).max(0) as f64 / 1000.0);
+                .record((envelope::now_ms().saturating_sub(sent_ms)).max(0) as f64 / 1000.0);
         }
         incoming
     }
@@ -581,13 +581,6 @@ impl Drop for DropOffThread {
                 .spawn(move || drop(consumer));
         }
     }
-}
-
-/// Milliseconds since the epoch, as Kafka's timestamps.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {

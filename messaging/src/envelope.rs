@@ -10,6 +10,14 @@ use prost::Message as _;
 use proto::messaging::v1::Envelope;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
+/// Milliseconds since the epoch: the unit of the envelope's `occurred_at_ms` and of Kafka's
+/// timestamps.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The header holding the protobuf-encoded envelope.
 pub const ENVELOPE: &str = "envelope";
 pub const TRACEPARENT: &str = "traceparent";

@@ -51,9 +51,7 @@ pub(crate) fn check_age(
     let Some(written) = written_at_ms(envelope, id) else {
         return Ok(());
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = crate::envelope::now_ms().max(0) as u64;
     let oldest_accepted =
         now.saturating_sub((retention - skew_margin(retention)).as_millis() as u64);
     if written < oldest_accepted {

@@ -12,7 +12,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::{Message, Name};
 use proto::messaging::v1::Envelope;
@@ -88,10 +87,7 @@ impl Outbox {
         payload: &M,
         context: &MessageContext,
     ) -> OutboxMessage {
-        let occurred_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
+        let occurred_at_ms = crate::envelope::now_ms();
         let (traceparent, tracestate) = match TraceContext::current() {
             Some(current) => (current.traceparent, current.tracestate),
             None => (context.traceparent.clone(), context.tracestate.clone()),

@@ -254,9 +254,7 @@ impl Relay {
                 Err(e) => parked.push((id, topic, format!("undecodable envelope: {e}"))),
             }
         }
-        let read_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let read_at_ms = envelope::now_ms();
         let waited = metrics::histogram!(metric::OUTBOX_WAIT);
         for record in &records {
             let written = record.envelope.occurred_at_ms;

@@ -107,11 +107,7 @@ impl Engine {
         input: &Input,
         trigger: &Trigger,
     ) -> Result<Option<Saga>, HandlerError> {
-        let stored = store::load(conn, order_id).await.map_err(store_error)?;
-        Ok(self
-            .try_step_loaded(conn, order_id, input, trigger, stored)
-            .await?
-            .ok())
+        Ok(self.try_step(conn, order_id, input, trigger).await?.ok())
     }
 
     /// Like [`Engine::step`], but says why an input was ignored (for operators' requests).
@@ -122,19 +118,7 @@ impl Engine {
         input: &Input,
         trigger: &Trigger,
     ) -> Result<Result<Saga, &'static str>, HandlerError> {
-        let stored = store::load(conn, order_id).await.map_err(store_error)?;
-        self.try_step_loaded(conn, order_id, input, trigger, stored)
-            .await
-    }
-
-    async fn try_step_loaded(
-        &self,
-        conn: &mut PgConnection,
-        order_id: Uuid,
-        input: &Input,
-        trigger: &Trigger,
-        stored: Option<StoredSaga>,
-    ) -> Result<Result<Saga, &'static str>, HandlerError> {
+        let stored = self.load(conn, order_id).await?;
         match self
             .step_unsaved(conn, order_id, input, trigger, stored)
             .await?
