@@ -5,16 +5,14 @@
 //! - [`relay`]: the one publisher of a service's outbox, at least once, in order per key.
 //! - [`inbox`]: deduplication of handled messages in the handler's transaction.
 //! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
-//!   after the commit, transient errors retried with backoff, the rest dead-lettered.
-//! - [`group`]: the member's side of the broker's consumer group: assignment, the commit on
-//!   revocation, lag.
+//!   after the commit, transient errors retried with backoff, the rest dead-lettered; the
+//!   member's side of the broker's consumer group (assignment, the commit on revocation, lag).
 //! - [`kafka`]: broker settings, clients and topic creation.
 //! - [`after_commit`]: work deferred until the consumer's transaction commits (metrics).
 
 pub mod after_commit;
 pub mod consumer;
 pub mod envelope;
-mod group;
 pub mod inbox;
 pub mod kafka;
 pub mod outbox;

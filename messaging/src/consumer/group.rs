@@ -16,7 +16,9 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
 use telemetry::metric;
@@ -119,6 +121,27 @@ impl ConsumerContext for GroupContext {
             if !joining.is_empty() {
                 tracing::info!(partitions = %describe(&joining), "partitions taken");
             }
+        }
+    }
+}
+
+/// Owns the Kafka consumer and drops it on a thread of its own. librdkafka's close, run on
+/// drop, can block forever in a rebalance callback (rust-rdkafka #509, librdkafka #4041);
+/// that must not hang a runtime shutting down, nor a test's end.
+pub(super) struct DropOffThread(pub(super) Option<StreamConsumer<GroupContext>>);
+
+impl DropOffThread {
+    pub(super) fn consumer(&self) -> &StreamConsumer<GroupContext> {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for DropOffThread {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(consumer));
         }
     }
 }

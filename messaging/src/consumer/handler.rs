@@ -1,0 +1,152 @@
+//! The contract between the consumer and a service: what it does with each message
+//! ([`Handler`]), the message as it reads it ([`Incoming`]) and why it failed
+//! ([`HandlerError`]), which decides between a retry and a dead letter.
+
+use async_trait::async_trait;
+use proto::messaging::v1::Envelope;
+use rdkafka::message::{BorrowedMessage, Message as _};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::envelope::{self, MessageContext};
+
+/// Why a message could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying: the database or a dependency is unavailable, a conflict, a timeout.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Handling it again would fail again: undecodable, unknown type, invalid content.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    /// Classified by cause ([`runtime::database::is_transient`]): a connection lost or a
+    /// deadlock is retried, a constraint violation or a row that does not decode is not.
+    fn from(e: sqlx::Error) -> Self {
+        if runtime::database::is_transient(&e) {
+            HandlerError::Transient(format!("database: {e}"))
+        } else {
+            HandlerError::Permanent(format!("database: {e}"))
+        }
+    }
+}
+
+/// A message read from Kafka.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub envelope: Envelope,
+    pub payload: Vec<u8>,
+}
+
+impl Incoming {
+    pub(super) fn from_kafka(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            envelope: message
+                .headers()
+                .map(envelope::from_headers)
+                .unwrap_or_default(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }
+    }
+
+    pub fn message_id(&self) -> Result<Uuid, HandlerError> {
+        Uuid::parse_str(&self.envelope.message_id).map_err(|_| {
+            HandlerError::Permanent(format!(
+                "missing or invalid message-id header {:?}",
+                self.envelope.message_id
+            ))
+        })
+    }
+
+    pub fn message_type(&self) -> &str {
+        &self.envelope.message_type
+    }
+
+    /// The saga (order) id from the envelope.
+    pub fn saga_id(&self) -> Result<Uuid, HandlerError> {
+        Uuid::parse_str(&self.envelope.saga_id).map_err(|_| {
+            HandlerError::Permanent(format!(
+                "missing or invalid saga-id header {:?}",
+                self.envelope.saga_id
+            ))
+        })
+    }
+
+    /// Decodes the payload as `M`.
+    pub fn decode<M: prost::Message + Default>(&self) -> Result<M, HandlerError> {
+        M::decode(self.payload.as_slice()).map_err(|e| {
+            HandlerError::Permanent(format!(
+                "undecodable {} payload: {e}",
+                self.envelope.message_type
+            ))
+        })
+    }
+
+    /// The context of the messages this one causes.
+    pub fn context(&self) -> MessageContext {
+        MessageContext {
+            correlation_id: self.envelope.correlation_id.clone(),
+            causation_id: self.envelope.message_id.clone(),
+            traceparent: self.envelope.traceparent.clone(),
+            tracestate: self.envelope.tracestate.clone(),
+        }
+    }
+
+    /// The error for a message type this consumer does not handle.
+    pub fn unknown_type(&self) -> HandlerError {
+        HandlerError::Permanent(format!(
+            "unknown message type {:?} on {}",
+            self.envelope.message_type, self.topic
+        ))
+    }
+}
+
+/// What a service does with each message, inside the transaction that records it in the inbox.
+/// Messages it sends go to the outbox through the same connection.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, conn: &mut PgConnection, message: &Incoming)
+        -> Result<(), HandlerError>;
+
+    /// Called once per batch in its transaction, before [`handle`](Self::handle) is called
+    /// for each of `messages` (the batch's, less the ones handled before): to read in one
+    /// statement what each message's handling would otherwise read alone. Does nothing by
+    /// default.
+    async fn prepare(
+        &self,
+        _conn: &mut PgConnection,
+        _messages: &[&Incoming],
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    /// Called once per batch in its transaction, after [`handle`](Self::handle) has been
+    /// called for each message and before the commit: to write in one statement what the
+    /// batch's handlings decided. Does nothing by default.
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    /// Called in the transaction that dead-letters `message`, e.g. to flag its saga for an
+    /// operator. Does nothing by default.
+    async fn on_dead_letter(
+        &self,
+        _conn: &mut PgConnection,
+        _message: &Incoming,
+        _error: &str,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
