@@ -1,11 +1,13 @@
 //! Connecting a service to its own database and migrating it.
 
-use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use sqlx::migrate::{MigrateDatabase, Migration, Migrator};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{MigrateDatabase, MigrateError, Migration, MigrationSource, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Postgres};
 
@@ -34,6 +36,8 @@ pub async fn connect(
         match try_connect(url, &options, max_connections).await {
             Ok(pool) => {
                 combine(migrators)
+                    .await
+                    .context("combining the migrations")?
                     .run(&pool)
                     .await
                     .context("running database migrations")?;
@@ -59,15 +63,31 @@ pub async fn connect(
 }
 
 /// One migrator holding every migration of `migrators`, by version, so that each service's
-/// history is checked whole (the shared crates' versions are below 100, a service's from 100).
-fn combine(migrators: &[&Migrator]) -> Migrator {
+/// history is checked whole in its one `_sqlx_migrations` table: a version applied there that
+/// none of them knows (a newer release's) is an error, as it is for a single migrator. The
+/// shared crates' versions are below 100, a service's from 100.
+async fn combine(migrators: &[&Migrator]) -> Result<Migrator, MigrateError> {
     let mut migrations: Vec<Migration> = migrators.iter().flat_map(|m| m.iter().cloned()).collect();
     migrations.sort_by_key(|m| m.version);
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ignore_missing: false,
-        locking: true,
-        no_tx: false,
+    migrator(migrations).await
+}
+
+/// A migrator of `migrations` (in the order given), with sqlx's defaults: locking, and a
+/// version applied in the database that none of them knows is an error.
+pub async fn migrator(migrations: Vec<Migration>) -> Result<Migrator, MigrateError> {
+    Migrator::new(Resolved(migrations)).await
+}
+
+/// Migrations already resolved (read by `sqlx::migrate!` at build time), as a source for
+/// [`Migrator::new`].
+#[derive(Debug)]
+struct Resolved(Vec<Migration>);
+
+impl MigrationSource<'static> for Resolved {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 'static>> {
+        Box::pin(std::future::ready(Ok(self.0)))
     }
 }
 
