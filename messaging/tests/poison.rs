@@ -13,25 +13,10 @@ use common::*;
 use messaging::consumer::dead_letter_headers;
 use messaging::{Consumer, Handler, HandlerError, Incoming, MessageContext, Relay};
 use proto::order::v1::CompleteOrder;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn reader(setup: &Setup, topic: &str) -> StreamConsumer {
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &setup.kafka.brokers)
-        .set(
-            "group.id",
-            format!("{}reader-{topic}", setup.kafka.topic_prefix),
-        )
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("reader");
-    reader.subscribe(&[topic]).expect("subscribe");
-    reader
-}
 
 /// Every message on the reader's topic within `window` after the first: message id -> (times
 /// seen, its dead-letter error header).
@@ -88,20 +73,8 @@ impl Handler for DecodeBug {
 async fn a_database_error_that_repeats_dead_letters_its_message_and_the_rest_goes_on() {
     let setup = setup("poison_decode").await;
     let bug = Uuid::now_v7();
-    send(
-        &setup.kafka,
-        bug,
-        "order.v1.CompleteOrder",
-        &complete("bug"),
-    )
-    .await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("after"),
-    )
-    .await;
+    send_complete(&setup.kafka, bug, "bug").await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "after").await;
     let (cancel, task) = start_consumer(&setup, "decode", DecodeBug);
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
@@ -113,7 +86,7 @@ async fn a_database_error_that_repeats_dead_letters_its_message_and_the_rest_goe
         "the message after the failing one was handled"
     );
     let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
-    let dead = read_for(&reader(&setup, &dlq), Duration::from_secs(1)).await;
+    let dead = read_for(&reader(&setup.kafka, &dlq), Duration::from_secs(1)).await;
     let (count, error) = dead
         .get(&bug.to_string())
         .expect("the failing message dead-lettered");
@@ -190,7 +163,7 @@ async fn an_outbox_row_the_broker_refuses_is_parked_and_the_rest_is_published_on
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
     let published = read_for(
-        &reader(&setup, &setup.kafka.topic(TOPIC)),
+        &reader(&setup.kafka, &setup.kafka.topic(TOPIC)),
         Duration::from_secs(4),
     )
     .await;
@@ -240,45 +213,19 @@ async fn the_inbox_forgets_after_its_retention_and_an_older_redelivery_has_no_se
         setup.outbox.clone(),
     )
     .with_inbox_retention(retention);
-    let task = tokio::spawn(consumer.run(
-        Recorder {
-            calls: calls.clone(),
-            fail_first: 0,
-        },
-        cancel.clone(),
-    ));
+    let task = tokio::spawn(consumer.run(Recorder::new(calls.clone()), cancel.clone()));
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
 
     let old = Uuid::now_v7();
-    send(&setup.kafka, old, "order.v1.CompleteOrder", &complete("a")).await;
+    send_complete(&setup.kafka, old, "a").await;
     assert_eq!(wait_for_effects(&setup.pool, 1).await.len(), 1);
 
     // The inbox does not keep it past the retention.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
-            .fetch_one(&setup.pool)
-            .await
-            .expect("inbox");
-        if kept == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the inbox still holds {kept} rows"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_empty(&setup.pool, "inbox", Duration::from_secs(30)).await;
     // Redelivered now that the inbox forgot it: refused, not applied again.
-    send(&setup.kafka, old, "order.v1.CompleteOrder", &complete("a")).await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("b"),
-    )
-    .await;
+    send_complete(&setup.kafka, old, "a").await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
     let effects = wait_for_effects(&setup.pool, 2).await;
     assert_eq!(
         effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
@@ -286,7 +233,7 @@ async fn the_inbox_forgets_after_its_retention_and_an_older_redelivery_has_no_se
         "one effect of the redelivered message"
     );
     let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
-    let dead = read_for(&reader(&setup, &dlq), Duration::from_secs(1)).await;
+    let dead = read_for(&reader(&setup.kafka, &dlq), Duration::from_secs(1)).await;
     let (_, error) = dead
         .get(&old.to_string())
         .expect("the old redelivery dead-lettered");

@@ -10,9 +10,8 @@ use messaging::consumer::dead_letter_headers;
 use messaging::envelope;
 use messaging::{Handler, HandlerError, Incoming, MessageContext, Relay};
 use proto::order::v1::CompleteOrder;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -23,36 +22,11 @@ use common::*;
 async fn a_message_delivered_twice_has_one_effect() {
     let setup = setup("msg_dup").await;
     let first = Uuid::now_v7();
-    send(
-        &setup.kafka,
-        first,
-        "order.v1.CompleteOrder",
-        &complete("a"),
-    )
-    .await;
-    send(
-        &setup.kafka,
-        first,
-        "order.v1.CompleteOrder",
-        &complete("a"),
-    )
-    .await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("b"),
-    )
-    .await;
+    send_complete(&setup.kafka, first, "a").await;
+    send_complete(&setup.kafka, first, "a").await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let (cancel, task) = start_consumer(
-        &setup,
-        "dup",
-        Recorder {
-            calls: calls.clone(),
-            fail_first: 0,
-        },
-    );
+    let (cancel, task) = start_consumer(&setup, "dup", Recorder::new(calls.clone()));
     let effects = wait_for_effects(&setup.pool, 2).await;
     // "b" was sent after the duplicate on the same partition, so the duplicate was seen.
     assert_eq!(
@@ -71,13 +45,7 @@ async fn a_message_delivered_twice_has_one_effect() {
 #[tokio::test]
 async fn a_transient_failure_is_retried_and_rolled_back() {
     let setup = setup("msg_retry").await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("a"),
-    )
-    .await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let (cancel, task) = start_consumer(
         &setup,
@@ -108,29 +76,10 @@ async fn a_transient_failure_is_retried_and_rolled_back() {
 async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes_on() {
     let setup = setup("msg_dlq").await;
     let bad = Uuid::now_v7();
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("a"),
-    )
-    .await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
     send(&setup.kafka, bad, "order.v1.NoSuchThing", b"\x01\x02").await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("b"),
-    )
-    .await;
-    let (cancel, task) = start_consumer(
-        &setup,
-        "dlq",
-        Recorder {
-            calls: Arc::default(),
-            fail_first: 0,
-        },
-    );
+    send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
+    let (cancel, task) = start_consumer(&setup, "dlq", Recorder::new(Arc::default()));
     let effects = wait_for_effects(&setup.pool, 2).await;
     assert_eq!(
         effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
@@ -144,14 +93,7 @@ async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes
         "one dead letter in the outbox"
     );
     let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &setup.kafka.brokers)
-        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .expect("reader");
-    reader.subscribe(&[&dlq]).expect("subscribe");
+    let reader = reader(&setup.kafka, &dlq);
     let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
         .await
         .expect("a dead letter within 30 s")
@@ -194,27 +136,14 @@ async fn offsets_are_committed_only_after_the_transaction() {
         }
     }
     let setup = setup("msg_offsets").await;
-    send(
-        &setup.kafka,
-        Uuid::now_v7(),
-        "order.v1.CompleteOrder",
-        &complete("a"),
-    )
-    .await;
+    send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
     let (cancel, task) = start_consumer(&setup, "offsets", Stuck);
     tokio::time::sleep(Duration::from_secs(3)).await;
     cancel.cancel();
     task.await.expect("join").expect("consumer");
 
     let calls = Arc::new(AtomicUsize::new(0));
-    let (cancel, task) = start_consumer(
-        &setup,
-        "offsets",
-        Recorder {
-            calls,
-            fail_first: 0,
-        },
-    );
+    let (cancel, task) = start_consumer(&setup, "offsets", Recorder::new(calls));
     let effects = wait_for_effects(&setup.pool, 1).await;
     assert_eq!(
         effects.len(),
@@ -283,16 +212,7 @@ async fn a_relay_killed_mid_batch_loses_nothing() {
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let task = tokio::spawn(relay.run(cancel.clone()));
 
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &setup.kafka.brokers)
-        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .expect("reader");
-    reader
-        .subscribe(&[&setup.kafka.topic(TOPIC)])
-        .expect("subscribe");
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.len() < N && Instant::now() < deadline {
@@ -350,15 +270,7 @@ async fn a_standby_relay_takes_over_and_each_key_keeps_its_order() {
             .run(first.clone()),
     );
     enqueue(0, 30).await;
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &setup.kafka.brokers)
-        .set("group.id", format!("{}reader", setup.kafka.topic_prefix))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("reader");
-    reader
-        .subscribe(&[&setup.kafka.topic(TOPIC)])
-        .expect("subscribe");
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen: Vec<(String, u32)> = Vec::new();
     read_until(&reader, 30, &mut seen).await;
     // A standby, then the publisher stops: the standby takes the lock and goes on.
@@ -446,10 +358,10 @@ async fn what_a_batch_sends_is_recorded_once_in_order_and_not_at_all_when_it_rol
     let duplicate = Uuid::now_v7();
     for (i, order) in orders.iter().enumerate() {
         let id = if i == 1 { duplicate } else { Uuid::now_v7() };
-        send(&setup.kafka, id, "order.v1.CompleteOrder", &complete(order)).await;
+        send_complete(&setup.kafka, id, order).await;
         if i == 1 {
             // Delivered twice, in the same batch: one reply.
-            send(&setup.kafka, id, "order.v1.CompleteOrder", &complete(order)).await;
+            send_complete(&setup.kafka, id, order).await;
         }
     }
     let (cancel, task) = start_consumer(
@@ -517,14 +429,8 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
     let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
     let calls = Arc::new(AtomicUsize::new(0));
-    let (consumer_cancel, consumer) = start_consumer(
-        &setup,
-        "republish",
-        Recorder {
-            calls: calls.clone(),
-            fail_first: 0,
-        },
-    );
+    let (consumer_cancel, consumer) =
+        start_consumer(&setup, "republish", Recorder::new(calls.clone()));
     record(messages.clone()).await;
     assert_eq!(wait_for_effects(&setup.pool, 3).await.len(), 3);
     wait_for_empty_outbox(&setup.pool, Duration::from_secs(30)).await;

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use messaging::envelope;
 use messaging::{Consumer, Handler, HandlerError, Incoming, KafkaArgs, Outbox};
 use proto::order::v1::CompleteOrder;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,6 +35,17 @@ pub async fn setup(label: &str) -> Setup {
         .execute(&pool)
         .await
         .expect("effects table");
+    let kafka = kafka().await;
+    let outbox = Outbox::new("test", kafka.clone());
+    Setup {
+        pool,
+        kafka,
+        outbox,
+    }
+}
+
+/// Settings for the test broker with a topic prefix of the test's own, its topics created.
+pub async fn kafka() -> KafkaArgs {
     let kafka = KafkaArgs {
         brokers: platform::testing::kafka_brokers(),
         topic_prefix: platform::testing::topic_prefix(),
@@ -45,12 +58,20 @@ pub async fn setup(label: &str) -> Setup {
         batch_linger_ms: 2,
     };
     kafka.ensure_topics().await.expect("topics");
-    let outbox = Outbox::new("test", kafka.clone());
-    Setup {
-        pool,
-        kafka,
-        outbox,
-    }
+    kafka
+}
+
+/// A consumer of `topic` from its beginning, in a group of its own.
+pub fn reader(kafka: &KafkaArgs, topic: &str) -> StreamConsumer {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("{}reader-{topic}", kafka.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("reader");
+    reader.subscribe(&[topic]).expect("subscribe");
+    reader
 }
 
 /// Records one effect row per handled message; fails transiently `fail_first` times first,
@@ -88,6 +109,16 @@ impl Handler for Recorder {
     }
 }
 
+impl Recorder {
+    /// A recorder that never fails transiently.
+    pub fn new(calls: Arc<AtomicUsize>) -> Self {
+        Self {
+            calls,
+            fail_first: 0,
+        }
+    }
+}
+
 pub fn producer(kafka: &KafkaArgs) -> FutureProducer {
     kafka.producer().expect("producer")
 }
@@ -111,6 +142,12 @@ pub async fn send(kafka: &KafkaArgs, message_id: Uuid, message_type: &str, paylo
         )
         .await
         .expect("produce");
+}
+
+/// Sends a `CompleteOrder` for `order_id`, as [`send`] does.
+pub async fn send_complete(kafka: &KafkaArgs, message_id: Uuid, order_id: &str) {
+    let message_type = <CompleteOrder as prost::Name>::full_name();
+    send(kafka, message_id, &message_type, &complete(order_id)).await;
 }
 
 pub fn complete(order_id: &str) -> Vec<u8> {
@@ -137,9 +174,14 @@ pub async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> 
 /// Waits until the relay has published (and deleted) every outbox row, or panics after
 /// `within`.
 pub async fn wait_for_empty_outbox(pool: &PgPool, within: Duration) {
+    wait_for_empty(pool, "outbox", within).await;
+}
+
+/// Waits until `table` has no rows, or panics after `within`.
+pub async fn wait_for_empty(pool: &PgPool, table: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(pool)
             .await
             .expect("count");
@@ -148,7 +190,7 @@ pub async fn wait_for_empty_outbox(pool: &PgPool, within: Duration) {
         }
         assert!(
             Instant::now() < deadline,
-            "{left} rows still in the outbox after {within:?}"
+            "{left} rows still in {table} after {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
