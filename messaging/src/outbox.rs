@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use prost::{Message, Name};
 use proto::messaging::v1::Envelope;
+use sqlx::types::Json;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -43,7 +44,8 @@ pub struct OutboxMessage {
     pub key: String,
     pub envelope: Envelope,
     pub payload: Vec<u8>,
-    /// Headers sent besides the envelope's (the error of a dead letter, say).
+    /// Headers sent besides the envelope's (the error of a dead letter, say), in order. Stored
+    /// as a jsonb array of `[key, value]` pairs.
     pub extra_headers: Vec<(String, String)>,
 }
 
@@ -159,13 +161,16 @@ impl Outbox {
             types.push(m.envelope.message_type.as_str());
             envelopes.push(m.envelope.encode_to_vec());
             payloads.push(m.payload.as_slice());
-            extra_headers.push(encode_extra_headers(&m.extra_headers));
+            extra_headers.push(Json(m.extra_headers.as_slice()));
         }
-        // One statement for the whole batch; rows are inserted in the order of the arrays, so
-        // the ids keep the given order.
+        // One statement for the whole batch; rows are inserted in the order of the arrays
+        // (`WITH ORDINALITY ... ORDER BY`), so the ids, and so the relay, keep the given order.
         sqlx::query(
             "INSERT INTO outbox (message_id, topic, message_key, message_type, envelope, payload, extra_headers) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::bytea[])",
+             SELECT message_id, topic, message_key, message_type, envelope, payload, extra_headers \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::jsonb[]) \
+               WITH ORDINALITY AS m(message_id, topic, message_key, message_type, envelope, payload, extra_headers, n) \
+             ORDER BY n",
         )
         .bind(&ids)
         .bind(&topics)
@@ -202,56 +207,4 @@ pub(crate) async fn collect<T>(work: impl Future<Output = T>) -> (T, Vec<OutboxM
         (result, held)
     })
     .await
-}
-
-/// Extra headers are stored as length-prefixed key and value strings (empty for most rows).
-pub(crate) fn encode_extra_headers(headers: &[(String, String)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (key, value) in headers {
-        for part in [key, value] {
-            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-            out.extend_from_slice(part.as_bytes());
-        }
-    }
-    out
-}
-
-pub(crate) fn decode_extra_headers(mut bytes: &[u8]) -> Vec<(String, String)> {
-    let mut parts = Vec::new();
-    while bytes.len() >= 4 {
-        let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-        let Some(part) = bytes.get(4..4 + len) else {
-            break;
-        };
-        parts.push(String::from_utf8_lossy(part).into_owned());
-        bytes = &bytes[4 + len..];
-    }
-    let mut pairs = Vec::with_capacity(parts.len() / 2);
-    let mut iter = parts.into_iter();
-    while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-        pairs.push((k, v));
-    }
-    pairs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extra_headers_round_trip() {
-        let headers = vec![
-            (
-                "dlq-error".to_owned(),
-                "unknown message type \"x\"".to_owned(),
-            ),
-            ("dlq-original-offset".to_owned(), "42".to_owned()),
-            ("empty".to_owned(), String::new()),
-        ];
-        assert_eq!(
-            decode_extra_headers(&encode_extra_headers(&headers)),
-            headers
-        );
-        assert!(decode_extra_headers(&[]).is_empty());
-    }
 }

@@ -19,7 +19,8 @@ use proto::messaging::v1::Envelope;
 use rdkafka::message::Header;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgListener;
-use sqlx::{Connection as _, PgConnection, PgPool, Row};
+use sqlx::types::Json;
+use sqlx::{Connection as _, FromRow, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -28,7 +29,7 @@ use telemetry::propagation::{self, KeyValue};
 
 use crate::envelope;
 use crate::kafka::KafkaArgs;
-use crate::outbox::{decode_extra_headers, Outbox, RelayWake, CHANNEL};
+use crate::outbox::{Outbox, RelayWake, CHANNEL};
 
 /// Advisory lock held by the one relay publishing a service's outbox at a time.
 const RELAY_LOCK: i64 = 0x6f75_7462_6f78;
@@ -239,19 +240,10 @@ impl Relay {
         let mut parked: Vec<(i64, &str, String)> = Vec::new();
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: i64 = row.try_get("id")?;
-            let topic: &str = row.try_get("topic")?;
-            let envelope_bytes: &[u8] = row.try_get("envelope")?;
-            match Envelope::decode(envelope_bytes) {
-                Ok(envelope) => records.push(OutboxRecord {
-                    id,
-                    topic,
-                    key: row.try_get("message_key")?,
-                    envelope,
-                    payload: row.try_get("payload")?,
-                    extra_headers: row.try_get("extra_headers")?,
-                }),
-                Err(e) => parked.push((id, topic, format!("undecodable envelope: {e}"))),
+            let row = OutboxRow::from_row(row)?;
+            match Envelope::decode(row.envelope) {
+                Ok(envelope) => records.push(OutboxRecord { row, envelope }),
+                Err(e) => parked.push((row.id, row.topic, format!("undecodable envelope: {e}"))),
             }
         }
         let read_at_ms = envelope::now_ms();
@@ -270,8 +262,8 @@ impl Relay {
         let mut retry: Option<String> = None;
         for (record, outcome) in records.iter().zip(outcomes) {
             match outcome {
-                Outcome::Published => published.push(record.id),
-                Outcome::Refused(error) => parked.push((record.id, record.topic, error)),
+                Outcome::Published => published.push(record.row.id),
+                Outcome::Refused(error) => parked.push((record.row.id, record.row.topic, error)),
                 Outcome::Failed(error) => {
                     retry.get_or_insert(error);
                 }
@@ -303,10 +295,10 @@ impl Relay {
         }
         // One update per topic of the batch (a batch holds a few topics), not per message.
         let mut per_topic: Vec<(&str, u64)> = Vec::new();
-        for record in records.iter().filter(|r| published.contains(&r.id)) {
-            match per_topic.iter_mut().find(|(t, _)| *t == record.topic) {
+        for record in records.iter().filter(|r| published.contains(&r.row.id)) {
+            match per_topic.iter_mut().find(|(t, _)| *t == record.row.topic) {
                 Some((_, count)) => *count += 1,
-                None => per_topic.push((record.topic, 1)),
+                None => per_topic.push((record.row.topic, 1)),
             }
         }
         for (topic, count) in per_topic {
@@ -332,18 +324,18 @@ impl Relay {
     async fn send(&self, records: &[OutboxRecord<'_>]) -> Vec<Outcome> {
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
-            let id = record.id;
-            let extra = decode_extra_headers(record.extra_headers);
+            let row = &record.row;
+            let id = row.id;
             let mut headers = envelope::to_headers(&record.envelope);
-            for (key, value) in &extra {
+            for (key, value) in row.extra_headers.iter() {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value),
                 });
             }
-            let message = FutureRecord::to(record.topic)
-                .key(record.key)
-                .payload(record.payload)
+            let message = FutureRecord::to(row.topic)
+                .key(row.message_key)
+                .payload(row.payload)
                 .headers(headers);
             // Queued here, synchronously and in order.
             let delivery = self.producer.send_result(message);
@@ -375,7 +367,7 @@ impl Relay {
                     "message published",
                     vec![
                         KeyValue::new("messaging.message.id", record.envelope.message_id.clone()),
-                        KeyValue::new("messaging.destination.name", record.topic.to_string()),
+                        KeyValue::new("messaging.destination.name", record.row.topic.to_string()),
                         KeyValue::new(
                             "messaging.kafka.destination.partition",
                             i64::from(delivery.partition),
@@ -409,14 +401,21 @@ impl Relay {
     }
 }
 
-/// An outbox row being published.
-struct OutboxRecord<'a> {
+/// An outbox row as the relay reads it, borrowed from the fetched row.
+#[derive(FromRow)]
+struct OutboxRow<'r> {
     id: i64,
-    topic: &'a str,
-    key: &'a str,
+    topic: &'r str,
+    message_key: &'r str,
+    envelope: &'r [u8],
+    payload: &'r [u8],
+    extra_headers: Json<Vec<(String, String)>>,
+}
+
+/// An outbox row being published, its envelope decoded.
+struct OutboxRecord<'r> {
+    row: OutboxRow<'r>,
     envelope: Envelope,
-    payload: &'a [u8],
-    extra_headers: &'a [u8],
 }
 
 /// Where a published row ended up in Kafka.
@@ -481,7 +480,8 @@ const MAX_PUBLISH_LINKS: usize = 32;
 fn publish_span(records: &[OutboxRecord<'_>]) -> tracing::Span {
     let span = match records {
         [OutboxRecord {
-            topic, envelope, ..
+            row: OutboxRow { topic, .. },
+            envelope,
         }] => tracing::info_span!(
             "outbox.publish",
             otel.kind = "producer",
