@@ -26,8 +26,10 @@ pub use kafka::KafkaArgs;
 pub use outbox::{Outbox, OutboxMessage};
 pub use relay::Relay;
 
-/// Migrations of the outbox and inbox tables, run by every service before its own.
+/// Migrations of the outbox and inbox tables, run by every service with its own.
 ///
-/// Versions below 100 belong to this crate; a service's own migrations start at 100. Both
-/// migrators ignore the other's versions.
+/// Versions below 100 belong to this crate; a service's own migrations start at 100.
+/// `runtime::database::connect` merges both into one migrator, by version, so that one
+/// `_sqlx_migrations` history is checked whole: a version applied there that neither knows
+/// is an error.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

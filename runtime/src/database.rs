@@ -14,9 +14,10 @@ use sqlx::{ConnectOptions, PgPool, Postgres};
 /// How long a starting service waits for PostgreSQL before giving up.
 const WAIT_FOR_DATABASE: Duration = Duration::from_secs(60);
 
-/// Connects to the service's database, creating it if missing, and runs `migrators` in order
-/// (the shared messaging tables first, then the service's own). Waits for PostgreSQL to come
-/// up for a while, so that services may start before it.
+/// Connects to the service's database, creating it if missing, and runs the migrations of
+/// `migrators` as one history, by version (the shared messaging tables' below 100, then the
+/// service's own). Waits for PostgreSQL to come up for a while, so that services may start
+/// before it.
 pub async fn connect(
     url: &str,
     max_connections: u32,
