@@ -56,35 +56,36 @@ mod tests {
 
     use super::*;
 
+    /// Work that counts one in `count`.
+    fn count_one(count: &Arc<AtomicUsize>) -> impl FnOnce() + Send + 'static {
+        let count = count.clone();
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A transaction that defers counting one and ends with `outcome`.
+    async fn deferring(count: &Arc<AtomicUsize>, outcome: Result<(), ()>) -> Result<(), ()> {
+        let work = count_one(count);
+        scope(async move {
+            after_commit(work);
+            outcome
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn deferred_work_runs_only_after_success() {
         let count = Arc::new(AtomicUsize::new(0));
-        let c = count.clone();
-        let ok: Result<(), ()> = scope(async move {
-            after_commit(move || {
-                c.fetch_add(1, Ordering::SeqCst);
-            });
-            Ok(())
-        })
-        .await;
+        let ok = deferring(&count, Ok(())).await;
         assert!(ok.is_ok());
         assert_eq!(count.load(Ordering::SeqCst), 1);
 
-        let c = count.clone();
-        let failed: Result<(), ()> = scope(async move {
-            after_commit(move || {
-                c.fetch_add(1, Ordering::SeqCst);
-            });
-            Err(())
-        })
-        .await;
+        let failed = deferring(&count, Err(())).await;
         assert!(failed.is_err());
         assert_eq!(count.load(Ordering::SeqCst), 1, "rolled back: not run");
 
-        let c = count.clone();
-        after_commit(move || {
-            c.fetch_add(1, Ordering::SeqCst);
-        });
+        after_commit(count_one(&count));
         assert_eq!(
             count.load(Ordering::SeqCst),
             2,
