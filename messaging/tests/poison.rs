@@ -44,6 +44,12 @@ async fn read_for(reader: &StreamConsumer, window: Duration) -> HashMap<String, 
     seen
 }
 
+/// The messages dead-lettered from the test's topic, read as [`read_for`] does.
+async fn dead_letters(setup: &Setup) -> HashMap<String, (usize, String)> {
+    let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
+    read_for(&reader(&setup.kafka, &dlq), Duration::from_secs(1)).await
+}
+
 /// Fails with a column decode error (as a bug in a query would) for the order "bug".
 struct DecodeBug;
 
@@ -75,25 +81,23 @@ async fn a_database_error_that_repeats_dead_letters_its_message_and_the_rest_goe
     let bug = Uuid::now_v7();
     send_complete(&setup.kafka, bug, "bug").await;
     send_complete(&setup.kafka, Uuid::now_v7(), "after").await;
-    let (cancel, task) = start_consumer(&setup, "decode", DecodeBug);
+    let consumer = start_consumer(&setup, "decode", DecodeBug);
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
-    let relay_task = tokio::spawn(relay.run(cancel.clone()));
+    let relay_task = tokio::spawn(relay.run(consumer.cancel.clone()));
 
     let effects = wait_for_effects(&setup.pool, 1).await;
     assert_eq!(
-        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        orders(&effects),
         ["after"],
         "the message after the failing one was handled"
     );
-    let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
-    let dead = read_for(&reader(&setup.kafka, &dlq), Duration::from_secs(1)).await;
+    let dead = dead_letters(&setup).await;
     let (count, error) = dead
         .get(&bug.to_string())
         .expect("the failing message dead-lettered");
     assert_eq!(*count, 1);
     assert!(error.contains("decod"), "{error}");
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
     relay_task.await.expect("join");
 }
 
@@ -228,12 +232,11 @@ async fn the_inbox_forgets_after_its_retention_and_an_older_redelivery_has_no_se
     send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
     let effects = wait_for_effects(&setup.pool, 2).await;
     assert_eq!(
-        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        orders(&effects),
         ["a", "b"],
         "one effect of the redelivered message"
     );
-    let dlq = proto::topics::dead_letter(&setup.kafka.topic(TOPIC));
-    let dead = read_for(&reader(&setup.kafka, &dlq), Duration::from_secs(1)).await;
+    let dead = dead_letters(&setup).await;
     let (_, error) = dead
         .get(&old.to_string())
         .expect("the old redelivery dead-lettered");

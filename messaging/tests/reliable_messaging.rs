@@ -26,20 +26,16 @@ async fn a_message_delivered_twice_has_one_effect() {
     send_complete(&setup.kafka, first, "a").await;
     send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let (cancel, task) = start_consumer(&setup, "dup", Recorder::new(calls.clone()));
+    let consumer = start_consumer(&setup, "dup", Recorder::new(calls.clone()));
     let effects = wait_for_effects(&setup.pool, 2).await;
     // "b" was sent after the duplicate on the same partition, so the duplicate was seen.
-    assert_eq!(
-        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
-        ["a", "b"]
-    );
+    assert_eq!(orders(&effects), ["a", "b"]);
     assert_eq!(
         calls.load(Ordering::SeqCst),
         2,
         "the duplicate never reached the handler"
     );
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 }
 
 #[tokio::test]
@@ -47,7 +43,7 @@ async fn a_transient_failure_is_retried_and_rolled_back() {
     let setup = setup("msg_retry").await;
     send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let (cancel, task) = start_consumer(
+    let consumer = start_consumer(
         &setup,
         "retry",
         Recorder {
@@ -68,8 +64,7 @@ async fn a_transient_failure_is_retried_and_rolled_back() {
         .await
         .expect("inbox");
     assert_eq!(inbox, 1);
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 }
 
 #[tokio::test]
@@ -79,12 +74,9 @@ async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes
     send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
     send(&setup.kafka, bad, "order.v1.NoSuchThing", b"\x01\x02").await;
     send_complete(&setup.kafka, Uuid::now_v7(), "b").await;
-    let (cancel, task) = start_consumer(&setup, "dlq", Recorder::new(Arc::default()));
+    let consumer = start_consumer(&setup, "dlq", Recorder::new(Arc::default()));
     let effects = wait_for_effects(&setup.pool, 2).await;
-    assert_eq!(
-        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
-        ["a", "b"]
-    );
+    assert_eq!(orders(&effects), ["a", "b"]);
 
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     assert_eq!(
@@ -116,8 +108,7 @@ async fn an_unhandleable_message_goes_to_the_dead_letter_topic_and_the_rest_goes
     assert_eq!(header(dead_letter_headers::TOPIC), setup.kafka.topic(TOPIC));
     assert_eq!(header(dead_letter_headers::OFFSET), "1");
     assert_eq!(message.payload(), Some(&b"\x01\x02"[..]));
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 }
 
 /// A consumer that stops before its transaction commits leaves the offset uncommitted: the
@@ -137,21 +128,19 @@ async fn offsets_are_committed_only_after_the_transaction() {
     }
     let setup = setup("msg_offsets").await;
     send_complete(&setup.kafka, Uuid::now_v7(), "a").await;
-    let (cancel, task) = start_consumer(&setup, "offsets", Stuck);
+    let consumer = start_consumer(&setup, "offsets", Stuck);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 
     let calls = Arc::new(AtomicUsize::new(0));
-    let (cancel, task) = start_consumer(&setup, "offsets", Recorder::new(calls));
+    let consumer = start_consumer(&setup, "offsets", Recorder::new(calls));
     let effects = wait_for_effects(&setup.pool, 1).await;
     assert_eq!(
         effects.len(),
         1,
         "the message was redelivered to the next consumer"
     );
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 }
 
 /// The relay killed in the middle of publishing loses nothing: every message recorded in the
@@ -364,7 +353,7 @@ async fn what_a_batch_sends_is_recorded_once_in_order_and_not_at_all_when_it_rol
             send_complete(&setup.kafka, id, order).await;
         }
     }
-    let (cancel, task) = start_consumer(
+    let consumer = start_consumer(
         &setup,
         "batch-outbox",
         Replier {
@@ -394,8 +383,7 @@ async fn what_a_batch_sends_is_recorded_once_in_order_and_not_at_all_when_it_rol
         "one reply per message, in the order handled, none from the attempt rolled back"
     );
     assert_eq!(again, orders.len() as i64, "nothing recorded later");
-    cancel.cancel();
-    task.await.expect("join").expect("consumer");
+    consumer.stop().await;
 }
 
 #[tokio::test]
@@ -429,8 +417,7 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
     let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
     let calls = Arc::new(AtomicUsize::new(0));
-    let (consumer_cancel, consumer) =
-        start_consumer(&setup, "republish", Recorder::new(calls.clone()));
+    let consumer = start_consumer(&setup, "republish", Recorder::new(calls.clone()));
     record(messages.clone()).await;
     assert_eq!(wait_for_effects(&setup.pool, 3).await.len(), 3);
     wait_for_empty_outbox(&setup.pool, Duration::from_secs(30)).await;
@@ -441,18 +428,13 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
     // Time for the consumer to receive and skip them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let effects = wait_for_effects(&setup.pool, 3).await;
-    assert_eq!(
-        effects.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c"],
-        "one effect each"
-    );
+    assert_eq!(orders(&effects), ["a", "b", "c"], "one effect each");
     assert_eq!(
         calls.load(Ordering::SeqCst),
         3,
         "the republished messages never reached the handler"
     );
-    consumer_cancel.cancel();
-    consumer.await.expect("join").expect("consumer");
+    consumer.stop().await;
     cancel.cancel();
     relay_task.await.expect("relay");
 }

@@ -156,6 +156,11 @@ pub fn complete(order_id: &str) -> Vec<u8> {
     })
 }
 
+/// The order ids of `effects`, in their order.
+pub fn orders(effects: &[(Uuid, String)]) -> Vec<&str> {
+    effects.iter().map(|e| e.1.as_str()).collect()
+}
+
 pub async fn wait_for_effects(pool: &PgPool, count: i64) -> Vec<(Uuid, String)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -196,14 +201,21 @@ pub async fn wait_for_empty(pool: &PgPool, table: &str, within: Duration) {
     }
 }
 
-pub fn start_consumer<H: Handler>(
-    setup: &Setup,
-    group: &str,
-    handler: H,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
+/// A consumer running in a task of its own.
+pub struct RunningConsumer {
+    pub cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningConsumer {
+    /// Cancels it (and whatever else shares its token), and waits until it has stopped.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.expect("join").expect("consumer");
+    }
+}
+
+pub fn start_consumer<H: Handler>(setup: &Setup, group: &str, handler: H) -> RunningConsumer {
     let cancel = CancellationToken::new();
     let consumer = Consumer::new(
         &setup.kafka,
@@ -213,5 +225,5 @@ pub fn start_consumer<H: Handler>(
         setup.outbox.clone(),
     );
     let task = tokio::spawn(consumer.run(handler, cancel.clone()));
-    (cancel, task)
+    RunningConsumer { cancel, task }
 }
