@@ -245,3 +245,32 @@ async fn the_inbox_forgets_after_its_retention_and_an_older_redelivery_has_no_se
     task.await.expect("join").expect("consumer");
     relay_task.await.expect("join");
 }
+
+/// Refuses every message with an error that quotes a NUL byte, as an error quoting a
+/// message's content may.
+struct RefusesQuotingNul;
+
+#[async_trait]
+impl Handler for RefusesQuotingNul {
+    async fn handle(&self, _: &mut sqlx::PgConnection, _: &Incoming) -> Result<(), HandlerError> {
+        Err(HandlerError::Permanent("refused: a\0b".into()))
+    }
+}
+
+#[tokio::test]
+async fn an_error_that_quotes_a_nul_byte_is_dead_lettered_all_the_same() {
+    let setup = setup("poison_nul").await;
+    let refused = Uuid::now_v7();
+    send_complete(&setup.kafka, refused, "a").await;
+    let consumer = start_consumer(&setup, "nul", RefusesQuotingNul);
+    let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
+    let relay_task = tokio::spawn(relay.run(consumer.cancel.clone()));
+    let dead = dead_letters(&setup).await;
+    let (count, error) = dead
+        .get(&refused.to_string())
+        .expect("the refused message dead-lettered");
+    assert_eq!(*count, 1);
+    assert_eq!(error, "refused: a\u{fffd}b");
+    consumer.stop().await;
+    relay_task.await.expect("join");
+}

@@ -51,7 +51,12 @@ impl Consumer {
             envelope,
             payload: message.payload.clone(),
             extra_headers: vec![
-                (dead_letter_headers::ERROR.to_owned(), error.to_owned()),
+                // The outbox keeps headers in jsonb, which holds no NUL character (an error may
+                // quote a message's bytes).
+                (
+                    dead_letter_headers::ERROR.to_owned(),
+                    error.replace('\0', "\u{fffd}"),
+                ),
                 (dead_letter_headers::TOPIC.to_owned(), message.topic.clone()),
                 (
                     dead_letter_headers::PARTITION.to_owned(),
