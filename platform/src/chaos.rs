@@ -13,9 +13,8 @@ use rand::Rng as _;
 use tokio::process::Child;
 
 use crate::infra;
-use crate::load::{self, LoadConfig, Mix, Report};
-use crate::ops;
 use crate::services::{self, Addresses, PlatformConfig};
+use loadgen::{LoadConfig, Mix, Report};
 
 #[derive(Clone, Debug)]
 pub struct ChaosConfig {
@@ -268,7 +267,7 @@ pub async fn run(
             fleet.start(service)?;
         }
         services::wait_ready(&gateway, Duration::from_secs(60)).await?;
-        load::restock(&inventory_url).await?;
+        loadgen::restock(&inventory_url).await?;
 
         let load_config = LoadConfig {
             gateway: gateway.clone(),
@@ -283,7 +282,7 @@ pub async fn run(
             jwt_secret: gateway::identity::DEV_JWT_SECRET.to_owned(),
         };
         let started = Instant::now();
-        let load = tokio::spawn(async move { load::run(&load_config).await });
+        let load = tokio::spawn(async move { loadgen::run(&load_config).await });
         let mut actions = Vec::new();
         let mut faults = plan(config.kills, config.restart_broker).into_iter();
         while !load.is_finished() {
@@ -346,8 +345,8 @@ pub async fn run(
 
         // Audit through the services' own APIs.
         let admin_url = format!("http://{}", platform.addresses.admin);
-        let mut targets = ops::audit::Targets {
-            admin: ops::admin_client(&admin_url, ops::DEV_ADMIN_TOKEN)
+        let mut targets = sagactl::audit::Targets {
+            admin: sagactl::admin_client(&admin_url, sagactl::DEV_ADMIN_TOKEN)
                 .await
                 .map_err(|f| anyhow::anyhow!("{f}"))?,
             admin_url,
@@ -356,7 +355,7 @@ pub async fn run(
             payment_url: format!("http://{}", platform.addresses.payment),
         };
         let mut violations = Vec::new();
-        let summary = ops::audit::run(&mut targets, Duration::from_secs(60), |v| {
+        let summary = sagactl::audit::run(&mut targets, Duration::from_secs(60), |v| {
             violations.push(v.to_string())
         })
         .await

@@ -1,14 +1,10 @@
-//! Whole-system tools: the local platform runner (PostgreSQL, the broker and the five
-//! services) and the helpers that integration tests share.
+//! The local runner: PostgreSQL, the broker and the five services on one machine (`up`,
+//! `infra`, `down`), the whole test suite against them (`test`), and fault injection under
+//! load (`chaos`).
 
 pub mod chaos;
-pub mod cpu;
 pub mod infra;
-pub mod load;
-pub mod ops;
 pub mod services;
-pub mod stages;
-pub mod testing;
 pub mod tools;
 
 use std::path::PathBuf;

@@ -69,7 +69,7 @@ struct ChaosArgs {
         long,
         default_value = "succeed=70,decline=10,out-of-stock=10,deadline=10"
     )]
-    mix: platform::load::Mix,
+    mix: loadgen::Mix,
     /// The platform's payment deadline during the run: above the longest outage the faults
     /// make (a Kafka broker restarting takes 10 to 20 s on a loaded 2-core machine, and the
     /// consumer groups form again after it), or orders caught in it fail by their deadline.
@@ -266,8 +266,8 @@ async fn run_tests(
     }
     test.args(["test", "--workspace"])
         .args(extra)
-        .env(platform::testing::DATABASE_ENV, &infra.database_url)
-        .env(platform::testing::KAFKA_ENV, &infra.kafka_brokers);
+        .env(test_support::DATABASE_ENV, &infra.database_url)
+        .env(test_support::KAFKA_ENV, &infra.kafka_brokers);
     Ok(match run_cargo(test, stop).await? {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -294,7 +294,7 @@ async fn drop_test_databases(server_url: &str) -> anyhow::Result<()> {
     let mut conn = sqlx::PgConnection::connect(server_url).await?;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
-            .bind(format!("{}%", platform::testing::TEST_DATABASE_PREFIX))
+            .bind(format!("{}%", test_support::TEST_DATABASE_PREFIX))
             .fetch_all(&mut conn)
             .await?;
     for name in names {

@@ -7,13 +7,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 /// Every service binary of the workspace, in start-up order.
-pub const SERVICES: [&str; 5] = [
-    "payment-svc",
-    "inventory-svc",
-    "order-svc",
-    "orchestrator",
-    "gateway",
-];
+pub const SERVICES: [&str; 5] = telemetry::services::NAMES;
 
 /// Addresses the services listen on.
 #[derive(Clone, Debug)]
@@ -91,7 +85,7 @@ pub struct PlatformConfig {
 impl PlatformConfig {
     /// The database URL of `service`.
     pub fn database_url(&self, database: &str) -> String {
-        crate::infra::with_database(
+        test_support::with_database(
             &self.database_server_url,
             &format!("{}{database}", self.database_prefix),
         )

@@ -25,7 +25,7 @@ pub struct Setup {
 }
 
 pub async fn setup(label: &str) -> Setup {
-    let url = platform::testing::fresh_database(label).await;
+    let url = test_support::fresh_database(label).await;
     let pool = runtime::database::connect(&url, 4, &[&messaging::MIGRATOR])
         .await
         .expect("migrate");
@@ -34,8 +34,8 @@ pub async fn setup(label: &str) -> Setup {
         .await
         .expect("effects table");
     let kafka = KafkaArgs {
-        brokers: platform::testing::kafka_brokers(),
-        topic_prefix: platform::testing::topic_prefix(),
+        brokers: test_support::kafka_brokers(),
+        topic_prefix: test_support::topic_prefix(),
         partitions: 1,
         fetch_wait_max_ms: 500,
         session_timeout_ms: 6000,

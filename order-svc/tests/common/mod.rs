@@ -129,9 +129,9 @@ impl TestApp {
         } else {
             unreachable_url().await
         };
-        let database_url = platform::testing::fresh_database("order_svc").await;
-        let brokers = platform::testing::kafka_brokers();
-        let prefix = platform::testing::topic_prefix();
+        let database_url = test_support::fresh_database("order_svc").await;
+        let brokers = test_support::kafka_brokers();
+        let prefix = test_support::topic_prefix();
         let config = Config::parse_from([
             "order-svc",
             "--database-url",

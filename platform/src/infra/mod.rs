@@ -192,23 +192,6 @@ pub fn register_runner(state_dir: &std::path::Path) -> std::io::Result<PidFile> 
     Ok(file)
 }
 
-/// `server_url` with its database replaced by `database`.
-pub fn with_database(server_url: &str, database: &str) -> String {
-    let (base, query) = match server_url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (server_url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
-}
-
 /// SIGTERM, then SIGKILL after `grace`.
 pub async fn terminate(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
@@ -218,25 +201,4 @@ pub async fn terminate(child: &mut Child, grace: Duration) {
         }
     }
     let _ = child.kill().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn replaces_only_the_database() {
-        assert_eq!(
-            with_database("postgres://postgres@localhost:5432/postgres", "orders"),
-            "postgres://postgres@localhost:5432/orders"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@db:5432?sslmode=disable", "orders"),
-            "postgres://u:p@db:5432/orders?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgres://u@h/x?sslmode=disable", "y"),
-            "postgres://u@h/y?sslmode=disable"
-        );
-    }
 }

@@ -6,7 +6,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use platform::testing::TestPlatform;
+use e2e::TestPlatform;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 

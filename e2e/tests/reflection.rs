@@ -3,7 +3,8 @@
 //! clients that know only v1alpha (Python's grpcio-reflection, grpcurl before 1.9, Postman)
 //! can browse them too.
 
-use platform::testing::{reflected_services, TestPlatform};
+use e2e::TestPlatform;
+use test_support::reflected_services;
 
 #[tokio::test]
 async fn the_orchestrators_servers_answer_reflection_in_v1_and_v1alpha() {

@@ -1,24 +1,11 @@
-//! Shared by the integration tests of every crate: the real PostgreSQL and broker, with each
-//! test isolated in its own database and its own topic prefix.
-//!
-//! Tests never skip: when PostgreSQL or the broker cannot be reached they fail with a message
-//! saying how to start them.
+//! The whole platform for end-to-end tests: the five real service binaries started as
+//! processes, with databases and topics of their own on the test PostgreSQL and broker
+//! (see `test-support`), and the calls the tests make through its APIs.
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::ClientConfig;
-use sqlx::Connection as _;
-
-/// Server URL (any database) for the test databases; `cargo run -p platform -- test` sets it.
-pub const DATABASE_ENV: &str = "TEST_DATABASE_URL";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";
-/// Bootstrap brokers for tests.
-pub const KAFKA_ENV: &str = "TEST_KAFKA_BROKERS";
-pub const DEFAULT_KAFKA_BROKERS: &str = "localhost:9092";
-
-const HOW_TO_START: &str = "run the tests with `cargo run -p platform -- test`, which starts \
-PostgreSQL and the broker, or start them with `cargo run -p platform -- infra` and keep it running";
+use platform::services::{self, Addresses, PlatformConfig};
+use test_support::{kafka_brokers, unique_suffix, TEST_DATABASE_PREFIX};
 
 /// The orchestrator's setting of its admin token.
 const ADMIN_TOKEN_ENV: &str = "ADMIN_TOKEN";
@@ -27,63 +14,7 @@ const JWT_SECRET_ENV: &str = "JWT_SECRET";
 /// The customer `TestPlatform::http` acts as.
 pub const TEST_CUSTOMER: &str = "test-customer";
 
-/// Prefix of every database made by tests, so a test run can drop those of earlier runs.
-pub const TEST_DATABASE_PREFIX: &str = "test_";
-
-fn server_url() -> String {
-    std::env::var(DATABASE_ENV).unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
-}
-
-/// The URL of database `name` on the test server.
-pub fn database_url(name: &str) -> String {
-    crate::infra::with_database(&server_url(), name)
-}
-
-/// A short random id for names of databases and topics.
-pub fn unique_suffix() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
-}
-
-/// Creates a fresh, empty database for one test and returns its URL. Panics with directions
-/// when PostgreSQL is not reachable.
-pub async fn fresh_database(label: &str) -> String {
-    let name = format!(
-        "{TEST_DATABASE_PREFIX}{}_{}",
-        label.replace('-', "_"),
-        unique_suffix()
-    );
-    let server = server_url();
-    let mut conn = match sqlx::PgConnection::connect(&server).await {
-        Ok(c) => c,
-        Err(e) => panic!("PostgreSQL is not reachable at {server} ({DATABASE_ENV}): {e}.\nTo fix: {HOW_TO_START}."),
-    };
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
-    database_url(&name)
-}
-
-/// The broker's address, after checking that it answers. Panics with directions otherwise.
-pub fn kafka_brokers() -> String {
-    let brokers = std::env::var(KAFKA_ENV).unwrap_or_else(|_| DEFAULT_KAFKA_BROKERS.to_owned());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("log_level", "0")
-        .create()
-        .unwrap_or_else(|e| panic!("Kafka client for {brokers}: {e}"));
-    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
-        panic!("The Kafka broker is not reachable at {brokers} ({KAFKA_ENV}): {e}.\nTo fix: {HOW_TO_START}.");
-    }
-    brokers
-}
-
-/// A topic prefix of its own for one test, e.g. `t3f9a0c1b2d.`.
-pub fn topic_prefix() -> String {
-    format!("t{}.", unique_suffix())
-}
-
-fn jwt_secret(config: &crate::services::PlatformConfig) -> String {
+fn jwt_secret(config: &PlatformConfig) -> String {
     config
         .extra_env
         .iter()
@@ -92,7 +23,7 @@ fn jwt_secret(config: &crate::services::PlatformConfig) -> String {
         .unwrap_or_else(|| gateway::identity::DEV_JWT_SECRET.to_owned())
 }
 
-fn customer_token(config: &crate::services::PlatformConfig, customer: &str) -> String {
+fn customer_token(config: &PlatformConfig, customer: &str) -> String {
     gateway::identity::hs256_token(
         &jwt_secret(config),
         gateway::identity::DEFAULT_ISSUER,
@@ -106,7 +37,7 @@ fn customer_token(config: &crate::services::PlatformConfig, customer: &str) -> S
 /// The five real service binaries started as processes for one test, on free ports, with
 /// databases and topics of their own. Killed when dropped.
 pub struct TestPlatform {
-    pub config: crate::services::PlatformConfig,
+    pub config: PlatformConfig,
     pub gateway: String,
     pub http: reqwest::Client,
     pub log_dir: std::path::PathBuf,
@@ -123,17 +54,14 @@ impl TestPlatform {
     /// Like [`TestPlatform::start`], on the given brokers (a broker of the test's own, which it
     /// may stop and start).
     pub async fn start_with_brokers(brokers: &str, extra_env: &[(&str, &str)]) -> TestPlatform {
-        let server = server_url();
-        if let Err(e) = sqlx::PgConnection::connect(&server).await {
-            panic!("PostgreSQL is not reachable at {server} ({DATABASE_ENV}): {e}.\nTo fix: {HOW_TO_START}.");
-        }
+        let server = test_support::database_server().await;
         let suffix = unique_suffix();
-        let config = crate::services::PlatformConfig {
+        let config = PlatformConfig {
             database_server_url: server,
             database_prefix: format!("{TEST_DATABASE_PREFIX}{suffix}_"),
             kafka_brokers: brokers.to_owned(),
             topic_prefix: format!("t{suffix}."),
-            addresses: crate::services::Addresses::free().expect("free ports"),
+            addresses: Addresses::free().expect("free ports"),
             extra_env: extra_env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -149,18 +77,18 @@ impl TestPlatform {
                 ])
                 .collect(),
         };
-        let bin_dir = crate::services::binary_dir();
+        let bin_dir = services::binary_dir();
         // Tests of old binaries would pass or fail for code that is no longer there.
-        if let Err(e) = crate::services::check_fresh(&bin_dir) {
+        if let Err(e) = services::check_fresh(&bin_dir) {
             panic!("{e:#}");
         }
         let log_dir = bin_dir.join("test-logs").join(&suffix);
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let mut children = Vec::new();
-        for service in crate::services::SERVICES {
+        for service in services::SERVICES {
             let log =
                 std::fs::File::create(log_dir.join(format!("{service}.log"))).expect("log file");
-            let child = crate::services::spawn(
+            let child = services::spawn(
                 &bin_dir,
                 service,
                 &config.env(service),
@@ -238,7 +166,7 @@ impl TestPlatform {
             .iter()
             .find(|(k, _)| k == ADMIN_TOKEN_ENV)
             .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| crate::ops::DEV_ADMIN_TOKEN.to_owned())
+            .unwrap_or_else(|| sagactl::DEV_ADMIN_TOKEN.to_owned())
     }
 
     /// A token of this platform's gateway for `customer`, valid for an hour.
@@ -479,7 +407,7 @@ impl TestPlatform {
     /// shows its final status.
     pub async fn wait_for_saga_end(&self, order_id: &str) {
         use proto::saga::v1::{GetSagaRequest, SagaState};
-        let mut admin = crate::ops::admin_client(&self.admin_url(), &self.admin_token())
+        let mut admin = sagactl::admin_client(&self.admin_url(), &self.admin_token())
             .await
             .unwrap_or_else(|e| panic!("the orchestrator's admin API: {e}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -518,8 +446,8 @@ impl TestPlatform {
         }
         let log = std::fs::File::create(self.log_dir.join(format!("{service}-replica-{n}.log")))
             .expect("log file");
-        let child = crate::services::spawn(
-            &crate::services::binary_dir(),
+        let child = services::spawn(
+            &services::binary_dir(),
             service,
             &env,
             std::process::Stdio::from(log.try_clone().expect("log file")),
@@ -544,85 +472,5 @@ impl TestPlatform {
         for (_, child) in self.children.iter_mut() {
             let _ = child.kill().await;
         }
-    }
-}
-
-/// The services a gRPC server at `url` lists through server reflection in protocol version
-/// `v1`, and in `v1alpha` (which Python's grpcio-reflection, Postman, grpcui and grpcurl before
-/// 1.9 speak): each list, or the status the server answered with.
-pub async fn reflected_services(
-    url: &str,
-) -> (
-    Result<Vec<String>, tonic::Status>,
-    Result<Vec<String>, tonic::Status>,
-) {
-    let channel = tonic::transport::Channel::from_shared(url.to_owned())
-        .expect("gRPC URL")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-    (
-        reflected_services_v1(channel.clone()).await,
-        reflected_services_v1alpha(channel).await,
-    )
-}
-
-async fn reflected_services_v1(
-    channel: tonic::transport::Channel,
-) -> Result<Vec<String>, tonic::Status> {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await?
-        .into_inner();
-    let response = responses
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::unknown("no reflection answer"))?;
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            Ok(list.service.into_iter().map(|s| s.name).collect())
-        }
-        other => Err(tonic::Status::unknown(format!(
-            "unexpected reflection answer {other:?}"
-        ))),
-    }
-}
-
-async fn reflected_services_v1alpha(
-    channel: tonic::transport::Channel,
-) -> Result<Vec<String>, tonic::Status> {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await?
-        .into_inner();
-    let response = responses
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::unknown("no reflection answer"))?;
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            Ok(list.service.into_iter().map(|s| s.name).collect())
-        }
-        other => Err(tonic::Status::unknown(format!(
-            "unexpected reflection answer {other:?}"
-        ))),
     }
 }

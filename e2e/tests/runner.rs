@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use platform::infra::{self, kafka, process, PidFile};
 use platform::services::{binary_dir, free_port};
-use platform::testing::unique_suffix;
+use test_support::unique_suffix;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;

@@ -1,7 +1,7 @@
 //! Checks of `deploy/` that need neither a Docker engine nor a cluster: the Compose file and the
 //! Kubernetes manifests against their schemas, the Dockerfile with hadolint, and all of them
 //! against the code: every environment variable they set is one the service reads (its
-//! `src/config.rs`, the shared Kafka settings, the telemetry crate), every port and health path
+//! `Config`, as clap reports it, the shared Kafka settings included, or the telemetry crate), every port and health path
 //! is the service's (the Prometheus `/metrics` listener of the telemetry crate included), and
 //! the Dockerfile builds exactly the workspace's service binaries.
 //!
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use clap::CommandFactory as _;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
@@ -65,7 +66,7 @@ const OTEL_STANDARD: &[&str] = &[
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the platform crate is inside the workspace")
+        .expect("the e2e crate is inside the workspace")
         .to_path_buf()
 }
 
@@ -94,60 +95,6 @@ fn rust_sources(dir: &str) -> Vec<(PathBuf, String)> {
     out
 }
 
-/// Where an attribute or bracketed group that starts at `text[0]` (`#[` or `(`) ends.
-fn group_end(text: &str) -> usize {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (i, c) in text.char_indices() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_string = true,
-            '[' | '(' => depth += 1,
-            ']' | ')' => {
-                depth -= 1;
-                if depth == 0 {
-                    return i + 1;
-                }
-            }
-            _ => {}
-        }
-    }
-    panic!("unclosed attribute: {}", &text[..text.len().min(200)]);
-}
-
-/// The value given to `key` in an attribute body (`key = "value"` or `key = token`).
-fn attribute_value(body: &str, key: &str) -> Option<String> {
-    let mut from = 0;
-    while let Some(found) = body[from..].find(key) {
-        let start = from + found;
-        from = start + key.len();
-        let before = body[..start].chars().next_back();
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-            continue;
-        }
-        let rest = body[from..].trim_start();
-        let Some(rest) = rest.strip_prefix('=') else {
-            continue;
-        };
-        let rest = rest.trim_start();
-        if let Some(quoted) = rest.strip_prefix('"') {
-            return quoted.find('"').map(|end| quoted[..end].to_owned());
-        }
-        let end = rest.find([',', ')', '\n']).unwrap_or(rest.len());
-        return Some(rest[..end].trim().to_owned());
-    }
-    None
-}
-
 /// A setting read from the environment.
 #[derive(Clone, Debug, PartialEq)]
 struct Setting {
@@ -156,23 +103,33 @@ struct Setting {
     secret: bool,
 }
 
-/// Every `#[arg(...)]` with an `env = "NAME"` in `source`, by NAME.
-fn clap_settings(source: &str) -> BTreeMap<String, Setting> {
-    let mut settings = BTreeMap::new();
-    let mut rest = source;
-    while let Some(start) = rest.find("#[arg(") {
-        let attribute = &rest[start..];
-        let end = group_end(attribute);
-        let body = &attribute[..end];
-        if let Some(env) = attribute_value(body, "env") {
-            let default = attribute_value(body, "default_value")
-                .or_else(|| attribute_value(body, "default_value_t"));
-            let secret = attribute_value(body, "hide_env_values").as_deref() == Some("true");
-            settings.insert(env, Setting { default, secret });
-        }
-        rest = &attribute[end..];
+/// Every argument of `command` that an environment variable sets, by the variable's name:
+/// clap's own account of the settings, defaults and hidden values included.
+fn clap_settings(command: &clap::Command) -> BTreeMap<String, Setting> {
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_str()?.to_owned();
+            let default = arg
+                .get_default_values()
+                .first()
+                .map(|value| value.to_string_lossy().into_owned());
+            let secret = arg.is_hide_env_values_set();
+            Some((env, Setting { default, secret }))
+        })
+        .collect()
+}
+
+/// The command line `service`'s binary parses: its library's `Config`.
+fn command_of(service: &str) -> clap::Command {
+    match service {
+        "gateway" => gateway::Config::command(),
+        "order-svc" => order_svc::Config::command(),
+        "inventory-svc" => inventory_svc::Config::command(),
+        "payment-svc" => payment_svc::Config::command(),
+        "orchestrator" => orchestrator::Config::command(),
+        other => panic!("{other}: no configuration known; add its `Config` to command_of"),
     }
-    settings
 }
 
 /// The variables the telemetry crate reads: by name, and `RUST_LOG` through
@@ -180,7 +137,6 @@ fn clap_settings(source: &str) -> BTreeMap<String, Setting> {
 fn telemetry_variables() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for (_, source) in rust_sources("telemetry/src") {
-        names.extend(clap_settings(&source).into_keys());
         for call in ["env::var(\"", "env::var_os(\""] {
             for (at, _) in source.match_indices(call) {
                 let rest = &source[at + call.len()..];
@@ -198,39 +154,6 @@ fn telemetry_variables() -> BTreeSet<String> {
 
 /// The variable the telemetry crate's Prometheus exporter listens on (`/metrics`).
 const METRICS_ADDR: &str = "METRICS_ADDR";
-
-/// The default `/metrics` port of each service, by the name given to `telemetry::init`: the
-/// `"name" => port` arms of `fn default_addr` in `source` (the telemetry crate's exporter).
-/// A catch-all arm (`_ => 0`, any free port) names no service and is left out.
-fn metrics_default_ports(source: &str) -> BTreeMap<String, u16> {
-    let Some(start) = source.find("fn default_addr(") else {
-        return BTreeMap::new();
-    };
-    // The function's body: from its first brace to the one that closes it.
-    let body = &source[start..];
-    let body = &body[body.find('{').expect("the function's body")..];
-    let mut depth = 0usize;
-    let end = body
-        .char_indices()
-        .find(|&(_, c)| {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                _ => {}
-            }
-            depth == 0
-        })
-        .map_or(body.len(), |(i, _)| i);
-    body[..end]
-        .lines()
-        .filter_map(|line| {
-            let (name, port) = line.trim().split_once("=>")?;
-            let name = name.trim().strip_prefix('"')?.strip_suffix('"')?;
-            let port = port.trim().trim_end_matches(',').trim().parse().ok()?;
-            Some((name.to_owned(), port))
-        })
-        .collect()
-}
 
 /// The name `service`'s `main` gives `telemetry::init`: a string literal, or the `SERVICE`
 /// constant of its library crate.
@@ -260,8 +183,8 @@ fn telemetry_service_name(service: &str, main: &str) -> String {
 /// What a deployed service reads from its environment.
 #[derive(Debug)]
 struct ServiceSettings {
-    /// Its own `env = "..."` settings, the shared Kafka ones when its config flattens
-    /// `KafkaArgs`, with their defaults.
+    /// Its `Config`'s settings (the shared Kafka ones included, which it flattens), with
+    /// their defaults.
     clap: BTreeMap<String, Setting>,
     /// Read by the telemetry crate that its `main` initialises.
     telemetry: BTreeSet<String>,
@@ -272,14 +195,11 @@ struct ServiceSettings {
 
 impl ServiceSettings {
     fn of(service: &str) -> ServiceSettings {
-        let config = read(&format!("{service}/src/config.rs"));
-        let mut clap = clap_settings(&config);
-        if config.contains("KafkaArgs") {
-            clap.extend(clap_settings(&read("messaging/src/kafka.rs")));
-        }
+        let clap = clap_settings(&command_of(service));
         assert!(
             !clap.is_empty(),
-            "{service}/src/config.rs has no `env = \"...\"` settings: has its configuration moved?"
+            "{service}'s Config has no argument set by an environment variable: has its \
+             configuration moved?"
         );
         let main = read(&format!("{service}/src/main.rs"));
         let telemetry = if main.contains("telemetry::") {
@@ -289,13 +209,15 @@ impl ServiceSettings {
         };
         let metrics_port = telemetry.contains(METRICS_ADDR).then(|| {
             let name = telemetry_service_name(service, &main);
-            let ports = metrics_default_ports(&read("telemetry/src/prometheus.rs"));
-            let port = *ports.get(&name).unwrap_or_else(|| {
-                panic!(
-                    "{service}: telemetry::init({name:?}), which has no default port in \
-                     telemetry/src/prometheus.rs's default_addr: {ports:?}"
-                )
-            });
+            let port = telemetry::services::named(&name)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{service}: telemetry::init({name:?}), which has no default port in \
+                         telemetry::services::SERVICES: {:?}",
+                        telemetry::services::SERVICES
+                    )
+                })
+                .metrics_port;
             assert_ne!(port, 0, "{service}: a fixed metrics port, not any free one");
             port
         });
@@ -1550,7 +1472,9 @@ fn readmes_say_how_to_run_with_docker_and_on_kubernetes() {
 
 #[test]
 fn the_parsers_of_this_file_read_the_code_as_written() {
-    let source = r#"
+    #[derive(clap::Parser)]
+    #[allow(dead_code)]
+    struct Sample {
         #[arg(long, env = "A_ADDR", default_value = "127.0.0.1:1")]
         a: String,
         #[arg(long = "b", env = "B_MS", default_value_t = 5,
@@ -1560,13 +1484,13 @@ fn the_parsers_of_this_file_read_the_code_as_written() {
         c: Option<String>,
         #[arg(long, default_value = "no env")]
         d: String,
-    "#;
+    }
     let setting = |default: Option<&str>, secret| Setting {
         default: default.map(str::to_owned),
         secret,
     };
     assert_eq!(
-        clap_settings(source),
+        clap_settings(&Sample::command()),
         BTreeMap::from([
             ("A_ADDR".to_owned(), setting(Some("127.0.0.1:1"), false)),
             ("B_MS".to_owned(), setting(Some("5"), false)),
@@ -1585,30 +1509,11 @@ fn the_parsers_of_this_file_read_the_code_as_written() {
     assert_eq!(database_name("postgres://u:p@db:5432/orders?x=y"), "orders");
     assert_eq!(port_of("0.0.0.0:50051"), 50051);
 
-    let exporter = r#"
-        fn default_addr(service: &str) -> SocketAddr {
-            let port = match service {
-                "gateway" => 9100,
-                "order-svc" => 9101,
-                _ => 0,
-            };
-            SocketAddr::from(([127, 0, 0, 1], port))
-        }
-
-        fn other(y: &str) -> u16 {
-            match y {
-                "not-a-service" => 1,
-                _ => 2,
-            }
-        }
-    "#;
     assert_eq!(
-        metrics_default_ports(exporter),
-        BTreeMap::from([("gateway".to_owned(), 9100), ("order-svc".to_owned(), 9101)])
-    );
-    assert_eq!(
-        metrics_default_ports(&read("telemetry/src/prometheus.rs")).len(),
-        deployed_services().len(),
+        telemetry::services::NAMES
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        deployed_services().into_iter().collect::<BTreeSet<_>>(),
         "a default /metrics port for each deployed service"
     );
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use platform::load::{self, LoadConfig, Mix};
+use loadgen::{LoadConfig, Mix};
 
 #[derive(Parser)]
 #[command(
@@ -68,7 +68,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     if !args.no_restock {
-        if let Err(e) = load::restock(&args.inventory_url).await {
+        if let Err(e) = loadgen::restock(&args.inventory_url).await {
             eprintln!("loadgen: {e:#} (use --no-restock to skip)");
             return ExitCode::from(2);
         }
@@ -85,7 +85,7 @@ async fn main() -> ExitCode {
         jwt_secret: args.jwt_secret,
     };
     let cpu_before = if args.cpu {
-        match platform::cpu::Sample::take() {
+        match loadgen::cpu::Sample::take() {
             Some(sample) => Some(sample),
             None => {
                 eprintln!("loadgen: --cpu needs /proc (Linux)");
@@ -97,7 +97,7 @@ async fn main() -> ExitCode {
     };
     let http = reqwest::Client::new();
     let stages_before = if args.stages {
-        match platform::stages::Sample::take(&http).await {
+        match loadgen::stages::Sample::take(&http).await {
             Ok(sample) => Some(sample),
             Err(e) => {
                 eprintln!("loadgen: --stages: {e:#}");
@@ -107,18 +107,18 @@ async fn main() -> ExitCode {
     } else {
         None
     };
-    let mut report = match load::run(&config).await {
+    let mut report = match loadgen::run(&config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadgen: {e:#}");
             return ExitCode::from(2);
         }
     };
-    if let (Some(before), Some(after)) = (cpu_before, platform::cpu::Sample::take()) {
+    if let (Some(before), Some(after)) = (cpu_before, loadgen::cpu::Sample::take()) {
         report.cpu_ms_per_saga = Some(before.per_saga(&after, report.finished));
     }
     if let Some(before) = stages_before {
-        match platform::stages::Sample::take(&http).await {
+        match loadgen::stages::Sample::take(&http).await {
             Ok(after) => report.crossing = Some(before.crossing(&after)),
             Err(e) => eprintln!("loadgen: --stages: {e:#}"),
         }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use proto::saga::v1 as pb;
 use serde_json::{json, Value};
 
-use super::{now_ms, short_duration, time};
+use crate::{now_ms, short_duration, time};
 
 /// A state's name as operators know it, e.g. `AWAITING_VERIFICATION`.
 pub fn state_name(state: pb::SagaState) -> &'static str {

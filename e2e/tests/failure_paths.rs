@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use e2e::TestPlatform;
 use futures::future::join_all;
-use platform::testing::TestPlatform;
 use proto::inventory::v1::{ReservationStatus, WriteOffStockRequest};
 use proto::payment::v1::PaymentStatus;
 use serde_json::{json, Value};

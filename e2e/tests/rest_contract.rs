@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use platform::testing::{TestPlatform, TEST_CUSTOMER};
+use e2e::{TestPlatform, TEST_CUSTOMER};
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const REQUIREMENTS: &str = "platform/test-tools/requirements.txt";
+const REQUIREMENTS: &str = "e2e/test-tools/requirements.txt";
 /// Schemathesis' settings, shared with runs by hand.
-const CONFIG: &str = "platform/test-tools/schemathesis.toml";
+const CONFIG: &str = "e2e/test-tools/schemathesis.toml";
 
 /// Schemathesis' command, after checking that it runs; fails (never skips) when it does not.
 fn schemathesis() -> &'static str {

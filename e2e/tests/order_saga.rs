@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use platform::testing::TestPlatform;
+use e2e::TestPlatform;
 use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use proto::inventory::v1::GetStockRequest;
 use proto::payment::v1::payment_service_client::PaymentServiceClient;

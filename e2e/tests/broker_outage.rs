@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use e2e::TestPlatform;
 use futures::future::join_all;
 use platform::infra;
-use platform::testing::{unique_suffix, TestPlatform};
+use test_support::unique_suffix;
 
 #[tokio::test]
 async fn sagas_in_flight_finish_after_the_broker_was_killed_and_restarted() {

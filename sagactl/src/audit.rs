@@ -22,8 +22,8 @@ use serde::Serialize;
 use tonic::Streaming;
 use uuid::Uuid;
 
-use super::render::{money, state_name};
-use super::{now_ms, short_duration, time, AdminClient, Failure};
+use crate::render::{money, state_name};
+use crate::{now_ms, short_duration, time, AdminClient, Failure};
 
 /// Where the audit asks.
 pub struct Targets {
@@ -435,9 +435,9 @@ pub async fn run(
         found(&v);
     };
 
-    let order_channel = super::connect("order-svc", &targets.order_url).await?;
-    let payment_channel = super::connect("payment-svc", &targets.payment_url).await?;
-    let inventory_channel = super::connect("inventory-svc", &targets.inventory_url).await?;
+    let order_channel = crate::connect("order-svc", &targets.order_url).await?;
+    let payment_channel = crate::connect("payment-svc", &targets.payment_url).await?;
+    let inventory_channel = crate::connect("inventory-svc", &targets.inventory_url).await?;
     let mut orders_client = order::order_service_client::OrderServiceClient::new(order_channel)
         .max_decoding_message_size(16 << 20);
     let mut payments_client =

@@ -26,7 +26,7 @@ async fn no_order_is_lost_or_left_half_done_when_processes_are_killed_under_load
         pause: Duration::from_secs(3)..Duration::from_secs(6),
         work_dir: bin_dir
             .join("test-chaos")
-            .join(platform::testing::unique_suffix()),
+            .join(test_support::unique_suffix()),
         progress: false,
     };
     let report = chaos::run(&config, &bin_dir, std::future::pending())

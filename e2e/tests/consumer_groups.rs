@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::TestPlatform;
 use futures::future::join_all;
 use platform::infra::kafka;
-use platform::testing::TestPlatform;
 
 /// The members of `group` and how many partitions each holds, as
 /// `kafka-consumer-groups.sh --describe --members` prints them.

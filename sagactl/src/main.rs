@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use platform::ops::{self, audit, render, Failure};
 use proto::saga::v1 as pb;
+use sagactl::{audit, render, AdminClient, Failure, DEV_ADMIN_TOKEN};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +36,7 @@ struct Targets {
     )]
     admin_url: String,
     /// The orchestrator's ADMIN_TOKEN.
-    #[arg(long, env = "SAGA_ADMIN_TOKEN", default_value = ops::DEV_ADMIN_TOKEN,
+    #[arg(long, env = "SAGA_ADMIN_TOKEN", default_value = DEV_ADMIN_TOKEN,
           hide_default_value = true, hide_env_values = true, global = true)]
     admin_token: String,
     /// order-svc's gRPC API (for the audit).
@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let admin_status = |status: tonic::Status| {
         Failure::from_status("the orchestrator's admin API", &targets.admin_url, &status)
     };
-    let mut admin = ops::admin_client(&targets.admin_url, &targets.admin_token).await?;
+    let mut admin = sagactl::admin_client(&targets.admin_url, &targets.admin_token).await?;
     match cli.command {
         Command::List(args) => {
             let sagas = list(&mut admin, &args, &admin_status).await?;
@@ -295,7 +295,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
 
 /// Pages through ListSagas until `--limit` sagas or the last page.
 async fn list(
-    admin: &mut ops::AdminClient,
+    admin: &mut AdminClient,
     args: &ListArgs,
     status: &impl Fn(tonic::Status) -> Failure,
 ) -> Result<Vec<pb::Saga>, Failure> {
