@@ -212,6 +212,25 @@ impl TestPlatform {
         )
     }
 
+    /// `POST /orders` with an `Idempotency-Key`, as a client retrying its request does;
+    /// returns the status and the JSON body (panics on a body that is not JSON).
+    pub async fn post_order_with_key(
+        &self,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}/orders", self.gateway))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("POST /orders");
+        let status = response.status();
+        (status, response.json().await.expect("json"))
+    }
+
     pub async fn get(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
         let response = self
             .http

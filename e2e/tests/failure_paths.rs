@@ -330,20 +330,7 @@ async fn the_same_order_placed_at_once_with_one_idempotency_key_is_placed_once()
         "items": [{"sku": "SKU-KEYBOARD", "quantity": 1}],
         "payment_method": "pm_card_visa"
     });
-    let post = || async {
-        let response = platform
-            .http
-            .post(format!("{}/orders", platform.gateway))
-            .header("Idempotency-Key", "double-click-1")
-            .json(&body)
-            .send()
-            .await
-            .expect("POST /orders");
-        (
-            response.status(),
-            response.json::<Value>().await.expect("json"),
-        )
-    };
+    let post = || platform.post_order_with_key("double-click-1", &body);
     let answers = join_all((0..6).map(|_| post())).await;
     let ids: std::collections::HashSet<_> = answers
         .iter()

@@ -132,18 +132,7 @@ async fn a_retried_post_with_the_same_idempotency_key_returns_the_same_order() {
         "items": [{"sku": "SKU-KEYBOARD", "quantity": 1}],
         "payment_method": "pm_card_visa"
     });
-    let post = || async {
-        let response = platform
-            .http
-            .post(format!("{}/orders", platform.gateway))
-            .header("Idempotency-Key", "retry-me-1")
-            .json(&body)
-            .send()
-            .await
-            .expect("POST /orders");
-        let status = response.status();
-        (status, response.json::<Value>().await.expect("json"))
-    };
+    let post = || platform.post_order_with_key("retry-me-1", &body);
     let (first_status, first) = post().await;
     let (second_status, second) = post().await;
     assert_eq!(first_status, 201, "{first}");

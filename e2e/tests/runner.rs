@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use platform::infra::{self, kafka, process, PidFile};
 use platform::services::{binary_dir, free_port};
 use test_support::unique_suffix;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -56,28 +55,10 @@ impl Setup {
             .spawn()
             .expect("spawn platform infra");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("runner | {line}");
-                    let _ = tx.send(line);
-                }
-            });
-        }
+        process::forward_lines(&mut child, move |line| {
+            eprintln!("runner | {line}");
+            let _ = tx.send(line);
+        });
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {

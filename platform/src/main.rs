@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use platform::infra::{self, Infra};
 use platform::services::{self, Addresses, PlatformConfig};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 #[derive(Parser)]
 #[command(
@@ -433,26 +432,9 @@ async fn run_services(
             if let Some(pid) = child.id() {
                 service_pid_file(run_dir, service).write(pid)?;
             }
-            for stream in [
-                child
-                    .stdout
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                child
-                    .stderr
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                tokio::spawn(async move {
-                    let mut lines = BufReader::new(stream).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        println!("{service:>13} | {line}");
-                    }
-                });
-            }
+            infra::process::forward_lines(&mut child, move |line| {
+                println!("{service:>13} | {line}");
+            });
             children.push((service, child));
         }
         services::wait_ready(&format!("http://{http_addr}"), Duration::from_secs(120)).await
@@ -468,6 +450,11 @@ async fn run_services(
             }
             Err(e) => {
                 eprintln!("platform: {e:#}; stopping the platform");
+                for (service, child) in children.iter_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        eprintln!("platform: {service} exited while starting ({status})");
+                    }
+                }
                 ExitCode::FAILURE
             }
         },

@@ -289,22 +289,25 @@ pub fn free_port() -> std::io::Result<SocketAddr> {
 }
 
 /// Waits until the gateway at `gateway` (e.g. `http://127.0.0.1:3000`) answers `/readyz`,
-/// which it does once every service behind it answers its health check.
+/// which it does once every service behind it answers its health check. Past `timeout`, the
+/// error says what the gateway last answered (each service's state), or why it did not.
 pub async fn wait_ready(gateway: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
     while std::time::Instant::now() < deadline {
-        if http
-            .get(format!("{gateway}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
+        match http.get(format!("{gateway}/readyz")).send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => {
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                last = format!("the gateway's /readyz answered {status}: {body}");
+            }
+            Err(e) => last = format!("the gateway at {gateway} does not answer: {e}"),
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    anyhow::bail!("the services did not become ready within {timeout:?}")
+    anyhow::bail!("the services did not become ready within {timeout:?}; {last}")
 }
 
 #[cfg(test)]

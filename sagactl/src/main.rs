@@ -214,11 +214,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await
                 .map_err(admin_status)?
                 .into_inner();
-            if json {
-                println!("{}", pretty(&render::detail_json(&detail)));
-            } else {
-                print!("{}", render::saga_detail(&detail));
-            }
+            print_detail(&detail, json, None);
         }
         Command::Retry {
             saga_id,
@@ -234,11 +230,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await
                 .map_err(admin_status)?
                 .into_inner();
-            if json {
-                println!("{}", pretty(&render::detail_json(&detail)));
-            } else {
-                print!("{}", render::operated("step sent again", &detail));
-            }
+            print_detail(&detail, json, Some("step sent again"));
         }
         Command::Abort {
             saga_id,
@@ -254,11 +246,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await
                 .map_err(admin_status)?
                 .into_inner();
-            if json {
-                println!("{}", pretty(&render::detail_json(&detail)));
-            } else {
-                print!("{}", render::operated("aborted", &detail));
-            }
+            print_detail(&detail, json, Some("aborted"));
         }
         Command::Token(args) => return token(&args),
         Command::Audit { stuck_after, json } => {
@@ -325,6 +313,18 @@ async fn list(
         page_token = page.next_page_token;
     }
     Ok(sagas)
+}
+
+/// A saga as `show`, `retry` and `abort` print it: JSON, or readable lines headed by what was
+/// `done` to it, if anything.
+fn print_detail(detail: &pb::SagaDetail, json: bool, done: Option<&str>) {
+    if json {
+        println!("{}", pretty(&render::detail_json(detail)));
+    } else if let Some(done) = done {
+        print!("{}", render::operated(done, detail));
+    } else {
+        print!("{}", render::saga_detail(detail));
+    }
 }
 
 fn pretty(value: &serde_json::Value) -> String {

@@ -4,6 +4,28 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Hands each line the child writes to its piped stdout and stderr to `each`, as it comes,
+/// until the child closes them.
+pub fn forward_lines(
+    child: &mut tokio::process::Child,
+    each: impl Fn(String) + Clone + Send + 'static,
+) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+    let streams: [Option<Box<dyn AsyncRead + Unpin + Send>>; 2] = [
+        child.stdout.take().map(|s| Box::new(s) as _),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let each = each.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                each(line);
+            }
+        });
+    }
+}
+
 /// Whether `pid` is a live process (a zombie, dead but not yet reaped, is not).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
