@@ -1,38 +1,16 @@
-//! The platform's consistency audit, through the services' own APIs:
-//!
-//! - every `COMPLETED` order has one succeeded payment of exactly its total, and a committed
-//!   reservation of exactly its lines;
-//! - every `FAILED` order has no money kept (its payment, if any, declined, voided or refunded)
-//!   and no stock held (its reservation, if any, released);
-//! - no saga is stuck past its deadline;
-//! - stock is conserved per SKU: `received = available + reserved + committed + written_off`.
-//!
-//! Orders, payments and reservations are streamed by each service in order id order and
-//! matched as they come (a merge join), so the audit holds a few pages in memory whatever the
-//! number of orders. Orders still in flight are not judged: their saga is, by the stuck check.
+//! The audit's rules, without I/O: what an order in a final status, one SKU's stock and a stuck
+//! saga must be found to be, and how a broken rule is told.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use proto::inventory::v1 as inventory;
 use proto::order::v1 as order;
 use proto::payment::v1 as payment;
 use proto::saga::v1 as saga;
 use serde::Serialize;
-use tonic::Streaming;
-use uuid::Uuid;
 
 use crate::render::{money, state_name};
-use crate::{now_ms, short_duration, time, AdminClient, Failure};
-
-/// Where the audit asks.
-pub struct Targets {
-    pub admin: AdminClient,
-    pub admin_url: String,
-    pub order_url: String,
-    pub inventory_url: String,
-    pub payment_url: String,
-}
+use crate::{short_duration, time};
 
 /// One inconsistency, with the ids an operator needs to look into it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -306,8 +284,8 @@ pub fn check_stock(level: &inventory::StockLevel) -> Option<Violation> {
     })
 }
 
-fn stuck(saga: &saga::Saga) -> Violation {
-    let now = now_ms();
+/// A saga unfinished past the stuck threshold, as of `now` (ms since the epoch).
+pub fn stuck(saga: &saga::Saga, now: i64) -> Violation {
     let mut message = format!(
         "{} since {} ({}), {} attempt{} of the step",
         state_name(saga.state()),
@@ -330,222 +308,6 @@ fn stuck(saga: &saga::Saga) -> Violation {
         message.push_str(&format!("; last error: {}", saga.last_error));
     }
     violation("stuck-saga", &[("saga", saga.saga_id.as_str())], message)
-}
-
-/// A stream of items in order id order, read one ahead to match with the others.
-struct Sorted<T> {
-    /// What is listed, e.g. "payments".
-    what: &'static str,
-    service: &'static str,
-    url: String,
-    stream: Streaming<T>,
-    order_id: fn(&T) -> &str,
-    head: Option<(Uuid, T)>,
-    last: Option<Uuid>,
-    count: u64,
-}
-
-impl<T> Sorted<T> {
-    async fn open(
-        (what, service, url): (&'static str, &'static str, &str),
-        stream: Streaming<T>,
-        order_id: fn(&T) -> &str,
-    ) -> Result<Sorted<T>, Failure> {
-        let mut sorted = Sorted {
-            what,
-            service,
-            url: url.to_owned(),
-            stream,
-            order_id,
-            head: None,
-            last: None,
-            count: 0,
-        };
-        sorted.advance().await?;
-        Ok(sorted)
-    }
-
-    async fn advance(&mut self) -> Result<(), Failure> {
-        let next = self.stream.message().await.map_err(|status| {
-            Failure::Error(format!(
-                "reading the {}: {}",
-                self.what,
-                Failure::from_status(self.service, &self.url, &status)
-            ))
-        })?;
-        self.head = match next {
-            None => None,
-            Some(item) => {
-                self.count += 1;
-                let text = (self.order_id)(&item);
-                let id = Uuid::parse_str(text).map_err(|_| {
-                    Failure::Error(format!(
-                        "{} listed {} with an invalid order id {text:?}",
-                        self.service, self.what
-                    ))
-                })?;
-                if self.last.is_some_and(|last| last >= id) {
-                    return Err(Failure::Error(format!(
-                        "{} does not list {} in order id order (at {id}): is it an older version?",
-                        self.service, self.what
-                    )));
-                }
-                self.last = Some(id);
-                Some((id, item))
-            }
-        };
-        Ok(())
-    }
-
-    /// The item of `order_id`, passing over those of orders before it.
-    async fn take(&mut self, order_id: Uuid) -> Result<Option<T>, Failure> {
-        while self.head.as_ref().is_some_and(|(id, _)| *id < order_id) {
-            self.advance().await?;
-        }
-        if self.head.as_ref().is_none_or(|(id, _)| *id != order_id) {
-            return Ok(None);
-        }
-        let item = self.head.take().map(|(_, item)| item);
-        self.advance().await?;
-        Ok(item)
-    }
-
-    /// Reads what is left, to count it.
-    async fn drain(&mut self) -> Result<(), Failure> {
-        while self.head.is_some() {
-            self.advance().await?;
-        }
-        Ok(())
-    }
-}
-
-fn stream_error<'a>(service: &'a str, url: &'a str) -> impl Fn(tonic::Status) -> Failure + 'a {
-    move |status| Failure::from_status(service, url, &status)
-}
-
-/// Runs every check; `found` is told each violation as soon as it is found.
-pub async fn run(
-    targets: &mut Targets,
-    stuck_after: Duration,
-    mut found: impl FnMut(&Violation),
-) -> Result<Summary, Failure> {
-    let mut summary = Summary::default();
-    let mut report = |v: Violation, summary: &mut Summary| {
-        summary.violations += 1;
-        found(&v);
-    };
-
-    let order_channel = crate::connect("order-svc", &targets.order_url).await?;
-    let payment_channel = crate::connect("payment-svc", &targets.payment_url).await?;
-    let inventory_channel = crate::connect("inventory-svc", &targets.inventory_url).await?;
-    let mut orders_client = order::order_service_client::OrderServiceClient::new(order_channel)
-        .max_decoding_message_size(16 << 20);
-    let mut payments_client =
-        payment::payment_service_client::PaymentServiceClient::new(payment_channel);
-    let mut inventory_client =
-        inventory::inventory_service_client::InventoryServiceClient::new(inventory_channel);
-
-    let (orders, payments, reservations) = tokio::try_join!(
-        async {
-            orders_client
-                .list_orders(order::ListOrdersRequest::default())
-                .await
-                .map_err(stream_error("order-svc", &targets.order_url))
-        },
-        async {
-            payments_client
-                .list_payments(payment::ListPaymentsRequest::default())
-                .await
-                .map_err(stream_error("payment-svc", &targets.payment_url))
-        },
-        async {
-            inventory_client
-                .list_reservations(inventory::ListReservationsRequest::default())
-                .await
-                .map_err(stream_error("inventory-svc", &targets.inventory_url))
-        },
-    )?;
-    let mut orders = orders.into_inner();
-    let mut payments = Sorted::open(
-        ("payments", "payment-svc", &targets.payment_url),
-        payments.into_inner(),
-        |p: &payment::Payment| &p.order_id,
-    )
-    .await?;
-    let mut reservations = Sorted::open(
-        ("reservations", "inventory-svc", &targets.inventory_url),
-        reservations.into_inner(),
-        |r: &inventory::Reservation| &r.order_id,
-    )
-    .await?;
-    let mut previous: Option<Uuid> = None;
-    while let Some(order) = orders.message().await.map_err(|status| {
-        Failure::Error(format!(
-            "reading the orders: {}",
-            Failure::from_status("order-svc", &targets.order_url, &status)
-        ))
-    })? {
-        summary.orders += 1;
-        let id = Uuid::parse_str(&order.order_id).map_err(|_| {
-            Failure::Error(format!(
-                "order-svc listed an invalid order id {:?}",
-                order.order_id
-            ))
-        })?;
-        if previous.is_some_and(|p| p >= id) {
-            return Err(Failure::Error(
-                "order-svc does not list orders in order id order: is it an older version?".into(),
-            ));
-        }
-        previous = Some(id);
-        let payment = payments.take(id).await?;
-        let reservation = reservations.take(id).await?;
-        for v in check_order(&order, payment.as_ref(), reservation.as_ref()) {
-            report(v, &mut summary);
-        }
-    }
-    payments.drain().await?;
-    reservations.drain().await?;
-    summary.payments = payments.count;
-    summary.reservations = reservations.count;
-
-    let levels = inventory_client
-        .get_stock(inventory::GetStockRequest::default())
-        .await
-        .map_err(stream_error("inventory-svc", &targets.inventory_url))?
-        .into_inner()
-        .levels;
-    summary.skus = levels.len() as u64;
-    for level in &levels {
-        if let Some(v) = check_stock(level) {
-            report(v, &mut summary);
-        }
-    }
-
-    let mut page_token = String::new();
-    loop {
-        let page = targets
-            .admin
-            .list_sagas(saga::ListSagasRequest {
-                stuck_only: true,
-                stuck_after_seconds: stuck_after.as_secs().max(1),
-                page_size: 1000,
-                page_token: page_token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(stream_error("the orchestrator", &targets.admin_url))?
-            .into_inner();
-        for saga in &page.sagas {
-            summary.unfinished_sagas_stuck += 1;
-            report(stuck(saga), &mut summary);
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    Ok(summary)
 }
 
 #[cfg(test)]
