@@ -34,6 +34,22 @@ fn customer_token(config: &PlatformConfig, customer: &str) -> String {
     .expect("a token")
 }
 
+/// The status and JSON body (`null` when it is not JSON) of `request`, which must be answered.
+async fn answer(
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = response.status();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// The five real service binaries started as processes for one test, on free ports, with
 /// databases and topics of their own. Killed when dropped.
 pub struct TestPlatform {
@@ -198,18 +214,8 @@ impl TestPlatform {
         path: &str,
         body: &serde_json::Value,
     ) -> (reqwest::StatusCode, serde_json::Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.gateway))
-            .json(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = response.status();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        )
+        let request = self.http.post(format!("{}{path}", self.gateway)).json(body);
+        answer(request, &format!("POST {path}")).await
     }
 
     /// `POST /orders` with an `Idempotency-Key`, as a client retrying its request does;
@@ -232,17 +238,8 @@ impl TestPlatform {
     }
 
     pub async fn get(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.gateway))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        let status = response.status();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        )
+        let request = self.http.get(format!("{}{path}", self.gateway));
+        answer(request, &format!("GET {path}")).await
     }
 
     /// Polls `GET /orders/{id}` until `done` holds for the order, or panics after `timeout`.

@@ -18,12 +18,17 @@ async fn sagactl(platform: &TestPlatform, args: &[&str]) -> Output {
 }
 
 async fn sagactl_with_token(platform: &TestPlatform, token: &str, args: &[&str]) -> Output {
-    let binary = platform::services::binary_dir().join("sagactl");
+    let bin_dir = platform::services::binary_dir();
+    let binary = bin_dir.join("sagactl");
     assert!(
         binary.exists(),
         "{} is missing: build it first with `cargo build --workspace --bins`",
         binary.display()
     );
+    // A test of an old sagactl would pass or fail for code that is no longer there.
+    if let Err(e) = platform::services::check_fresh_binaries(&bin_dir, &["sagactl"]) {
+        panic!("{e:#}");
+    }
     let mut command = tokio::process::Command::new(&binary);
     for variable in [
         "SAGA_ADMIN_URL",

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use platform::infra::{self, kafka, process, PidFile};
-use platform::services::{binary_dir, free_port};
+use platform::services::{binary_dir, check_fresh_binaries, free_port};
 use test_support::unique_suffix;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -21,6 +21,10 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        // A test of an old runner would pass or fail for code that is no longer there.
+        if let Err(e) = check_fresh_binaries(&binary_dir(), &["platform"]) {
+            panic!("{e:#}");
+        }
         let state_dir = binary_dir().join("test-runner").join(unique_suffix());
         std::fs::create_dir_all(&state_dir).expect("state dir");
         Setup {

@@ -149,7 +149,7 @@ pub fn binary_dir() -> PathBuf {
     }
 }
 
-/// The workspace's crates each service binary is built from (its own first).
+/// The workspace's crates each binary is built from (its own first).
 fn crates_of(service: &str) -> &'static [&'static str] {
     match service {
         "gateway" => &["gateway", "proto", "runtime", "telemetry"],
@@ -163,6 +163,18 @@ fn crates_of(service: &str) -> &'static [&'static str] {
         ],
         "payment-svc" => &["payment-svc", "proto", "messaging", "runtime", "telemetry"],
         "orchestrator" => &["orchestrator", "proto", "messaging", "runtime", "telemetry"],
+        // The tools the end-to-end tests run, besides the services.
+        "sagactl" => &["sagactl", "gateway", "proto", "runtime", "telemetry"],
+        "platform" => &[
+            "platform",
+            "loadgen",
+            "sagactl",
+            "test-support",
+            "gateway",
+            "proto",
+            "runtime",
+            "telemetry",
+        ],
         _ => &[],
     }
 }
@@ -219,12 +231,19 @@ pub fn stale_binary(workspace: &Path, bin_dir: &Path, service: &str) -> Option<S
 
 /// Refuses service binaries older than their sources in this checkout, with what to do.
 pub fn check_fresh(bin_dir: &Path) -> anyhow::Result<()> {
+    check_fresh_binaries(bin_dir, &SERVICES)
+}
+
+/// Refuses the binaries `names` in `bin_dir` older than their sources in this checkout, with
+/// what to do: the services, and the tools (`sagactl`, `platform`) the end-to-end tests run,
+/// which cargo does not build for another package's tests.
+pub fn check_fresh_binaries(bin_dir: &Path, names: &[&str]) -> anyhow::Result<()> {
     let Some(workspace) = workspace_dir() else {
         return Ok(());
     };
-    let stale: Vec<String> = SERVICES
+    let stale: Vec<String> = names
         .iter()
-        .filter_map(|service| stale_binary(&workspace, bin_dir, service))
+        .filter_map(|name| stale_binary(&workspace, bin_dir, name))
         .collect();
     if stale.is_empty() {
         return Ok(());
