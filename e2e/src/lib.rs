@@ -162,7 +162,10 @@ impl TestPlatform {
             }
             if std::time::Instant::now() > deadline {
                 panic!(
-                    "the platform did not become ready within 60 s; logs in {}",
+                    "the platform did not become ready within 60 s: the gateway's /readyz {}, \
+                     the orchestrator's port {}; logs in {}",
+                    if gateway_ready { "ready" } else { "not ready" },
+                    if orchestrator_up { "open" } else { "closed" },
                     self.log_dir.display()
                 );
             }
