@@ -1,7 +1,7 @@
 //! What the runner installs on a fresh machine before it needs it: PostgreSQL's server
 //! programs (Debian's `postgresql`), and for a test run the checkers the tests call
 //! (`docker-compose` and `kcat` from Debian, the Python tools of
-//! `e2e/test-tools/requirements.txt` from PyPI). Each is installed only when missing.
+//! `platform/e2e/test-tools/requirements.txt` from PyPI). Each is installed only when missing.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ use crate::infra::postgres;
 
 /// The Python tools the tests call, pinned.
 pub fn requirements_file() -> PathBuf {
-    crate::workspace_root().join("e2e/test-tools/requirements.txt")
+    crate::workspace_root().join("platform/e2e/test-tools/requirements.txt")
 }
 
 fn on_path(program: &str) -> bool {

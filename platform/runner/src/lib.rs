@@ -9,10 +9,14 @@ pub mod tools;
 
 use std::path::PathBuf;
 
-/// The workspace's root directory.
+/// The workspace's root directory: this crate is `platform/runner/` in it.
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+    manifest
+        .ancestors()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or(manifest)
 }
 
 /// Where the local platform keeps its state (the database cluster, the broker's storage,

@@ -1,5 +1,5 @@
 //! The local Apache Kafka broker: one KRaft node that is its own controller, its jars resolved
-//! from Maven Central once (by `platform/kafka/pom.xml`), its data and its log on disk.
+//! from Maven Central once (by `platform/runner/kafka/pom.xml`), its data and its log on disk.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -342,7 +342,7 @@ fn controller_port(dir: &Path) -> anyhow::Result<u16> {
 /// One combined broker and controller for a laptop and for fast tests.
 fn server_properties(port: u16, controller_port: u16, data: &Path) -> String {
     format!(
-        "# Written by the platform runner at every start (platform/src/infra/kafka.rs).
+        "# Written by the platform runner at every start (platform/runner/src/infra/kafka.rs).
 process.roles=broker,controller
 node.id=1
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}

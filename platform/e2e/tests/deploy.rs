@@ -64,10 +64,7 @@ const OTEL_STANDARD: &[&str] = &[
 // ---------------------------------------------------------------------------------------------
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the e2e crate is inside the workspace")
-        .to_path_buf()
+    platform::workspace_root()
 }
 
 fn read(relative: &str) -> String {

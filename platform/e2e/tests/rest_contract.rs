@@ -11,9 +11,9 @@ use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const REQUIREMENTS: &str = "e2e/test-tools/requirements.txt";
+const REQUIREMENTS: &str = "platform/e2e/test-tools/requirements.txt";
 /// Schemathesis' settings, shared with runs by hand.
-const CONFIG: &str = "e2e/test-tools/schemathesis.toml";
+const CONFIG: &str = "platform/e2e/test-tools/schemathesis.toml";
 
 /// Schemathesis' command, after checking that it runs; fails (never skips) when it does not.
 fn schemathesis() -> &'static str {

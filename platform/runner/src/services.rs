@@ -149,7 +149,8 @@ pub fn binary_dir() -> PathBuf {
     }
 }
 
-/// The workspace's crates each binary is built from (its own first).
+/// The workspace's crates each binary is built from (its own first), as directories of the
+/// workspace.
 fn crates_of(service: &str) -> &'static [&'static str] {
     match service {
         "gateway" => &["gateway", "proto", "runtime", "telemetry"],
@@ -164,12 +165,18 @@ fn crates_of(service: &str) -> &'static [&'static str] {
         "payment-svc" => &["payment-svc", "proto", "messaging", "runtime", "telemetry"],
         "orchestrator" => &["orchestrator", "proto", "messaging", "runtime", "telemetry"],
         // The tools the end-to-end tests run, besides the services.
-        "sagactl" => &["sagactl", "gateway", "proto", "runtime", "telemetry"],
+        "sagactl" => &[
+            "platform/sagactl",
+            "gateway",
+            "proto",
+            "runtime",
+            "telemetry",
+        ],
         "platform" => &[
-            "platform",
-            "loadgen",
-            "sagactl",
-            "test-support",
+            "platform/runner",
+            "platform/loadgen",
+            "platform/sagactl",
+            "platform/test-support",
             "gateway",
             "proto",
             "runtime",
@@ -181,10 +188,7 @@ fn crates_of(service: &str) -> &'static [&'static str] {
 
 /// The checkout these binaries were built from, when it is still there.
 fn workspace_dir() -> Option<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .filter(|dir| dir.join("Cargo.toml").exists())
-        .map(Path::to_path_buf)
+    Some(crate::workspace_root()).filter(|dir| dir.join("Cargo.toml").exists())
 }
 
 /// The newest file of what cargo builds a crate from: its sources, manifest, build script,
@@ -366,6 +370,36 @@ mod tests {
         assert_eq!(stale_binary(&workspace, &bin, "order-svc"), None);
         // A binary that is not there is for `spawn` to report.
         assert_eq!(stale_binary(&workspace, &bin, "payment-svc"), None);
+
+        // The tools' crates are nested in platform/: sagactl is built from platform/sagactl.
+        touch(&bin.join("sagactl"), t(50));
+        touch(&workspace.join("platform/sagactl/src/main.rs"), t(60));
+        let stale = stale_binary(&workspace, &bin, "sagactl").expect("stale");
+        assert!(stale.contains("platform/sagactl/src/main.rs"), "{stale}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn each_binary_is_checked_against_crates_of_this_workspace() {
+        let workspace = workspace_dir().expect("the checkout this test is built from");
+        for binary in SERVICES.iter().chain(&["sagactl", "platform"]) {
+            let crates = crates_of(binary);
+            assert!(!crates.is_empty(), "{binary}: no crates");
+            // Its own crate first.
+            let manifest = workspace.join(crates[0]).join("Cargo.toml");
+            let manifest = std::fs::read_to_string(&manifest).expect("its manifest");
+            assert!(
+                manifest.contains(&format!("name = \"{binary}\"")),
+                "{binary}: {} is not its crate",
+                crates[0]
+            );
+            for dir in crates {
+                assert!(
+                    workspace.join(dir).join("Cargo.toml").is_file(),
+                    "{binary}: {dir} is not a crate of {}",
+                    workspace.display()
+                );
+            }
+        }
     }
 }
