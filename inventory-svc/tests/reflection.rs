@@ -8,7 +8,7 @@ use common::running_app;
 async fn reflection_lists_the_service_in_v1_and_v1alpha() {
     let app = running_app(&[]).await;
     let url = format!("http://{}", app.addr);
-    let (v1, v1alpha) = platform::testing::reflected_services(&url).await;
+    let (v1, v1alpha) = test_support::reflected_services(&url).await;
     for (version, services) in [("v1", v1), ("v1alpha", v1alpha)] {
         let services = services.unwrap_or_else(|status| panic!("reflection {version}: {status}"));
         assert!(

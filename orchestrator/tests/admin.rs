@@ -53,9 +53,9 @@ struct Running {
 
 impl Running {
     async fn start() -> Running {
-        let url = platform::testing::fresh_database("orchestrator_admin").await;
-        let brokers = platform::testing::kafka_brokers();
-        let prefix = platform::testing::topic_prefix();
+        let url = test_support::fresh_database("orchestrator_admin").await;
+        let brokers = test_support::kafka_brokers();
+        let prefix = test_support::topic_prefix();
         let config = Config::parse_from([
             "orchestrator",
             "--database-url",

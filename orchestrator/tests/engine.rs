@@ -26,7 +26,7 @@ fn kafka() -> KafkaArgs {
 }
 
 async fn setup(deadline: Duration) -> (PgPool, Engine) {
-    let url = platform::testing::fresh_database("orchestrator").await;
+    let url = test_support::fresh_database("orchestrator").await;
     let pool =
         runtime::database::connect(&url, 4, &[&messaging::MIGRATOR, &orchestrator::MIGRATOR])
             .await

@@ -10,7 +10,7 @@
 //!   [`propagation`] carries the W3C trace context through gRPC metadata, outbox rows and
 //!   Kafka headers; [`grpc`] instruments tonic servers and clients.
 //! - Metrics: a Prometheus exporter serving `/metrics` on `METRICS_ADDR` (see [`metric`] for
-//!   the names).
+//!   the names), on a port of each service's own ([`services`]).
 
 pub mod grpc;
 pub mod metric;
@@ -18,6 +18,7 @@ pub mod propagation;
 
 mod otlp;
 pub mod prometheus;
+pub mod services;
 mod text;
 
 use std::net::SocketAddr;

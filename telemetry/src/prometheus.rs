@@ -16,17 +16,10 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// How often histograms are compacted between scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Where a service serves `/metrics` unless `METRICS_ADDR` says otherwise: the platform's
-/// services each have a port of their own, so they run side by side on one machine.
+/// Where a service serves `/metrics` unless `METRICS_ADDR` says otherwise: its port in
+/// [`crate::services::SERVICES`]; any free port for a name that is not the platform's.
 pub fn default_addr(service: &str) -> SocketAddr {
-    let port = match service {
-        "gateway" => 9100,
-        "order-svc" => 9101,
-        "inventory-svc" => 9102,
-        "payment-svc" => 9103,
-        "orchestrator" => 9104,
-        _ => 0,
-    };
+    let port = crate::services::named(service).map_or(0, |s| s.metrics_port);
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 

@@ -21,9 +21,9 @@ pub const CORRELATION_ID: &str = "corr-inventory-test";
 
 /// A config for a fresh database and topic prefix of its own, gRPC on any free port.
 pub async fn config(extra: &[&str]) -> Config {
-    let url = platform::testing::fresh_database("inventory").await;
-    let brokers = platform::testing::kafka_brokers();
-    let prefix = platform::testing::topic_prefix();
+    let url = test_support::fresh_database("inventory").await;
+    let brokers = test_support::kafka_brokers();
+    let prefix = test_support::topic_prefix();
     let mut args = vec![
         "inventory-svc",
         "--database-url",

@@ -27,7 +27,7 @@ pub struct Setup {
 }
 
 pub async fn setup(label: &str) -> Setup {
-    let url = platform::testing::fresh_database(label).await;
+    let url = test_support::fresh_database(label).await;
     let pool = runtime::database::connect(&url, 4, &[&messaging::MIGRATOR])
         .await
         .expect("migrate");
@@ -47,8 +47,8 @@ pub async fn setup(label: &str) -> Setup {
 /// Settings for the test broker with a topic prefix of the test's own, its topics created.
 pub async fn kafka() -> KafkaArgs {
     let kafka = KafkaArgs {
-        brokers: platform::testing::kafka_brokers(),
-        topic_prefix: platform::testing::topic_prefix(),
+        brokers: test_support::kafka_brokers(),
+        topic_prefix: test_support::topic_prefix(),
         partitions: 1,
         fetch_wait_max_ms: 500,
         session_timeout_ms: 6000,

@@ -29,9 +29,9 @@ use uuid::Uuid;
 pub const ACCEPTED_METHODS: &[&str] = &["pm_card_visa", "pm_card_chargeDeclined"];
 
 /// Stands in for payment-svc, of which order-svc uses one call: whether a payment method is
-/// accepted. payment-svc is a separate service with its own tests (and is not written yet when
-/// these are); for order-svc it is an outside dependency, so a fake of that one call over a
-/// real gRPC socket tests this service's side of the contract without starting another.
+/// accepted. payment-svc is a separate service with its own tests; for order-svc it is an
+/// outside dependency, so a fake of that one call over a real gRPC socket tests this service's
+/// side of the contract without starting another (the end-to-end tests run the real one).
 #[derive(Clone, Default)]
 pub struct FakePayments {
     pub calls: Arc<AtomicUsize>,
@@ -129,9 +129,9 @@ impl TestApp {
         } else {
             unreachable_url().await
         };
-        let database_url = platform::testing::fresh_database("order_svc").await;
-        let brokers = platform::testing::kafka_brokers();
-        let prefix = platform::testing::topic_prefix();
+        let database_url = test_support::fresh_database("order_svc").await;
+        let brokers = test_support::kafka_brokers();
+        let prefix = test_support::topic_prefix();
         let config = Config::parse_from([
             "order-svc",
             "--database-url",

@@ -39,8 +39,8 @@ pub fn config(database_url: &str) -> Config {
         "--grpc-addr",
         "127.0.0.1:0",
     ]);
-    config.kafka.brokers = platform::testing::kafka_brokers();
-    config.kafka.topic_prefix = platform::testing::topic_prefix();
+    config.kafka.brokers = test_support::kafka_brokers();
+    config.kafka.topic_prefix = test_support::topic_prefix();
     config
 }
 
@@ -59,7 +59,7 @@ impl TestApp {
         configure: impl FnOnce(&mut Config),
         customize: impl FnOnce(App) -> App,
     ) -> TestApp {
-        let url = platform::testing::fresh_database("payment").await;
+        let url = test_support::fresh_database("payment").await;
         let mut config = config(&url);
         configure(&mut config);
         let app = customize(App::build(config.clone()).await.expect("App::build"));

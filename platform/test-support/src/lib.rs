@@ -1,0 +1,132 @@
+//! Shared by the integration tests of every crate: the real PostgreSQL and broker, with each
+//! test isolated in its own database and its own topic prefix.
+//!
+//! Tests never skip: when PostgreSQL or the broker cannot be reached they fail with a message
+//! saying how to start them.
+
+mod reflection;
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::ClientConfig;
+use sqlx::Connection as _;
+
+pub use reflection::reflected_services;
+
+/// Server URL (any database) for the test databases; `cargo run -p platform -- test` sets it.
+pub const DATABASE_ENV: &str = "TEST_DATABASE_URL";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";
+/// Bootstrap brokers for tests.
+pub const KAFKA_ENV: &str = "TEST_KAFKA_BROKERS";
+pub const DEFAULT_KAFKA_BROKERS: &str = "localhost:9092";
+
+const HOW_TO_START: &str = "run the tests with `cargo run -p platform -- test`, which starts \
+PostgreSQL and the broker, or start them with `cargo run -p platform -- infra` and keep it running";
+
+/// Prefix of every database made by tests, so a test run can drop those of earlier runs.
+pub const TEST_DATABASE_PREFIX: &str = "test_";
+
+fn server_url() -> String {
+    std::env::var(DATABASE_ENV).unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// A connection to the test server, or a panic with directions when it is not reachable.
+async fn connect_server() -> (String, sqlx::PgConnection) {
+    let server = server_url();
+    match sqlx::PgConnection::connect(&server).await {
+        Ok(conn) => (server, conn),
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {server} ({DATABASE_ENV}): {e}.\nTo fix: {HOW_TO_START}."
+        ),
+    }
+}
+
+/// The URL of the test server (any database), after checking that it answers. Panics with
+/// directions otherwise.
+pub async fn database_server() -> String {
+    connect_server().await.0
+}
+
+/// `server_url` with its database replaced by `database`.
+pub fn with_database(server_url: &str, database: &str) -> String {
+    let (base, query) = match server_url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (server_url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// The URL of database `name` on the test server.
+pub fn database_url(name: &str) -> String {
+    with_database(&server_url(), name)
+}
+
+/// A short random id for names of databases and topics.
+pub fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+/// Creates a fresh, empty database for one test and returns its URL. Panics with directions
+/// when PostgreSQL is not reachable.
+pub async fn fresh_database(label: &str) -> String {
+    let name = format!(
+        "{TEST_DATABASE_PREFIX}{}_{}",
+        label.replace('-', "_"),
+        unique_suffix()
+    );
+    let (_, mut conn) = connect_server().await;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    database_url(&name)
+}
+
+/// The broker's address, after checking that it answers. Panics with directions otherwise.
+pub fn kafka_brokers() -> String {
+    let brokers = std::env::var(KAFKA_ENV).unwrap_or_else(|_| DEFAULT_KAFKA_BROKERS.to_owned());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("log_level", "0")
+        .create()
+        .unwrap_or_else(|e| panic!("Kafka client for {brokers}: {e}"));
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!("The Kafka broker is not reachable at {brokers} ({KAFKA_ENV}): {e}.\nTo fix: {HOW_TO_START}.");
+    }
+    brokers
+}
+
+/// A topic prefix of its own for one test, e.g. `t3f9a0c1b2d.`.
+pub fn topic_prefix() -> String {
+    format!("t{}.", unique_suffix())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_only_the_database() {
+        assert_eq!(
+            with_database("postgres://postgres@localhost:5432/postgres", "orders"),
+            "postgres://postgres@localhost:5432/orders"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@db:5432?sslmode=disable", "orders"),
+            "postgres://u:p@db:5432/orders?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/x?sslmode=disable", "y"),
+            "postgres://u@h/y?sslmode=disable"
+        );
+    }
+}
