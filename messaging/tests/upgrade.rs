@@ -36,7 +36,7 @@ fn length_prefixed(headers: &Headers) -> Vec<u8> {
 /// in `outbox_parked`, are published (or kept) with the same headers after the upgrade.
 #[tokio::test]
 async fn outbox_rows_written_before_the_headers_became_jsonb_survive_the_upgrade() {
-    let url = platform::testing::fresh_database("upgrade_headers").await;
+    let url = test_support::fresh_database("upgrade_headers").await;
     let kafka = kafka().await;
     let topic = kafka.topic(TOPIC);
     let headers = vec![
@@ -152,7 +152,7 @@ async fn outbox_rows_written_before_the_headers_became_jsonb_survive_the_upgrade
 /// this release does not know.
 #[tokio::test]
 async fn a_database_migrated_by_a_newer_release_is_refused() {
-    let url = platform::testing::fresh_database("upgrade_newer").await;
+    let url = test_support::fresh_database("upgrade_newer").await;
     let pool = runtime::database::connect(&url, 2, &[&messaging::MIGRATOR])
         .await
         .expect("migrate");
