@@ -50,19 +50,11 @@ pub async fn database_server() -> String {
 
 /// `server_url` with its database replaced by `database`.
 pub fn with_database(server_url: &str, database: &str) -> String {
-    let (base, query) = match server_url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (server_url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
+    // sqlx parses its URLs with the same crate, so a server it connected to parses here.
+    let mut url = url::Url::parse(server_url)
+        .unwrap_or_else(|e| panic!("the PostgreSQL URL {server_url} is not a URL: {e}"));
+    url.set_path(database);
+    url.into()
 }
 
 /// The URL of database `name` on the test server.
