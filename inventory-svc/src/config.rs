@@ -39,6 +39,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The database settings, as the service skeleton takes them.
+    pub fn database(&self) -> runtime::config::DatabaseArgs {
+        runtime::config::DatabaseArgs {
+            url: self.database_url.clone(),
+            max_connections: self.database_max_connections,
+        }
+    }
+
     pub fn reservation_ttl(&self) -> Duration {
         Duration::from_secs(self.reservation_ttl_secs)
     }

@@ -63,6 +63,14 @@ pub struct Config {
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
 impl Config {
+    /// The database settings, as the service skeleton takes them.
+    pub fn database(&self) -> runtime::config::DatabaseArgs {
+        runtime::config::DatabaseArgs {
+            url: self.database_url.clone(),
+            max_connections: self.database_max_connections,
+        }
+    }
+
     /// The admin token, and whether it is the development default.
     pub fn admin_token(&self) -> (String, bool) {
         match self.admin_token.as_deref().map(str::trim) {

@@ -46,6 +46,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The database settings, as the service skeleton takes them.
+    pub fn database(&self) -> runtime::config::DatabaseArgs {
+        runtime::config::DatabaseArgs {
+            url: self.database_url.clone(),
+            max_connections: self.database_max_connections,
+        }
+    }
+
     pub fn payment_svc_timeout(&self) -> Duration {
         Duration::from_millis(self.payment_svc_timeout_ms)
     }

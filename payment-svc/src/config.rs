@@ -56,6 +56,14 @@ impl ProviderKind {
 }
 
 impl Config {
+    /// The database settings, as the service skeleton takes them.
+    pub fn database(&self) -> runtime::config::DatabaseArgs {
+        runtime::config::DatabaseArgs {
+            url: self.database_url.clone(),
+            max_connections: self.database_max_connections,
+        }
+    }
+
     pub fn provider_timeout(&self) -> Duration {
         Duration::from_millis(self.payment_provider_timeout_ms)
     }

@@ -20,9 +20,6 @@ use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
 /// gRPC metadata carrying the saga's correlation id.
-pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
-const TRACEPARENT_HEADER: &str = "traceparent";
-const TRACESTATE_HEADER: &str = "tracestate";
 
 /// Longest payment method token accepted (order-svc accepts no longer).
 const MAX_PAYMENT_METHOD_CHARS: usize = 255;
@@ -219,24 +216,6 @@ fn saga_context(payment: &Payment, request: &MessageContext) -> MessageContext {
     }
 }
 
-/// The correlation id and trace context a request carries in its metadata.
-fn request_context<T>(request: &Request<T>) -> MessageContext {
-    let header = |name: &str| {
-        request
-            .metadata()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    MessageContext {
-        correlation_id: header(CORRELATION_ID_HEADER),
-        causation_id: String::new(),
-        traceparent: header(TRACEPARENT_HEADER),
-        tracestate: header(TRACESTATE_HEADER),
-    }
-}
-
 #[tonic::async_trait]
 impl PaymentService for PaymentGrpc {
     type ListPaymentsStream = runtime::grpc::ServerStream<pb::Payment>;
@@ -267,7 +246,7 @@ impl PaymentService for PaymentGrpc {
         &self,
         request: Request<pb::VerifyPaymentRequest>,
     ) -> Result<Response<pb::VerifyPaymentResponse>, Status> {
-        let context = request_context(&request);
+        let context = messaging::service::request_context(request.metadata());
         let id = PaymentId(convert::uuid("payment_id", &request.get_ref().payment_id)?);
         let payment = self.verify(id, &context).await?;
         Ok(Response::new(pb::VerifyPaymentResponse {

@@ -182,7 +182,10 @@ impl SagaAdminApi {
                 .clone()
                 .unwrap_or_else(|| Uuid::now_v7().to_string())
         );
-        let mut context = convert::message_context(operation.metadata, &message_id);
+        // The request's correlation id (the saga keeps its own for the messages it sends) and
+        // trace context; its commands are caused by the operator's request.
+        let mut context = messaging::service::request_context(operation.metadata);
+        context.causation_id = message_id.clone();
         let mut last_conflict = String::new();
         for attempt in 1..=CONFLICT_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
