@@ -1,13 +1,12 @@
 //! The `inventory.v1.InventoryService` gRPC API: stock levels for operators and reservations.
 
-pub(crate) mod convert;
-
 use proto::inventory::v1 as pb;
 use proto::inventory::v1::inventory_service_server::InventoryService;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::convert;
 use crate::domain::{Sku, MAX_AVAILABLE};
 use crate::error::Error;
 use crate::store;

@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::grpc::convert;
+use crate::convert;
 use crate::domain::{CommitOutcome, Lines, OrderId, ReleaseOutcome, ReserveOutcome};
 use crate::store::reservations;
 

@@ -6,6 +6,7 @@
 //! - releases reservations past their time to live.
 
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;

@@ -2,6 +2,7 @@
 //! through the outbox, and moves orders through their statuses on the saga's commands.
 
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;

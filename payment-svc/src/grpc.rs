@@ -1,7 +1,5 @@
 //! `payment.v1.PaymentService`.
 
-pub mod convert;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::convert;
 use crate::error::Error;
 use crate::payment::{OrderId, Payment, PaymentId, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};

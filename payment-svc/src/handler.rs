@@ -16,7 +16,7 @@ use sqlx::PgConnection;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::grpc::convert;
+use crate::convert;
 use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;

@@ -4,6 +4,7 @@
 //! `saga.replies` through the transactional outbox.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod handler;

@@ -1,4 +1,5 @@
-//! Conversion between the protobuf contracts and the domain, at the edge of the service.
+//! Conversion between the protobuf contracts and the domain, at the edge of the service: for
+//! its gRPC API and for the messages it sends and receives over Kafka.
 
 use chrono::{DateTime, Utc};
 use messaging::MessageContext;
