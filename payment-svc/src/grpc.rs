@@ -18,8 +18,6 @@ use crate::payment::{OrderId, Payment, PaymentId, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
-/// gRPC metadata carrying the saga's correlation id.
-
 /// Longest payment method token accepted (order-svc accepts no longer).
 const MAX_PAYMENT_METHOD_CHARS: usize = 255;
 
