@@ -221,21 +221,12 @@ impl PaymentService for PaymentGrpc {
         &self,
         _request: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<Self::ListPaymentsStream>, Status> {
-        let pool = self.pool.clone();
-        Ok(Response::new(runtime::grpc::keyset_stream(
+        Ok(Response::new(runtime::grpc::table_stream(
+            crate::SERVICE,
+            self.pool.clone(),
             LIST_PAGE_SIZE,
-            move |after| {
-                let pool = pool.clone();
-                async move {
-                    let page = store::list_page(&pool, after, LIST_PAGE_SIZE as i64)
-                        .await
-                        .map_err(Error::from)?;
-                    Ok(page
-                        .iter()
-                        .map(|p| (p.order_id, convert::payment(p)))
-                        .collect())
-                }
-            },
+            |pool, after, limit| async move { store::list_page(&pool, after, limit).await },
+            |p| (p.order_id, convert::payment(&p)),
         )))
     }
 

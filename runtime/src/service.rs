@@ -53,6 +53,35 @@ impl TaskOutcome for anyhow::Result<()> {
     }
 }
 
+/// A gRPC service a tonic server can offer (what tonic's `add_service` asks of one).
+pub trait GrpcService:
+    tower::Service<
+        Request<Body>,
+        Error = Infallible,
+        Response: axum::response::IntoResponse,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tower::Service<
+            Request<Body>,
+            Error = Infallible,
+            Response: axum::response::IntoResponse,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// One gRPC server: its listener, the services it offers, and the name its health reports.
 struct GrpcServer {
     /// What the server is, for errors and logs ("gRPC", "admin gRPC").
@@ -128,17 +157,7 @@ impl Service {
 
     /// Offers `service` on the gRPC server; its health is reported under `S`'s name (the first
     /// one's, when several).
-    pub fn grpc<S>(mut self, service: S) -> Self
-    where
-        S: tower::Service<Request<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
+    pub fn grpc<S: GrpcService>(mut self, service: S) -> Self {
         let server = &mut self.servers[0];
         server.health.get_or_insert(S::NAME);
         server.routes.add_service(service);
@@ -154,17 +173,12 @@ impl Service {
 
     /// Offers `service` on a server of its own, on `listener` (bound with [`bind`]), apart from
     /// the main one (an operators' API, say), with its own health and reflection.
-    pub fn grpc_on<S>(mut self, what: &'static str, listener: TcpListener, service: S) -> Self
-    where
-        S: tower::Service<Request<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
+    pub fn grpc_on<S: GrpcService>(
+        mut self,
+        what: &'static str,
+        listener: TcpListener,
+        service: S,
+    ) -> Self {
         let mut routes = RoutesBuilder::default();
         routes.add_service(service);
         self.servers.push(GrpcServer {
