@@ -15,7 +15,6 @@ pub mod store;
 pub mod sweep;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use messaging::service::ServiceExt as _;
 use messaging::Outbox;
@@ -28,9 +27,6 @@ pub use handler::CommandHandler;
 
 /// Name of the service: consumer group and `source` of the messages it sends.
 pub const SERVICE: &str = "inventory-svc";
-
-/// How long running tasks may take to finish once shutdown began.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The service's own migrations (run after [`messaging::MIGRATOR`]).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -45,7 +41,7 @@ pub struct App {
 impl App {
     /// Connects to (and migrates) the database, creates the topics, binds the gRPC listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let service = messaging::service::start(
+        let (service, outbox) = messaging::service::start(
             SERVICE,
             &config.database(),
             &MIGRATOR,
@@ -53,7 +49,6 @@ impl App {
             &config.kafka,
         )
         .await?;
-        let outbox = Outbox::new(SERVICE, config.kafka.clone());
         Ok(App {
             config,
             service,
@@ -97,7 +92,7 @@ impl App {
             .task("reservation sweep", |cancel| {
                 sweep::run(pool, interval, cancel)
             })
-            .run(cancel, SHUTDOWN_GRACE)
+            .run(cancel, runtime::shutdown::GRACE)
             .await
     }
 }

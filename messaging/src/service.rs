@@ -14,17 +14,21 @@ use crate::{Consumer, Handler, KafkaArgs, MessageContext, Outbox, Relay};
 
 /// Starts a service that sends and receives messages: its database migrated with
 /// [`crate::MIGRATOR`] first, then `migrator`; the topics created where missing; the gRPC
-/// listener bound; the broker probed by its health.
+/// listener bound; the broker probed by its health. Returns it with its outbox: one per
+/// process, so that every writer's commit wakes the relay in memory.
 pub async fn start(
     name: &'static str,
     database: &DatabaseArgs,
     migrator: &Migrator,
     grpc_addr: SocketAddr,
     kafka: &KafkaArgs,
-) -> anyhow::Result<Service> {
+) -> anyhow::Result<(Service, Outbox)> {
     let service = Service::start(name, database, &[&crate::MIGRATOR, migrator], grpc_addr).await?;
     kafka.ensure_topics().await?;
-    Ok(service.probe(kafka.probe()?))
+    Ok((
+        service.probe(kafka.probe()?),
+        Outbox::new(name, kafka.clone()),
+    ))
 }
 
 /// The relay and the consumers of a [`Service`].

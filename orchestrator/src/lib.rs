@@ -26,12 +26,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub const SERVICE: &str = "orchestrator";
 
-/// How long running tasks get to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 pub struct App {
     config: Config,
     service: Service,
+    outbox: Outbox,
     /// The operators' API listens apart from anything customers reach.
     admin_listener: TcpListener,
 }
@@ -40,7 +38,7 @@ impl App {
     /// Connects to (and migrates) the database, creates the topics and binds both gRPC
     /// listeners.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let service = messaging::service::start(
+        let (service, outbox) = messaging::service::start(
             SERVICE,
             &config.database(),
             &MIGRATOR,
@@ -52,6 +50,7 @@ impl App {
         Ok(App {
             config,
             service,
+            outbox,
             admin_listener,
         })
     }
@@ -79,10 +78,10 @@ impl App {
         let App {
             config,
             service,
+            outbox,
             admin_listener,
         } = self;
         let pool = service.pool().clone();
-        let outbox = Outbox::new(SERVICE, config.kafka.clone());
         let engine = engine::Engine::new(outbox.clone(), config.timing());
         let (admin_token, dev_token) = config.admin_token();
         if dev_token {
@@ -105,7 +104,7 @@ impl App {
             .task("saga timers", |cancel| {
                 timers::run(pool, engine, timer_poll, cancel)
             })
-            .run(cancel, SHUTDOWN_GRACE)
+            .run(cancel, runtime::shutdown::GRACE)
             .await
     }
 }

@@ -13,7 +13,6 @@ pub mod store;
 pub mod watch;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use messaging::service::ServiceExt as _;
 use messaging::Outbox;
@@ -36,9 +35,6 @@ pub const SERVICE: &str = "order-svc";
 /// This service's own migrations (versions from 100), run after [`messaging::MIGRATOR`].
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// How long running tasks get to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 pub struct App {
     config: Config,
     service: Service,
@@ -50,7 +46,7 @@ impl App {
     /// Connects to (and migrates) the database, creates the topics and binds the gRPC
     /// listener. payment-svc is connected to on first use.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let service = messaging::service::start(
+        let (service, outbox) = messaging::service::start(
             SERVICE,
             &config.database(),
             &MIGRATOR,
@@ -60,7 +56,6 @@ impl App {
         .await?;
         let payments =
             PaymentMethods::connect_lazy(&config.payment_svc_url, config.payment_svc_timeout())?;
-        let outbox = Outbox::new(SERVICE, config.kafka.clone());
         Ok(App {
             config,
             service,
@@ -84,7 +79,7 @@ impl App {
 
     /// Serves gRPC, relays the outbox, consumes `order.commands` and wakes the requests that
     /// wait for a status until `cancel` or until one of them fails, then gives them
-    /// [`SHUTDOWN_GRACE`] to finish.
+    /// [`runtime::shutdown::GRACE`] to finish.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let App {
             config: _,
@@ -107,7 +102,7 @@ impl App {
                 OrderCommands::new(outbox.clone()),
             )
             .task("order status watch", |cancel| watch.run(pool, cancel))
-            .run(cancel, SHUTDOWN_GRACE)
+            .run(cancel, runtime::shutdown::GRACE)
             .await
     }
 }

@@ -14,7 +14,6 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use messaging::service::ServiceExt as _;
 use messaging::Outbox;
@@ -33,9 +32,6 @@ use crate::provider::PaymentProvider;
 /// The service's name: its consumer group and the source of its messages.
 pub const SERVICE: &str = "payment-svc";
 
-/// How long running work may take to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// This service's migrations (versions from 100), run after [`messaging::MIGRATOR`].
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -51,7 +47,7 @@ pub struct App {
 impl App {
     /// Connects to and migrates the database, creates the topics and binds the gRPC listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let service = messaging::service::start(
+        let (service, outbox) = messaging::service::start(
             SERVICE,
             &config.database(),
             &MIGRATOR,
@@ -59,7 +55,6 @@ impl App {
             &config.kafka,
         )
         .await?;
-        let outbox = Outbox::new(SERVICE, config.kafka.clone());
         let provider = config.payment_provider.build();
         Ok(App {
             config,
@@ -122,7 +117,7 @@ impl App {
             .grpc(PaymentServiceServer::new(api))
             .relay(&outbox)?
             .consumer(&[proto::topics::PAYMENT_COMMANDS], &outbox, handler)
-            .run(cancel, SHUTDOWN_GRACE)
+            .run(cancel, runtime::shutdown::GRACE)
             .await
     }
 }
