@@ -43,9 +43,9 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let (service, outbox) = messaging::service::start(
             SERVICE,
-            &config.database(),
+            &config.database,
             &MIGRATOR,
-            config.grpc_addr,
+            config.grpc.addr,
             &config.kafka,
         )
         .await?;

@@ -175,6 +175,36 @@ fn clap_settings(source: &str) -> BTreeMap<String, Setting> {
     settings
 }
 
+/// The settings every service flattens from `runtime::config` (`shared`), with the defaults a
+/// service's `config` gives them: `mut_arg("<id>", |a| a.default_value("..."))`.
+fn shared_settings(shared: &str, config: &str) -> BTreeMap<String, Setting> {
+    let mut settings = clap_settings(shared);
+    let mut rest = shared;
+    while let Some(start) = rest.find("#[arg(") {
+        let attribute = &rest[start..];
+        let end = group_end(attribute);
+        let body = &attribute[..end];
+        if let (Some(id), Some(env)) = (attribute_value(body, "id"), attribute_value(body, "env")) {
+            if let Some(default) = mut_arg_default(config, &id) {
+                if let Some(setting) = settings.get_mut(&env) {
+                    setting.default = Some(default);
+                }
+            }
+        }
+        rest = &attribute[end..];
+    }
+    settings
+}
+
+/// The value of `default_value("...")` in `mut_arg("<id>", ...)` in `source`.
+fn mut_arg_default(source: &str, id: &str) -> Option<String> {
+    let call = "mut_arg";
+    let at = source.find(&format!("{call}(\"{id}\""))? + call.len();
+    let arguments = &source[at..at + group_end(&source[at..])];
+    let value = arguments.split("default_value(\"").nth(1)?;
+    Some(value[..value.find('"')?].to_owned())
+}
+
 /// The variables the telemetry crate reads: by name, and `RUST_LOG` through
 /// `EnvFilter::{try_,}from_default_env` (tracing-subscriber's default variable).
 fn telemetry_variables() -> BTreeSet<String> {
@@ -276,6 +306,9 @@ impl ServiceSettings {
         let mut clap = clap_settings(&config);
         if config.contains("KafkaArgs") {
             clap.extend(clap_settings(&read("messaging/src/kafka.rs")));
+        }
+        if config.contains("runtime::config") {
+            clap.extend(shared_settings(&read("runtime/src/config.rs"), &config));
         }
         assert!(
             !clap.is_empty(),
@@ -1572,6 +1605,15 @@ fn the_parsers_of_this_file_read_the_code_as_written() {
             ("B_MS".to_owned(), setting(Some("5"), false)),
             ("C_TOKEN".to_owned(), setting(None, true)),
         ])
+    );
+    let shared = r#"
+        #[arg(id = "grpc_addr", long = "grpc-addr", env = "GRPC_ADDR", required = false)]
+        pub addr: SocketAddr,
+    "#;
+    let config = r#"#[command(mut_arg("grpc_addr", |a| a.default_value("127.0.0.1:2")))]"#;
+    assert_eq!(
+        shared_settings(shared, config),
+        BTreeMap::from([("GRPC_ADDR".to_owned(), setting(Some("127.0.0.1:2"), false))])
     );
     assert_eq!(
         service_of_url_variable("ORDER_SVC_URL").as_deref(),
