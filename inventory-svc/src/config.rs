@@ -1,28 +1,24 @@
 //! Settings, from the command line or the environment, with defaults that run locally.
 
-use std::net::SocketAddr;
 use std::time::Duration;
+
+use runtime::config::{DatabaseArgs, GrpcArgs};
 
 /// inventory-svc: stock and reservations of the order saga.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "inventory-svc", version, about)]
+#[command(
+    name = "inventory-svc",
+    version,
+    about,
+    mut_arg("database_url", |a| a.default_value("postgres://postgres@localhost:5432/inventory")),
+    mut_arg("grpc_addr", |a| a.default_value("127.0.0.1:50052"))
+)]
 pub struct Config {
-    /// PostgreSQL database of this service (created and migrated at start).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/inventory"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
-    /// Size of the database connection pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub database_max_connections: u32,
-
-    /// Address of the gRPC server (port 0: any free port).
-    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50052")]
-    pub grpc_addr: SocketAddr,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
 
     /// How long a reservation holds stock before the sweep releases it.
     #[arg(long, env = "RESERVATION_TTL_SECS", default_value_t = 900,
@@ -49,18 +45,11 @@ impl Config {
 
     /// Logs the settings, with the database password masked.
     pub fn log(&self) {
+        runtime::config::log(&self.database, &self.grpc);
         tracing::info!(
-            database_url = %runtime::redact_url(&self.database_url),
-            database_max_connections = self.database_max_connections,
-            grpc_addr = %self.grpc_addr,
             reservation_ttl_secs = self.reservation_ttl_secs,
             reservation_sweep_interval_ms = self.reservation_sweep_interval_ms,
-            kafka_brokers = %self.kafka.brokers,
-            kafka_topic_prefix = %self.kafka.topic_prefix,
-            kafka_partitions = self.kafka.partitions,
-            kafka_fetch_wait_max_ms = self.kafka.fetch_wait_max_ms,
-            kafka_linger_ms = self.kafka.linger_ms,
-            consumer_batch_max = self.kafka.batch_max,
+            kafka = ?self.kafka,
             "configuration"
         );
     }
@@ -75,11 +64,11 @@ mod tests {
     #[test]
     fn defaults_run_locally() {
         let config = Config::parse_from(["inventory-svc"]);
-        assert_eq!(config.grpc_addr.port(), 50052);
-        assert!(config.database_url.ends_with("/inventory"));
+        assert_eq!(config.grpc.addr.port(), 50052);
+        assert!(config.database.url.ends_with("/inventory"));
         assert_eq!(config.reservation_ttl_secs, 900);
         assert_eq!(config.reservation_sweep_interval_ms, 1000);
-        assert_eq!(config.database_max_connections, 8);
+        assert_eq!(config.database.max_connections, 8);
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub enum Error {
     Invalid { field: &'static str, reason: String },
     #[error("{0}")]
     NotFound(String),
-    /// The database failed: unreachable or overloaded for now (UNAVAILABLE), or in a way that
-    /// retrying will not cure (INTERNAL); [`runtime::database::is_transient`] tells which.
+    /// The database refused or failed; [`runtime::error::database_status`] tells the client
+    /// whether to retry.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -28,14 +28,7 @@ impl From<Error> for tonic::Status {
         match error {
             Error::Invalid { .. } => tonic::Status::invalid_argument(error.to_string()),
             Error::NotFound(message) => tonic::Status::not_found(message),
-            Error::Database(e) if runtime::database::is_transient(&e) => {
-                tracing::warn!(error = %e, "database unavailable");
-                tonic::Status::unavailable("inventory database unavailable, retry later")
-            }
-            Error::Database(e) => {
-                tracing::error!(error = %e, "database error");
-                tonic::Status::internal("internal error; inventory-svc's logs have the details")
-            }
+            Error::Database(e) => runtime::error::database_status(crate::SERVICE, &e),
         }
     }
 }

@@ -1,13 +1,12 @@
 //! The `inventory.v1.InventoryService` gRPC API: stock levels for operators and reservations.
 
-pub(crate) mod convert;
-
 use proto::inventory::v1 as pb;
 use proto::inventory::v1::inventory_service_server::InventoryService;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::convert;
 use crate::domain::{Sku, MAX_AVAILABLE};
 use crate::error::Error;
 use crate::store;
@@ -152,23 +151,15 @@ impl InventoryService for InventoryApi {
         &self,
         _request: Request<pb::ListReservationsRequest>,
     ) -> Result<Response<Self::ListReservationsStream>, Status> {
-        let pool = self.pool.clone();
-        Ok(Response::new(runtime::grpc::keyset_stream(
+        Ok(Response::new(runtime::grpc::table_stream(
+            crate::SERVICE,
+            self.pool.clone(),
             LIST_PAGE_SIZE,
-            move |after| {
-                let pool = pool.clone();
-                async move {
-                    let mut conn = pool.acquire().await.map_err(Error::from)?;
-                    let page =
-                        store::reservations::list_page(&mut conn, after, LIST_PAGE_SIZE as i64)
-                            .await
-                            .map_err(Error::from)?;
-                    Ok(page
-                        .into_iter()
-                        .map(|r| (r.order_id, convert::reservation(r)))
-                        .collect())
-                }
+            |pool, after, limit| async move {
+                let mut conn = pool.acquire().await?;
+                store::reservations::list_page(&mut conn, after, limit).await
             },
+            |r| (r.order_id, convert::reservation(r)),
         )))
     }
 

@@ -11,9 +11,28 @@ use sqlx::PgConnection;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::convert;
 use crate::domain::{CommitOutcome, Lines, OrderId, ReleaseOutcome, ReserveOutcome};
-use crate::grpc::convert;
 use crate::store::reservations;
+
+/// A command of `inventory.commands`, decoded.
+enum Command {
+    Reserve(pb::ReserveInventory),
+    Commit(pb::CommitInventory),
+    Release(pb::ReleaseInventory),
+}
+
+impl Command {
+    /// A message of a type not listed here is refused (and dead-lettered).
+    fn decode(message: &Incoming) -> Result<Self, HandlerError> {
+        Ok(match message.message_type() {
+            t if t == pb::ReserveInventory::full_name() => Self::Reserve(message.decode()?),
+            t if t == pb::CommitInventory::full_name() => Self::Commit(message.decode()?),
+            t if t == pb::ReleaseInventory::full_name() => Self::Release(message.decode()?),
+            _ => return Err(message.unknown_type()),
+        })
+    }
+}
 
 /// Handles ReserveInventory, CommitInventory and ReleaseInventory.
 #[derive(Clone, Debug)]
@@ -35,28 +54,29 @@ impl CommandHandler {
         conn: &mut PgConnection,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let message_type = message.message_type();
         let order_id = &message.envelope.saga_id;
-        if message_type == pb::ReserveInventory::full_name() {
-            let span = tracing::info_span!("inventory.reserve", %order_id);
-            self.reserve(conn, message).instrument(span).await
-        } else if message_type == pb::CommitInventory::full_name() {
-            let span = tracing::info_span!("inventory.commit", %order_id);
-            self.commit(conn, message).instrument(span).await
-        } else if message_type == pb::ReleaseInventory::full_name() {
-            let span = tracing::info_span!("inventory.release", %order_id);
-            self.release(conn, message).instrument(span).await
-        } else {
-            Err(message.unknown_type())
+        match Command::decode(message)? {
+            Command::Reserve(command) => {
+                let span = tracing::info_span!("inventory.reserve", %order_id);
+                self.reserve(conn, command, message).instrument(span).await
+            }
+            Command::Commit(command) => {
+                let span = tracing::info_span!("inventory.commit", %order_id);
+                self.commit(conn, command, message).instrument(span).await
+            }
+            Command::Release(command) => {
+                let span = tracing::info_span!("inventory.release", %order_id);
+                self.release(conn, command, message).instrument(span).await
+            }
         }
     }
 
     async fn reserve(
         &self,
         conn: &mut PgConnection,
+        command: pb::ReserveInventory,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let command: pb::ReserveInventory = message.decode()?;
         let order_id = order_id(&command.order_id)?;
         let lines = Lines::merge(command.lines.iter().map(|l| (l.sku.as_str(), l.quantity)))
             .map_err(|e| {
@@ -90,9 +110,9 @@ impl CommandHandler {
     async fn commit(
         &self,
         conn: &mut PgConnection,
+        command: pb::CommitInventory,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let command: pb::CommitInventory = message.decode()?;
         let order_id = order_id(&command.order_id)?;
         match reservations::commit(conn, order_id).await? {
             CommitOutcome::Committed { reservation_id } => {
@@ -117,9 +137,9 @@ impl CommandHandler {
     async fn release(
         &self,
         conn: &mut PgConnection,
+        command: pb::ReleaseInventory,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let command: pb::ReleaseInventory = message.decode()?;
         let order_id = order_id(&command.order_id)?;
         let outcome = reservations::release(conn, order_id, &command.reason).await?;
         match outcome {

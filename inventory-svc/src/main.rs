@@ -1,16 +1,10 @@
-use clap::Parser as _;
 use inventory_svc::{App, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let telemetry = telemetry::init(inventory_svc::SERVICE);
-    let config = Config::parse();
-    config.log();
-    let result = async {
-        let app = App::build(config).await?;
-        app.run(runtime::shutdown::on_signal()).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    result
+    runtime::service::main(telemetry, Config::log, |config, cancel| async move {
+        App::build(config).await?.run(cancel).await
+    })
+    .await
 }

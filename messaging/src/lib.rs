@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod outbox;
 pub mod relay;
 mod retry;
+pub mod service;
 
 pub use after_commit::after_commit;
 pub use consumer::{Consumer, Handler, HandlerError, Incoming};

@@ -2,25 +2,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use messaging::KafkaArgs;
+use runtime::config::{DatabaseArgs, GrpcArgs};
 
 /// The saga orchestrator. Every setting can also be given by the environment variable shown.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "orchestrator", version, about)]
+#[command(
+    name = "orchestrator",
+    version,
+    about,
+    mut_arg("database_url", |a| a.default_value("postgres://postgres@localhost:5432/orchestrator")),
+    // Health and reflection only: the orchestrator's own API is the operators' (ADMIN_ADDR).
+    mut_arg("grpc_addr", |a| a.default_value("127.0.0.1:50054"))
+)]
 pub struct Config {
-    /// PostgreSQL database of the orchestrator (created if missing).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/orchestrator"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
-    pub database_max_connections: u32,
-
-    /// gRPC address (health and reflection; 0 as port picks a free one).
-    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50054")]
-    pub grpc_addr: SocketAddr,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
 
     /// Address of the operators' gRPC API (SagaAdmin, with health and reflection), apart from
     /// anything customers reach (0 as port picks a free one).
@@ -81,9 +80,8 @@ impl Config {
 
     /// Logs the settings, with the database password masked.
     pub fn log(&self) {
+        runtime::config::log(&self.database, &self.grpc);
         tracing::info!(
-            database_url = %runtime::redact_url(&self.database_url),
-            grpc_addr = %self.grpc_addr,
             admin_addr = %self.admin_addr,
             admin_token = if self.admin_token().1 { "development default" } else { "***" },
             payment_deadline_secs = self.payment_deadline_secs,

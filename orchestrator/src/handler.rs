@@ -157,59 +157,72 @@ impl Handler for SagaHandler {
     }
 }
 
-/// The order id and saga input a message carries.
+/// The order id and saga input a message carries. A message of a type not listed here is
+/// refused (and dead-lettered, its saga flagged).
 pub fn decode(message: &Incoming) -> Result<(Uuid, Input), HandlerError> {
-    let t = message.message_type();
-    let decoded = if t == order::OrderCreated::full_name() {
-        let m: order::OrderCreated = message.decode()?;
-        (m.order_id.clone(), order_created(m)?)
-    } else if t == inventory::InventoryReserved::full_name() {
-        let m: inventory::InventoryReserved = message.decode()?;
-        let reservation_id = uuid_field("reservation_id", &m.reservation_id)?;
-        (m.order_id, Input::InventoryReserved { reservation_id })
-    } else if t == inventory::InventoryReservationFailed::full_name() {
-        let m: inventory::InventoryReservationFailed = message.decode()?;
-        (
-            m.order_id,
-            Input::InventoryReservationFailed { reason: m.reason },
-        )
-    } else if t == inventory::InventoryCommitted::full_name() {
-        let m: inventory::InventoryCommitted = message.decode()?;
-        (m.order_id, Input::InventoryCommitted)
-    } else if t == inventory::InventoryCommitFailed::full_name() {
-        let m: inventory::InventoryCommitFailed = message.decode()?;
-        (
-            m.order_id,
-            Input::InventoryCommitFailed { reason: m.reason },
-        )
-    } else if t == inventory::InventoryReleased::full_name() {
-        let m: inventory::InventoryReleased = message.decode()?;
-        (m.order_id, Input::InventoryReleased)
-    } else if t == payment::PaymentInitiated::full_name() {
-        let m: payment::PaymentInitiated = message.decode()?;
-        let payment_id = uuid_field("payment_id", &m.payment_id)?;
-        (m.order_id, Input::PaymentInitiated { payment_id })
-    } else if t == payment::PaymentSucceeded::full_name() {
-        let m: payment::PaymentSucceeded = message.decode()?;
-        let payment_id = uuid_field("payment_id", &m.payment_id)?;
-        (m.order_id, Input::PaymentSucceeded { payment_id })
-    } else if t == payment::PaymentFailed::full_name() {
-        let m: payment::PaymentFailed = message.decode()?;
-        (m.order_id, Input::PaymentFailed { reason: m.reason })
-    } else if t == payment::PaymentVoided::full_name() {
-        let m: payment::PaymentVoided = message.decode()?;
-        (m.order_id, Input::PaymentVoided)
-    } else if t == payment::PaymentRefunded::full_name() {
-        let m: payment::PaymentRefunded = message.decode()?;
-        (m.order_id, Input::PaymentRefunded)
-    } else if t == order::OrderCompleted::full_name() {
-        let m: order::OrderCompleted = message.decode()?;
-        (m.order_id, Input::OrderCompleted)
-    } else if t == order::OrderFailed::full_name() {
-        let m: order::OrderFailed = message.decode()?;
-        (m.order_id, Input::OrderFailed { reason: m.reason })
-    } else {
-        return Err(message.unknown_type());
+    let decoded = match message.message_type() {
+        t if t == order::OrderCreated::full_name() => {
+            let m: order::OrderCreated = message.decode()?;
+            (m.order_id.clone(), order_created(m)?)
+        }
+        t if t == inventory::InventoryReserved::full_name() => {
+            let m: inventory::InventoryReserved = message.decode()?;
+            let reservation_id = uuid_field("reservation_id", &m.reservation_id)?;
+            (m.order_id, Input::InventoryReserved { reservation_id })
+        }
+        t if t == inventory::InventoryReservationFailed::full_name() => {
+            let m: inventory::InventoryReservationFailed = message.decode()?;
+            (
+                m.order_id,
+                Input::InventoryReservationFailed { reason: m.reason },
+            )
+        }
+        t if t == inventory::InventoryCommitted::full_name() => {
+            let m: inventory::InventoryCommitted = message.decode()?;
+            (m.order_id, Input::InventoryCommitted)
+        }
+        t if t == inventory::InventoryCommitFailed::full_name() => {
+            let m: inventory::InventoryCommitFailed = message.decode()?;
+            (
+                m.order_id,
+                Input::InventoryCommitFailed { reason: m.reason },
+            )
+        }
+        t if t == inventory::InventoryReleased::full_name() => {
+            let m: inventory::InventoryReleased = message.decode()?;
+            (m.order_id, Input::InventoryReleased)
+        }
+        t if t == payment::PaymentInitiated::full_name() => {
+            let m: payment::PaymentInitiated = message.decode()?;
+            let payment_id = uuid_field("payment_id", &m.payment_id)?;
+            (m.order_id, Input::PaymentInitiated { payment_id })
+        }
+        t if t == payment::PaymentSucceeded::full_name() => {
+            let m: payment::PaymentSucceeded = message.decode()?;
+            let payment_id = uuid_field("payment_id", &m.payment_id)?;
+            (m.order_id, Input::PaymentSucceeded { payment_id })
+        }
+        t if t == payment::PaymentFailed::full_name() => {
+            let m: payment::PaymentFailed = message.decode()?;
+            (m.order_id, Input::PaymentFailed { reason: m.reason })
+        }
+        t if t == payment::PaymentVoided::full_name() => {
+            let m: payment::PaymentVoided = message.decode()?;
+            (m.order_id, Input::PaymentVoided)
+        }
+        t if t == payment::PaymentRefunded::full_name() => {
+            let m: payment::PaymentRefunded = message.decode()?;
+            (m.order_id, Input::PaymentRefunded)
+        }
+        t if t == order::OrderCompleted::full_name() => {
+            let m: order::OrderCompleted = message.decode()?;
+            (m.order_id, Input::OrderCompleted)
+        }
+        t if t == order::OrderFailed::full_name() => {
+            let m: order::OrderFailed = message.decode()?;
+            (m.order_id, Input::OrderFailed { reason: m.reason })
+        }
+        _ => return Err(message.unknown_type()),
     };
     let (order_id, input) = decoded;
     Ok((uuid_field("order_id", &order_id)?, input))

@@ -13,11 +13,11 @@ pub mod timers;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use messaging::{Consumer, Outbox, Relay};
+use messaging::service::ServiceExt as _;
+use messaging::Outbox;
+use runtime::Service;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -28,140 +28,84 @@ pub const SERVICE: &str = "orchestrator";
 
 pub struct App {
     config: Config,
-    pool: PgPool,
-    listener: TcpListener,
+    service: Service,
+    outbox: Outbox,
+    /// The operators' API listens apart from anything customers reach.
     admin_listener: TcpListener,
 }
 
 impl App {
+    /// Connects to (and migrates) the database, creates the topics and binds both gRPC
+    /// listeners.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let pool = runtime::database::connect(
-            &config.database_url,
-            config.database_max_connections,
-            &[&messaging::MIGRATOR, &MIGRATOR],
+        let (service, outbox) = messaging::service::start(
+            SERVICE,
+            &config.database,
+            &MIGRATOR,
+            config.grpc.addr,
+            &config.kafka,
         )
         .await?;
-        config.kafka.ensure_topics().await?;
-        let listener = TcpListener::bind(config.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC address {}", config.grpc_addr))?;
-        let admin_listener = TcpListener::bind(config.admin_addr)
-            .await
-            .with_context(|| format!("binding the admin gRPC address {}", config.admin_addr))?;
+        let admin_listener = runtime::service::bind("admin gRPC", config.admin_addr).await?;
         Ok(App {
             config,
-            pool,
-            listener,
+            service,
+            outbox,
             admin_listener,
         })
     }
 
+    /// The bound gRPC address (the real port when configured with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.grpc_addr)
+        self.service.grpc_addr()
     }
 
     /// The bound address of the operators' API (SagaAdmin).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_listener
             .local_addr()
-            .unwrap_or(self.config.admin_addr)
+            .expect("a bound listener has an address")
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.service.pool()
     }
 
+    /// Relays the outbox, consumes `OrderCreated` and the services' replies, fires the saga
+    /// timers and serves the operators' API until `cancel` (or until one of them fails, which
+    /// stops the rest).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let outbox = Outbox::new(SERVICE, self.config.kafka.clone());
-        let engine = engine::Engine::new(outbox.clone(), self.config.timing());
-        let mut tasks = JoinSet::new();
-        let probes = vec![
-            runtime::health::Probe::database(self.pool.clone()),
-            self.config.kafka.probe()?,
-        ];
-
-        let relay = Relay::for_outbox(self.pool.clone(), &outbox)?;
-        tasks.spawn(runtime::shutdown::cancel_when_done(cancel.clone(), {
-            let cancel = cancel.clone();
-            async move {
-                relay.run(cancel).await;
-                Ok(())
-            }
-        }));
-
-        let consumer = Consumer::new(
-            &self.config.kafka,
-            SERVICE,
-            &[proto::topics::ORDER_EVENTS, proto::topics::SAGA_REPLIES],
-            self.pool.clone(),
-            outbox.clone(),
-        );
-        let handler = handler::SagaHandler::new(engine.clone());
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            consumer.run(handler, cancel.clone()),
-        ));
-
-        let addr = self.grpc_addr();
-        let admin_addr = self.admin_addr();
-        let (admin_token, dev_token) = self.config.admin_token();
-        let admin_grpc = tonic::transport::Server::builder()
-            .layer(telemetry::grpc::ServerLayer)
-            .add_service(
-                runtime::health::serve::<admin::AdminServer>(probes.clone(), cancel.clone()).await,
-            )
-            .add_service(runtime::grpc::reflection()?)
-            .add_service(runtime::grpc::reflection_v1alpha()?)
-            .add_service(admin::server(
-                self.pool.clone(),
-                engine.clone(),
-                &admin_token,
-            ))
-            .serve_with_incoming_shutdown(
-                runtime::grpc::incoming(self.admin_listener),
-                cancel.clone().cancelled_owned(),
-            );
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            async move { admin_grpc.await.context("admin gRPC server") },
-        ));
+        let App {
+            config,
+            service,
+            outbox,
+            admin_listener,
+        } = self;
+        let pool = service.pool().clone();
+        let engine = engine::Engine::new(outbox.clone(), config.timing());
+        let (admin_token, dev_token) = config.admin_token();
         if dev_token {
             tracing::warn!(
                 admin_token = config::DEV_ADMIN_TOKEN,
                 "ADMIN_TOKEN is not set: the admin API accepts the development token; set ADMIN_TOKEN anywhere but on a developer's machine"
             );
         }
-
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            timers::run(
-                self.pool.clone(),
-                engine,
-                Duration::from_millis(self.config.timer_poll_interval_ms),
-                cancel.clone(),
-            ),
-        ));
-
-        let grpc = tonic::transport::Server::builder()
-            .layer(telemetry::grpc::ServerLayer)
-            .add_service(
-                runtime::health::serve::<tonic_health_marker::Orchestrator>(probes, cancel.clone())
-                    .await,
+        let admin = admin::server(pool.clone(), engine.clone(), &admin_token);
+        let timer_poll = Duration::from_millis(config.timer_poll_interval_ms);
+        service
+            .health_as::<tonic_health_marker::Orchestrator>()
+            .grpc_on("admin gRPC", admin_listener, admin)
+            .relay(&outbox)?
+            .consumer(
+                &[proto::topics::ORDER_EVENTS, proto::topics::SAGA_REPLIES],
+                &outbox,
+                handler::SagaHandler::new(engine.clone()),
             )
-            .add_service(runtime::grpc::reflection()?)
-            .add_service(runtime::grpc::reflection_v1alpha()?)
-            .serve_with_incoming_shutdown(
-                runtime::grpc::incoming(self.listener),
-                cancel.clone().cancelled_owned(),
-            );
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            async move { grpc.await.context("gRPC server") },
-        ));
-        tracing::info!(grpc_addr = %addr, %admin_addr, "listening");
-
-        cancel.cancelled().await;
-        runtime::shutdown::drain(tasks, Duration::from_secs(10)).await
+            .task("saga timers", |cancel| {
+                timers::run(pool, engine, timer_poll, cancel)
+            })
+            .run(cancel, runtime::shutdown::GRACE)
+            .await
     }
 }
 

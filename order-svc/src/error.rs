@@ -18,6 +18,8 @@ pub enum Error {
     /// A dependency failed in a way that retrying will not cure; logged, never shown.
     #[error("{0}")]
     Internal(String),
+    /// The database refused or failed; [`runtime::error::database_status`] tells the client
+    /// whether to retry.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -34,17 +36,10 @@ impl From<Error> for tonic::Status {
             }
             Error::Internal(message) => {
                 tracing::error!(error = %message, "internal error");
-                tonic::Status::internal("internal error; order-svc's logs have the details")
+                runtime::error::internal_status(crate::SERVICE)
             }
             // Only what may pass is worth a retry; anything else would fail again.
-            Error::Database(e) if runtime::database::is_transient(&e) => {
-                tracing::warn!(error = %e, "database unavailable");
-                tonic::Status::unavailable("the order database is unavailable, retry later")
-            }
-            Error::Database(e) => {
-                tracing::error!(error = %e, "database error");
-                tonic::Status::internal("internal error; order-svc's logs have the details")
-            }
+            Error::Database(e) => runtime::error::database_status(crate::SERVICE, &e),
         }
     }
 }

@@ -1,7 +1,5 @@
 //! `order.v1.OrderService` over gRPC.
 
-pub mod convert;
-
 use proto::order::v1 as pb;
 use proto::order::v1::order_service_server::OrderService;
 use tonic::metadata::MetadataValue;
@@ -10,6 +8,7 @@ use tracing::Instrument as _;
 
 use std::time::Duration;
 
+use crate::convert;
 use crate::error::Error;
 use crate::orders::Orders;
 use crate::watch::{StatusWatch, MAX_WAIT};

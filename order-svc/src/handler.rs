@@ -73,27 +73,7 @@ impl Handler for OrderCommands {
         message: &Incoming,
     ) -> Result<(), HandlerError> {
         let message_type = message.message_type();
-        let (order_id, command) = if message_type == MarkPaymentInitiated::full_name() {
-            let m: MarkPaymentInitiated = message.decode()?;
-            let payment_id = PaymentId(uuid("payment_id", &m.payment_id)?);
-            (
-                m.order_id,
-                OrderCommand::MarkPaymentInitiated { payment_id },
-            )
-        } else if message_type == CompleteOrder::full_name() {
-            let m: CompleteOrder = message.decode()?;
-            (m.order_id, OrderCommand::Complete)
-        } else if message_type == FailOrder::full_name() {
-            let m: FailOrder = message.decode()?;
-            let reason = if m.reason.trim().is_empty() {
-                "failed (no reason given)".to_owned()
-            } else {
-                m.reason
-            };
-            (m.order_id, OrderCommand::Fail { reason })
-        } else {
-            return Err(message.unknown_type());
-        };
+        let (order_id, command) = decode(message)?;
         let order_id = OrderId(uuid("order_id", &order_id)?);
         let final_command = !matches!(command, OrderCommand::MarkPaymentInitiated { .. });
         match store::apply(conn, order_id, &command).await? {
@@ -132,6 +112,35 @@ impl Handler for OrderCommands {
             ))),
         }
     }
+}
+
+/// The order id and command a message of `order.commands` carries. A message of a type not
+/// listed here is refused (and dead-lettered).
+fn decode(message: &Incoming) -> Result<(String, OrderCommand), HandlerError> {
+    Ok(match message.message_type() {
+        t if t == MarkPaymentInitiated::full_name() => {
+            let m: MarkPaymentInitiated = message.decode()?;
+            let payment_id = PaymentId(uuid("payment_id", &m.payment_id)?);
+            (
+                m.order_id,
+                OrderCommand::MarkPaymentInitiated { payment_id },
+            )
+        }
+        t if t == CompleteOrder::full_name() => {
+            let m: CompleteOrder = message.decode()?;
+            (m.order_id, OrderCommand::Complete)
+        }
+        t if t == FailOrder::full_name() => {
+            let m: FailOrder = message.decode()?;
+            let reason = if m.reason.trim().is_empty() {
+                "failed (no reason given)".to_owned()
+            } else {
+                m.reason
+            };
+            (m.order_id, OrderCommand::Fail { reason })
+        }
+        _ => return Err(message.unknown_type()),
+    })
 }
 
 fn uuid(field: &str, value: &str) -> Result<Uuid, HandlerError> {

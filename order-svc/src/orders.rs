@@ -4,9 +4,9 @@ use chrono::{DateTime, Utc};
 use messaging::{MessageContext, Outbox};
 use sqlx::PgPool;
 
+use crate::convert;
 use crate::domain::{self, Order, OrderId, OrderRequest, OrderStatus, Product};
 use crate::error::Error;
-use crate::grpc::convert;
 use crate::payments::PaymentMethods;
 use crate::store::{self, NewOrder};
 

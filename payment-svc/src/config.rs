@@ -1,30 +1,25 @@
 //! Settings, from the command line or the environment, with defaults that run locally.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use runtime::config::{DatabaseArgs, GrpcArgs};
 
 use crate::provider::{PaymentProvider, Simulator};
 
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "payment-svc", about = "Payments of the order saga platform")]
+#[command(
+    name = "payment-svc",
+    about = "Payments of the order saga platform",
+    mut_arg("database_url", |a| a.default_value("postgres://postgres@localhost:5432/payments")),
+    mut_arg("grpc_addr", |a| a.default_value("127.0.0.1:50053"))
+)]
 pub struct Config {
-    /// PostgreSQL database of this service (created and migrated at start).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@localhost:5432/payments"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
-    /// Size of the connection pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub database_max_connections: u32,
-
-    /// Address of the gRPC server (port 0 picks a free port).
-    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50053")]
-    pub grpc_addr: SocketAddr,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
 
     /// Who decides payments.
     #[arg(long, env = "PAYMENT_PROVIDER", value_enum, default_value_t = ProviderKind::Simulator)]
@@ -62,18 +57,11 @@ impl Config {
 
     /// Prints the settings, with the database password masked.
     pub fn log(&self) {
+        runtime::config::log(&self.database, &self.grpc);
         tracing::info!(
-            database_url = %runtime::redact_url(&self.database_url),
-            database_max_connections = self.database_max_connections,
-            grpc_addr = %self.grpc_addr,
             payment_provider = ?self.payment_provider,
             payment_provider_timeout_ms = self.payment_provider_timeout_ms,
-            kafka_brokers = %self.kafka.brokers,
-            kafka_topic_prefix = %self.kafka.topic_prefix,
-            kafka_partitions = self.kafka.partitions,
-            kafka_fetch_wait_max_ms = self.kafka.fetch_wait_max_ms,
-            kafka_linger_ms = self.kafka.linger_ms,
-            consumer_batch_max = self.kafka.batch_max,
+            kafka = ?self.kafka,
             "configuration"
         );
     }
@@ -89,11 +77,11 @@ mod tests {
     fn defaults_run_locally() {
         let config = Config::try_parse_from(["payment-svc"]).unwrap();
         assert_eq!(
-            config.database_url,
+            config.database.url,
             "postgres://postgres@localhost:5432/payments"
         );
-        assert_eq!(config.grpc_addr, "127.0.0.1:50053".parse().unwrap());
-        assert_eq!(config.database_max_connections, 8);
+        assert_eq!(config.grpc.addr, "127.0.0.1:50053".parse().unwrap());
+        assert_eq!(config.database.max_connections, 8);
         assert_eq!(config.payment_provider, ProviderKind::Simulator);
         assert_eq!(config.provider_timeout(), Duration::from_secs(10));
     }

@@ -19,8 +19,8 @@ pub enum Error {
     /// Something that should not happen; logged, never shown.
     #[error("{0}")]
     Internal(String),
-    /// The database failed: unreachable or overloaded for now (UNAVAILABLE), or in a way that
-    /// retrying will not cure (INTERNAL); [`runtime::database::is_transient`] tells which.
+    /// The database refused or failed; [`runtime::error::database_status`] tells the client
+    /// whether to retry.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -37,16 +37,9 @@ impl From<Error> for Status {
             }
             Error::Internal(message) => {
                 tracing::error!(error = %message, "internal error");
-                Status::internal("internal error; payment-svc's logs have the details")
+                runtime::error::internal_status(crate::SERVICE)
             }
-            Error::Database(e) if runtime::database::is_transient(&e) => {
-                tracing::warn!(error = %e, "database unavailable");
-                Status::unavailable("the payment database is unavailable, try again")
-            }
-            Error::Database(e) => {
-                tracing::error!(error = %e, "database error");
-                Status::internal("internal error; payment-svc's logs have the details")
-            }
+            Error::Database(e) => runtime::error::database_status(crate::SERVICE, &e),
         }
     }
 }

@@ -1,7 +1,5 @@
 //! `payment.v1.PaymentService`.
 
-pub mod convert;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,15 +12,11 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::convert;
 use crate::error::Error;
 use crate::payment::{OrderId, Payment, PaymentId, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
-
-/// gRPC metadata carrying the saga's correlation id.
-pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
-const TRACEPARENT_HEADER: &str = "traceparent";
-const TRACESTATE_HEADER: &str = "tracestate";
 
 /// Longest payment method token accepted (order-svc accepts no longer).
 const MAX_PAYMENT_METHOD_CHARS: usize = 255;
@@ -219,24 +213,6 @@ fn saga_context(payment: &Payment, request: &MessageContext) -> MessageContext {
     }
 }
 
-/// The correlation id and trace context a request carries in its metadata.
-fn request_context<T>(request: &Request<T>) -> MessageContext {
-    let header = |name: &str| {
-        request
-            .metadata()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    MessageContext {
-        correlation_id: header(CORRELATION_ID_HEADER),
-        causation_id: String::new(),
-        traceparent: header(TRACEPARENT_HEADER),
-        tracestate: header(TRACESTATE_HEADER),
-    }
-}
-
 #[tonic::async_trait]
 impl PaymentService for PaymentGrpc {
     type ListPaymentsStream = runtime::grpc::ServerStream<pb::Payment>;
@@ -245,21 +221,12 @@ impl PaymentService for PaymentGrpc {
         &self,
         _request: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<Self::ListPaymentsStream>, Status> {
-        let pool = self.pool.clone();
-        Ok(Response::new(runtime::grpc::keyset_stream(
+        Ok(Response::new(runtime::grpc::table_stream(
+            crate::SERVICE,
+            self.pool.clone(),
             LIST_PAGE_SIZE,
-            move |after| {
-                let pool = pool.clone();
-                async move {
-                    let page = store::list_page(&pool, after, LIST_PAGE_SIZE as i64)
-                        .await
-                        .map_err(Error::from)?;
-                    Ok(page
-                        .iter()
-                        .map(|p| (p.order_id, convert::payment(p)))
-                        .collect())
-                }
-            },
+            |pool, after, limit| async move { store::list_page(&pool, after, limit).await },
+            |p| (p.order_id, convert::payment(&p)),
         )))
     }
 
@@ -267,7 +234,7 @@ impl PaymentService for PaymentGrpc {
         &self,
         request: Request<pb::VerifyPaymentRequest>,
     ) -> Result<Response<pb::VerifyPaymentResponse>, Status> {
-        let context = request_context(&request);
+        let context = messaging::service::request_context(request.metadata());
         let id = PaymentId(convert::uuid("payment_id", &request.get_ref().payment_id)?);
         let payment = self.verify(id, &context).await?;
         Ok(Response::new(pb::VerifyPaymentResponse {

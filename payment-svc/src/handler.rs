@@ -16,13 +16,32 @@ use sqlx::PgConnection;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::grpc::convert;
+use crate::convert;
 use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
 /// Currency of a charge that names none: the platform sells in US dollars.
 const DEFAULT_CURRENCY: &str = "USD";
+
+/// A command of `payment.commands`, decoded.
+enum Command {
+    Charge(pb::ChargePayment),
+    Void(pb::VoidPayment),
+    Refund(pb::RefundPayment),
+}
+
+impl Command {
+    /// A message of a type not listed here is refused (and dead-lettered).
+    fn decode(message: &Incoming) -> Result<Self, HandlerError> {
+        Ok(match message.message_type() {
+            t if t == pb::ChargePayment::full_name() => Self::Charge(message.decode()?),
+            t if t == pb::VoidPayment::full_name() => Self::Void(message.decode()?),
+            t if t == pb::RefundPayment::full_name() => Self::Refund(message.decode()?),
+            _ => return Err(message.unknown_type()),
+        })
+    }
+}
 
 pub struct PaymentCommands {
     outbox: Outbox,
@@ -63,9 +82,9 @@ impl PaymentCommands {
     async fn charge(
         &self,
         conn: &mut PgConnection,
+        command: pb::ChargePayment,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let command: pb::ChargePayment = message.decode()?;
         let order_id = order_id(&command.order_id)?;
         if command.amount_cents < 0 {
             return Err(HandlerError::Permanent(format!(
@@ -221,8 +240,12 @@ impl PaymentCommands {
         })
     }
 
-    async fn void(&self, conn: &mut PgConnection, message: &Incoming) -> Result<(), HandlerError> {
-        let command: pb::VoidPayment = message.decode()?;
+    async fn void(
+        &self,
+        conn: &mut PgConnection,
+        command: pb::VoidPayment,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
         let order_id = order_id(&command.order_id)?;
         let payment = self
             .compensate(
@@ -245,9 +268,9 @@ impl PaymentCommands {
     async fn refund(
         &self,
         conn: &mut PgConnection,
+        command: pb::RefundPayment,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let command: pb::RefundPayment = message.decode()?;
         let order_id = order_id(&command.order_id)?;
         let payment = self
             .compensate(
@@ -281,19 +304,20 @@ impl Handler for PaymentCommands {
         conn: &mut PgConnection,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let kind = message.message_type();
         let order_id = &message.envelope.saga_id;
-        if kind == pb::ChargePayment::full_name() {
-            let span = tracing::info_span!("payment.charge", %order_id);
-            self.charge(conn, message).instrument(span).await
-        } else if kind == pb::VoidPayment::full_name() {
-            let span = tracing::info_span!("payment.void", %order_id);
-            self.void(conn, message).instrument(span).await
-        } else if kind == pb::RefundPayment::full_name() {
-            let span = tracing::info_span!("payment.refund", %order_id);
-            self.refund(conn, message).instrument(span).await
-        } else {
-            Err(message.unknown_type())
+        match Command::decode(message)? {
+            Command::Charge(command) => {
+                let span = tracing::info_span!("payment.charge", %order_id);
+                self.charge(conn, command, message).instrument(span).await
+            }
+            Command::Void(command) => {
+                let span = tracing::info_span!("payment.void", %order_id);
+                self.void(conn, command, message).instrument(span).await
+            }
+            Command::Refund(command) => {
+                let span = tracing::info_span!("payment.refund", %order_id);
+                self.refund(conn, command, message).instrument(span).await
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `saga.replies` through the transactional outbox.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod handler;
@@ -13,14 +14,12 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context as _;
-use messaging::{Consumer, Outbox, Relay};
+use messaging::service::ServiceExt as _;
+use messaging::Outbox;
 use proto::payment::v1::payment_service_server::PaymentServiceServer;
+use runtime::Service;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -33,37 +32,34 @@ use crate::provider::PaymentProvider;
 /// The service's name: its consumer group and the source of its messages.
 pub const SERVICE: &str = "payment-svc";
 
-/// How long running work may take to finish after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// This service's migrations (versions from 100), run after [`messaging::MIGRATOR`].
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub struct App {
     config: Config,
-    pool: PgPool,
-    listener: TcpListener,
+    service: Service,
+    /// One outbox for the handler, the gRPC service and the relay, so that their commits wake
+    /// the relay in memory.
+    outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
 }
 
 impl App {
     /// Connects to and migrates the database, creates the topics and binds the gRPC listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let pool = runtime::database::connect(
-            &config.database_url,
-            config.database_max_connections,
-            &[&messaging::MIGRATOR, &MIGRATOR],
+        let (service, outbox) = messaging::service::start(
+            SERVICE,
+            &config.database,
+            &MIGRATOR,
+            config.grpc.addr,
+            &config.kafka,
         )
         .await?;
-        config.kafka.ensure_topics().await?;
-        let listener = TcpListener::bind(config.grpc_addr)
-            .await
-            .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
         let provider = config.payment_provider.build();
         Ok(App {
             config,
-            pool,
-            listener,
+            service,
+            outbox,
             provider,
         })
     }
@@ -74,13 +70,13 @@ impl App {
         self
     }
 
+    /// The bound gRPC address (the real port when configured with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
-        // The bound address, which differs from the configured one for port 0.
-        self.listener.local_addr().unwrap_or(self.config.grpc_addr)
+        self.service.grpc_addr()
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.service.pool()
     }
 
     pub fn config(&self) -> &Config {
@@ -89,7 +85,7 @@ impl App {
 
     /// The outbox this service's messages go through.
     pub fn outbox(&self) -> Outbox {
-        Outbox::new(SERVICE, self.config.kafka.clone())
+        self.outbox.clone()
     }
 
     /// The handler of `payment.commands`, as the consumer runs it.
@@ -104,86 +100,24 @@ impl App {
     /// Serves gRPC, publishes the outbox and consumes the saga's commands until `cancel` (or
     /// until one of them fails, which stops the rest).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let addr = self.grpc_addr();
-        // One outbox for the handler, the gRPC service and the relay, so that their commits
-        // wake the relay in memory.
-        let outbox = self.outbox();
-        let handler = PaymentCommands::new(
-            outbox.clone(),
-            self.provider.clone(),
-            self.config.provider_timeout(),
-        );
+        let handler = self.handler();
         let App {
             config,
-            pool,
-            listener,
+            service,
+            outbox,
             provider,
         } = self;
-
-        let health = runtime::health::serve::<PaymentServiceServer<PaymentGrpc>>(
-            vec![
-                runtime::health::Probe::database(pool.clone()),
-                config.kafka.probe()?,
-            ],
-            cancel.clone(),
-        )
-        .await;
-        let service = PaymentServiceServer::new(PaymentGrpc::new(
-            pool.clone(),
+        let api = PaymentGrpc::new(
+            service.pool().clone(),
             outbox.clone(),
             provider,
             config.provider_timeout(),
-        ));
-        let server = tonic::transport::Server::builder()
-            .layer(telemetry::grpc::ServerLayer)
-            .add_service(health)
-            .add_service(runtime::grpc::reflection()?)
-            .add_service(runtime::grpc::reflection_v1alpha()?)
-            .add_service(service);
-        let relay = Relay::for_outbox(pool.clone(), &outbox)?;
-        let consumer = Consumer::new(
-            &config.kafka,
-            SERVICE,
-            &[proto::topics::PAYMENT_COMMANDS],
-            pool,
-            outbox,
         );
-
-        let mut tasks = JoinSet::new();
-        let shutdown = cancel.clone();
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            async move {
-                server
-                    .serve_with_incoming_shutdown(
-                        runtime::grpc::incoming(listener),
-                        shutdown.cancelled_owned(),
-                    )
-                    .await
-                    .context("gRPC server")
-            },
-        ));
-        let shutdown = cancel.clone();
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            async move {
-                relay.run(shutdown).await;
-                Ok(())
-            },
-        ));
-        let shutdown = cancel.clone();
-        tasks.spawn(runtime::shutdown::cancel_when_done(
-            cancel.clone(),
-            async move {
-                consumer
-                    .run(handler, shutdown)
-                    .await
-                    .context("payment.commands consumer")
-            },
-        ));
-        tracing::info!(%addr, "listening");
-
-        cancel.cancelled().await;
-        runtime::shutdown::drain(tasks, SHUTDOWN_GRACE).await
+        service
+            .grpc(PaymentServiceServer::new(api))
+            .relay(&outbox)?
+            .consumer(&[proto::topics::PAYMENT_COMMANDS], &outbox, handler)
+            .run(cancel, runtime::shutdown::GRACE)
+            .await
     }
 }

@@ -87,6 +87,36 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// [`keyset_stream`] over the rows of a table: `fetch(pool, after, limit)` reads up to `limit`
+/// rows after `after` from `pool`, and `item` makes each row its key and message. A database
+/// error ends the stream with the status [`crate::error::database_status`] gives it, for
+/// `service`.
+pub fn table_stream<K, R, T, F, Fut>(
+    service: &'static str,
+    pool: sqlx::PgPool,
+    page_size: usize,
+    fetch: F,
+    item: fn(R) -> (K, T),
+) -> ServerStream<T>
+where
+    K: Send + 'static,
+    R: Send + 'static,
+    T: Send + 'static,
+    F: Fn(sqlx::PgPool, Option<K>, i64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<R>, sqlx::Error>> + Send,
+{
+    let limit = i64::try_from(page_size).unwrap_or(i64::MAX);
+    keyset_stream(page_size, move |after| {
+        let page = fetch(pool.clone(), after, limit);
+        async move {
+            let rows = page
+                .await
+                .map_err(|e| crate::error::database_status(service, &e))?;
+            Ok(rows.into_iter().map(item).collect())
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use tokio_stream::StreamExt as _;

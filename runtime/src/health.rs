@@ -76,13 +76,22 @@ pub async fn serve<S: NamedService>(
     probes: Vec<Probe>,
     cancel: CancellationToken,
 ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
-    let (reporter, service) = tonic_health::server::health_reporter();
+    serve_named(S::NAME, probes, cancel).await
+}
+
+/// [`serve`] for the service named `service`.
+pub async fn serve_named(
+    service: &'static str,
+    probes: Vec<Probe>,
+    cancel: CancellationToken,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, server) = tonic_health::server::health_reporter();
     reporter
         .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
-    let serving = update(&reporter, S::NAME, &probes, None).await;
-    tokio::spawn(watch(reporter, S::NAME, probes, serving, cancel));
-    service
+    let serving = update(&reporter, service, &probes, None).await;
+    tokio::spawn(watch(reporter, service, probes, serving, cancel));
+    server
 }
 
 /// Sets the status of `service` and of the server as a whole (the empty service name).

@@ -1,10 +1,15 @@
 //! What every service binary does at start and stop, and the checks every gRPC edge makes.
 
+pub mod config;
 pub mod database;
+pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod service;
 pub mod shutdown;
 pub mod text;
+
+pub use service::Service;
 
 /// `url` with its password masked, for printing configuration.
 pub fn redact_url(url: &str) -> String {

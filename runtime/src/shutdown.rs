@@ -36,6 +36,9 @@ pub fn on_signal() -> CancellationToken {
     token
 }
 
+/// How long a service's tasks get to finish once shutdown began, before they are aborted.
+pub const GRACE: Duration = Duration::from_secs(10);
+
 /// Waits for `tasks` to finish after shutdown began, at most `grace`; what is still running
 /// then is aborted (its work is safe to redo: nothing is acknowledged before it commits).
 pub async fn drain(

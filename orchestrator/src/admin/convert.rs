@@ -3,9 +3,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use messaging::MessageContext;
 use proto::saga::v1 as pb;
-use tonic::metadata::MetadataMap;
 use uuid::Uuid;
 
 use super::error::Error;
@@ -13,10 +11,7 @@ use crate::saga::{Command, Compensation, SagaState};
 use crate::store::admin::{Cursor, HistoryRecord, SagaRecord};
 
 /// Metadata carrying the caller's correlation id.
-pub const CORRELATION_ID: &str = "x-correlation-id";
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
-const MAX_HEADER_CHARS: usize = 512;
+pub use messaging::service::CORRELATION_ID;
 
 pub fn state(state: SagaState) -> pb::SagaState {
     match state {
@@ -213,26 +208,6 @@ pub fn cursor(token: &str) -> Result<Cursor, Error> {
         created_at,
         saga_id,
     })
-}
-
-/// The context of the commands an operator's request causes: the request's correlation id
-/// (the saga keeps its own for the messages it sends) and trace context, caused by the request.
-pub fn message_context(metadata: &MetadataMap, causation_id: &str) -> MessageContext {
-    let text = |key: &str| {
-        metadata
-            .get(key)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.len() <= MAX_HEADER_CHARS)
-            .map(str::to_owned)
-            .unwrap_or_default()
-    };
-    MessageContext {
-        correlation_id: text(CORRELATION_ID),
-        causation_id: causation_id.to_owned(),
-        traceparent: text(TRACEPARENT),
-        tracestate: text(TRACESTATE),
-    }
 }
 
 #[cfg(test)]

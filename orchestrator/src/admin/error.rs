@@ -18,8 +18,10 @@ pub enum Error {
     /// The saga's stored data cannot be read: a bug, or a hand-made change.
     #[error("{0}")]
     Corrupt(String),
+    /// The database refused or failed; [`runtime::error::database_status`] tells the client
+    /// whether to retry.
     #[error("database: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Database(#[from] sqlx::Error),
 }
 
 impl From<StoreError> for Error {
@@ -27,7 +29,7 @@ impl From<StoreError> for Error {
         match e {
             StoreError::Conflict(_) => Error::Conflict(e.to_string()),
             StoreError::Corrupt { .. } => Error::Corrupt(e.to_string()),
-            StoreError::Database(db) => Error::Unavailable(db),
+            StoreError::Database(db) => Error::Database(db),
         }
     }
 }
@@ -43,12 +45,7 @@ impl From<Error> for tonic::Status {
                 tracing::error!(error = %message, "unreadable saga");
                 tonic::Status::internal(message)
             }
-            Error::Unavailable(e) => {
-                tracing::error!(error = %e, "database error");
-                tonic::Status::unavailable(
-                    "the orchestrator's database is unavailable, retry later",
-                )
-            }
+            Error::Database(e) => runtime::error::database_status(crate::SERVICE, &e),
         }
     }
 }

@@ -52,6 +52,15 @@ pub struct SagaAdminApi {
     engine: Engine,
 }
 
+/// Why an operator's request was not applied by one attempt.
+enum Unapplied {
+    /// The saga's state refuses the input.
+    Refused(&'static str),
+    /// The step failed: a concurrent change (transient, tried again) or unreadable data.
+    Step(HandlerError),
+    Failed(Error),
+}
+
 /// An operator's request to step a saga.
 struct Operation<'a> {
     saga_id: Uuid,
@@ -182,7 +191,10 @@ impl SagaAdminApi {
                 .clone()
                 .unwrap_or_else(|| Uuid::now_v7().to_string())
         );
-        let mut context = convert::message_context(operation.metadata, &message_id);
+        // The request's correlation id (the saga keeps its own for the messages it sends) and
+        // trace context; its commands are caused by the operator's request.
+        let mut context = messaging::service::request_context(operation.metadata);
+        context.causation_id = message_id.clone();
         let mut last_conflict = String::new();
         for attempt in 1..=CONFLICT_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
@@ -213,17 +225,33 @@ impl SagaAdminApi {
                 message_type: operation.message_type.to_owned(),
                 context: Some(context.clone()),
             };
-            match self
-                .engine
-                .try_step(&mut tx, saga_id, &operation.input, &trigger)
-                .await
-            {
-                Ok(Ok(saga)) => {
-                    if let Some(reason) = &operation.reason {
-                        queries::set_operator_reason(&mut tx, saga_id, &message_id, reason).await?;
-                    }
-                    let detail = self.detail(&mut tx, saga_id).await?;
-                    tx.commit().await?;
+            // The step's metrics are recorded once its transaction commits, never for an
+            // attempt rolled back (and retried).
+            let applied = messaging::after_commit::scope(async {
+                let saga = match self
+                    .engine
+                    .try_step(&mut tx, saga_id, &operation.input, &trigger)
+                    .await
+                {
+                    Ok(Ok(saga)) => saga,
+                    Ok(Err(why)) => return Err(Unapplied::Refused(why)),
+                    Err(e) => return Err(Unapplied::Step(e)),
+                };
+                if let Some(reason) = &operation.reason {
+                    queries::set_operator_reason(&mut tx, saga_id, &message_id, reason)
+                        .await
+                        .map_err(|e| Unapplied::Failed(e.into()))?;
+                }
+                let detail = self
+                    .detail(&mut tx, saga_id)
+                    .await
+                    .map_err(Unapplied::Failed)?;
+                tx.commit().await.map_err(|e| Unapplied::Failed(e.into()))?;
+                Ok((saga, detail))
+            })
+            .await;
+            match applied {
+                Ok((saga, detail)) => {
                     self.engine.committed();
                     tracing::info!(
                         %saga_id,
@@ -236,7 +264,7 @@ impl SagaAdminApi {
                     );
                     return Ok(detail);
                 }
-                Ok(Err(why)) => {
+                Err(Unapplied::Refused(why)) => {
                     let failing = match (&stored.saga.failure_reason, stored.saga.state) {
                         (
                             Some(reason),
@@ -251,12 +279,12 @@ impl SagaAdminApi {
                         stored.saga.state
                     )));
                 }
-                Err(HandlerError::Transient(e)) => {
-                    drop(tx);
+                Err(Unapplied::Step(HandlerError::Transient(e))) => {
                     last_conflict = e;
                     tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
                 }
-                Err(HandlerError::Permanent(e)) => return Err(Error::Corrupt(e)),
+                Err(Unapplied::Step(HandlerError::Permanent(e))) => return Err(Error::Corrupt(e)),
+                Err(Unapplied::Failed(e)) => return Err(e),
             }
         }
         Err(Error::Conflict(format!(

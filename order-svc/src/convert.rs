@@ -1,4 +1,5 @@
-//! Conversion between the protobuf contracts and the domain, at the edge of the service.
+//! Conversion between the protobuf contracts and the domain, at the edge of the service: for
+//! its gRPC API and for the messages it sends and receives over Kafka.
 
 use chrono::{DateTime, Utc};
 use messaging::MessageContext;
@@ -9,13 +10,7 @@ use uuid::Uuid;
 use crate::domain::{Order, OrderId, OrderLine, OrderRequest, OrderStatus, Product};
 use crate::error::Error;
 
-/// Metadata carrying the saga's correlation id (made by the gateway from `X-Correlation-ID`).
-pub const CORRELATION_ID: &str = "x-correlation-id";
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
-/// Longest correlation id taken from a caller; a longer one is replaced.
-const MAX_CORRELATION_ID_CHARS: usize = 128;
-const MAX_TRACE_HEADER_CHARS: usize = 512;
+pub use messaging::service::CORRELATION_ID;
 
 pub fn order_request(request: pb::CreateOrderRequest) -> Result<OrderRequest, Error> {
     OrderRequest::new(
@@ -59,24 +54,14 @@ pub fn page_token(token: &str) -> Result<(DateTime<Utc>, OrderId), Error> {
     Ok((created_at, id))
 }
 
-/// The context of the messages a request causes: the caller's correlation id (a new one when
-/// absent) and trace context, and a new id for the request itself.
+/// The context of the messages a request causes ([`messaging::service::request_context`]):
+/// a request without a usable correlation id starts a saga of its own, with a new one.
 pub fn message_context(metadata: &MetadataMap) -> MessageContext {
-    let text = |key: &str, max: usize| {
-        metadata
-            .get(key)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.len() <= max)
-            .map(str::to_owned)
-    };
-    MessageContext {
-        correlation_id: text(CORRELATION_ID, MAX_CORRELATION_ID_CHARS)
-            .unwrap_or_else(|| Uuid::new_v4().to_string()),
-        causation_id: Uuid::now_v7().to_string(),
-        traceparent: text(TRACEPARENT, MAX_TRACE_HEADER_CHARS).unwrap_or_default(),
-        tracestate: text(TRACESTATE, MAX_TRACE_HEADER_CHARS).unwrap_or_default(),
+    let mut context = messaging::service::request_context(metadata);
+    if context.correlation_id.is_empty() {
+        context.correlation_id = Uuid::new_v4().to_string();
     }
+    context
 }
 
 pub fn status(status: OrderStatus) -> pb::OrderStatus {
@@ -160,7 +145,7 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert(CORRELATION_ID, "corr-42".parse().unwrap());
         metadata.insert(
-            TRACEPARENT,
+            "traceparent",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
                 .parse()
                 .unwrap(),

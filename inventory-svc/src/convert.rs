@@ -1,4 +1,5 @@
-//! Protobuf <-> domain conversions at the edge of the gRPC API (and of the command handler).
+//! Protobuf <-> domain conversions at the edge of the service: the gRPC API and the command
+//! handler's replies.
 
 use proto::inventory::v1 as pb;
 use uuid::Uuid;
