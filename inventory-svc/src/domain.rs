@@ -96,7 +96,8 @@ impl ReservationStatus {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Read from the `stock` table by column name.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct StockLevel {
     pub sku: String,
     pub available: i64,

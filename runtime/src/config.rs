@@ -1,7 +1,7 @@
 //! Settings every service has, flattened into each one's command line. Each service gives
 //! its own defaults with clap's `mut_arg`, so that `--help` shows them:
 //!
-//! ```ignore
+//! ```text
 //! #[derive(clap::Parser)]
 //! #[command(
 //!     mut_arg("database_url", |a| a.default_value("postgres://postgres@localhost:5432/orders")),

@@ -3,7 +3,7 @@
 //! tasks; the messaging crate adds the relay and consumers), then run until cancelled and
 //! drained.
 //!
-//! ```ignore
+//! ```text
 //! Service::start(SERVICE, &config.database, &migrators, config.grpc.addr).await?
 //!     .grpc(OrderServiceServer::new(api))
 //!     .relay(&outbox)?

@@ -6,27 +6,14 @@ use uuid::Uuid;
 
 use crate::domain::{Sku, StockLevel};
 
-type StockRow = (String, i64, i64, i64, i64, i64);
-
-fn level((sku, available, reserved, committed, written_off, received): StockRow) -> StockLevel {
-    StockLevel {
-        sku,
-        available,
-        reserved,
-        committed,
-        written_off,
-        received,
-    }
-}
-
 /// Every SKU, in SKU order.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<StockLevel>, sqlx::Error> {
-    let rows: Vec<StockRow> = sqlx::query_as(
+    let levels: Vec<StockLevel> = sqlx::query_as(
         "SELECT sku, available, reserved, committed, written_off, received FROM stock ORDER BY sku",
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(level).collect())
+    Ok(levels)
 }
 
 /// The SKUs of `skus` that exist, in SKU order.
@@ -34,13 +21,13 @@ pub async fn some(
     conn: &mut PgConnection,
     skus: &[String],
 ) -> Result<Vec<StockLevel>, sqlx::Error> {
-    let rows: Vec<StockRow> = sqlx::query_as(
+    let levels: Vec<StockLevel> = sqlx::query_as(
         "SELECT sku, available, reserved, committed, written_off, received FROM stock WHERE sku = ANY($1) ORDER BY sku",
     )
     .bind(skus)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(level).collect())
+    Ok(levels)
 }
 
 /// Sets the units available for sale of `sku`, creating the SKU if new, and records the change
@@ -53,7 +40,7 @@ pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel,
             .bind(sku.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-    let row: StockRow = sqlx::query_as(
+    let level: StockLevel = sqlx::query_as(
         "INSERT INTO stock (sku, available, received) VALUES ($1, $2, $2) \
          ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available, \
              received = stock.received + EXCLUDED.available - stock.available, updated_at = now() \
@@ -72,7 +59,7 @@ pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel,
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(level(row))
+    Ok(level)
 }
 
 /// Locks the stock rows of `skus` in SKU order and returns the units available of those that
@@ -207,7 +194,7 @@ pub async fn write_off(
         .execute(&mut *conn)
         .await?;
     }
-    let row: StockRow = sqlx::query_as(
+    let level: StockLevel = sqlx::query_as(
         "UPDATE stock SET available = available - $2, written_off = written_off + $2, updated_at = now() \
          WHERE sku = $1 RETURNING sku, available, reserved, committed, written_off, received",
     )
@@ -224,7 +211,7 @@ pub async fn write_off(
     .bind(&released_orders)
     .execute(&mut *conn)
     .await?;
-    Ok(Ok((level(row), released_orders)))
+    Ok(Ok((level, released_orders)))
 }
 
 /// Why a write-off was refused.
