@@ -90,29 +90,40 @@ async fn a_killed_replicas_partitions_are_taken_over_and_every_saga_ends_once() 
 async fn kcat_lists_the_platforms_topics() {
     let platform = TestPlatform::start(&[]).await;
     let brokers = platform.config.kafka_brokers.clone();
-    let output = std::process::Command::new("kcat")
-        .args(["-b", &brokers, "-L", "-J"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("kcat is missing ({e}): `cargo run -p platform -- test` installs it, or apt-get install kcat")
-        });
-    assert!(
-        output.status.success(),
-        "kcat -L: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("kcat -J prints JSON");
-    let topics: Vec<&str> = metadata["topics"]
-        .as_array()
-        .expect("topics")
+    let expected: Vec<String> = proto::topics::ALL
         .iter()
-        .filter_map(|t| t["topic"].as_str())
+        .map(|topic| format!("{}{topic}", platform.config.topic_prefix))
+        .flat_map(|name| [proto::topics::dead_letter(&name), name])
         .collect();
-    for topic in proto::topics::ALL {
-        let name = format!("{}{topic}", platform.config.topic_prefix);
-        assert!(topics.contains(&name.as_str()), "{name} not in {topics:?}");
-        let dlq = proto::topics::dead_letter(&name);
-        assert!(topics.contains(&dlq.as_str()), "{dlq} not in {topics:?}");
+    // The broker's metadata follows topic creation by a moment (it is the controller's, sent
+    // on to the broker), longer on a loaded machine: asked again until it lists them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let topics = loop {
+        let output = std::process::Command::new("kcat")
+            .args(["-b", &brokers, "-L", "-J"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("kcat is missing ({e}): `cargo run -p platform -- test` installs it, or apt-get install kcat")
+            });
+        assert!(
+            output.status.success(),
+            "kcat -L: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let metadata: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("kcat -J prints JSON");
+        let topics: Vec<String> = metadata["topics"]
+            .as_array()
+            .expect("topics")
+            .iter()
+            .filter_map(|t| t["topic"].as_str().map(str::to_owned))
+            .collect();
+        if expected.iter().all(|name| topics.contains(name)) || Instant::now() > deadline {
+            break topics;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for name in &expected {
+        assert!(topics.contains(name), "{name} not in {topics:?}");
     }
 }
