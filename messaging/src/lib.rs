@@ -24,7 +24,7 @@ pub use after_commit::after_commit;
 pub use consumer::{Consumer, Handler, HandlerError, Incoming};
 pub use envelope::MessageContext;
 pub use kafka::KafkaArgs;
-pub use outbox::{Outbox, OutboxMessage};
+pub use outbox::{Outbox, OutboxMessage, OutboxRows};
 pub use relay::Relay;
 
 /// Migrations of the outbox and inbox tables, run by every service with its own.

@@ -11,12 +11,14 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use prost::{Message, Name};
 use proto::messaging::v1::Envelope;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -145,50 +147,103 @@ impl Outbox {
         if held {
             return Ok(());
         }
-        let mut ids = Vec::with_capacity(messages.len());
-        let mut topics = Vec::with_capacity(messages.len());
-        let mut keys = Vec::with_capacity(messages.len());
-        let mut types = Vec::with_capacity(messages.len());
-        let mut envelopes = Vec::with_capacity(messages.len());
-        let mut payloads = Vec::with_capacity(messages.len());
-        let mut extra_headers = Vec::with_capacity(messages.len());
-        for m in messages {
-            let id = Uuid::parse_str(&m.envelope.message_id)
-                .map_err(|e| sqlx::Error::Protocol(format!("outbox message id: {e}")))?;
-            ids.push(id);
-            topics.push(m.topic.as_str());
-            keys.push(m.key.as_str());
-            types.push(m.envelope.message_type.as_str());
-            envelopes.push(m.envelope.encode_to_vec());
-            payloads.push(m.payload.as_slice());
-            extra_headers.push(Json(m.extra_headers.as_slice()));
-        }
-        // One statement for the whole batch; rows are inserted in the order of the arrays
-        // (`WITH ORDINALITY ... ORDER BY`), so the ids, and so the relay, keep the given order.
-        sqlx::query(
-            "INSERT INTO outbox (message_id, topic, message_key, message_type, envelope, payload, extra_headers) \
-             SELECT message_id, topic, message_key, message_type, envelope, payload, extra_headers \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::jsonb[]) \
-               WITH ORDINALITY AS m(message_id, topic, message_key, message_type, envelope, payload, extra_headers, n) \
-             ORDER BY n",
-        )
-        .bind(&ids)
-        .bind(&topics)
-        .bind(&keys)
-        .bind(&types)
-        .bind(&envelopes)
-        .bind(&payloads)
-        .bind(&extra_headers)
-        .execute(&mut *conn)
-        .await?;
+        let rows = OutboxRows::new(messages)?;
+        static INSERT: LazyLock<String> = LazyLock::new(|| OutboxRows::insert_sql(1, None));
+        rows.bind(sqlx::query(&INSERT)).execute(&mut *conn).await?;
+        self.recorded(conn).await
+    }
+
+    /// To call after a statement of the caller's own recorded messages ([`OutboxRows`]), on
+    /// the same connection (in its transaction, or after it when it was one statement): tells
+    /// the replica whose relay publishes, when that is not this one. ([`committed`] wakes this
+    /// process's relay.)
+    ///
+    /// [`committed`]: Self::committed
+    pub async fn recorded(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         if !self.wake.publishing.load(Ordering::Relaxed) {
-            // Another replica's relay publishes: it hears of this row when the caller commits.
+            // Another replica's relay publishes: it hears of the rows when the caller commits.
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(CHANNEL)
                 .execute(conn)
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Messages as the arrays that one `INSERT INTO outbox` binds, for a writer that records them
+/// in a statement of its own: an order and its event in one statement, with no transaction
+/// around it, say. Call [`Outbox::recorded`] after it, and [`Outbox::committed`] once it has
+/// committed.
+#[derive(Debug)]
+pub struct OutboxRows<'a> {
+    ids: Vec<Uuid>,
+    topics: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    types: Vec<&'a str>,
+    envelopes: Vec<Vec<u8>>,
+    payloads: Vec<&'a [u8]>,
+    extra_headers: Vec<Json<&'a [(String, String)]>>,
+}
+
+impl<'a> OutboxRows<'a> {
+    /// The number of parameters [`bind`](Self::bind) adds.
+    pub const PARAMETERS: usize = 7;
+
+    pub fn new(messages: &'a [OutboxMessage]) -> Result<Self, sqlx::Error> {
+        let mut rows = Self {
+            ids: Vec::with_capacity(messages.len()),
+            topics: Vec::with_capacity(messages.len()),
+            keys: Vec::with_capacity(messages.len()),
+            types: Vec::with_capacity(messages.len()),
+            envelopes: Vec::with_capacity(messages.len()),
+            payloads: Vec::with_capacity(messages.len()),
+            extra_headers: Vec::with_capacity(messages.len()),
+        };
+        for m in messages {
+            let id = Uuid::parse_str(&m.envelope.message_id)
+                .map_err(|e| sqlx::Error::Protocol(format!("outbox message id: {e}")))?;
+            rows.ids.push(id);
+            rows.topics.push(m.topic.as_str());
+            rows.keys.push(m.key.as_str());
+            rows.types.push(m.envelope.message_type.as_str());
+            rows.envelopes.push(m.envelope.encode_to_vec());
+            rows.payloads.push(m.payload.as_slice());
+            rows.extra_headers.push(Json(m.extra_headers.as_slice()));
+        }
+        Ok(rows)
+    }
+
+    /// The `INSERT` (a statement, or the body of a data-modifying `WITH` query) of the rows
+    /// bound from parameter `$first` on, when `only_if` (an SQL condition) holds. Rows are
+    /// inserted in the order of the messages (`WITH ORDINALITY ... ORDER BY`), so the ids, and
+    /// so the relay, keep that order.
+    pub fn insert_sql(first: usize, only_if: Option<&str>) -> String {
+        let p: Vec<usize> = (first..first + Self::PARAMETERS).collect();
+        let only_if = only_if.map(|c| format!(" WHERE {c}")).unwrap_or_default();
+        format!(
+            "INSERT INTO outbox (message_id, topic, message_key, message_type, envelope, payload, extra_headers) \
+             SELECT message_id, topic, message_key, message_type, envelope, payload, extra_headers \
+             FROM unnest(${}::uuid[], ${}::text[], ${}::text[], ${}::text[], ${}::bytea[], ${}::bytea[], ${}::jsonb[]) \
+               WITH ORDINALITY AS m(message_id, topic, message_key, message_type, envelope, payload, extra_headers, n){only_if} \
+             ORDER BY n",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+        )
+    }
+
+    /// Binds the rows' arrays, in the order [`insert_sql`](Self::insert_sql) numbers them.
+    pub fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.topics)
+            .bind(&self.keys)
+            .bind(&self.types)
+            .bind(&self.envelopes)
+            .bind(&self.payloads)
+            .bind(&self.extra_headers)
     }
 }
 

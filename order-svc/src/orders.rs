@@ -1,7 +1,7 @@
 //! Placing and reading orders: what the gRPC API does, with no protocol in it.
 
-use chrono::{DateTime, Utc};
-use messaging::{MessageContext, Outbox};
+use chrono::{DateTime, SubsecRound as _, Utc};
+use messaging::{MessageContext, Outbox, OutboxRows};
 use sqlx::PgPool;
 
 use crate::convert;
@@ -54,8 +54,9 @@ impl Orders {
             .validate(&request.payment_method, context)
             .await?;
 
-        let now = Utc::now();
-        let mut order = Order {
+        // Microseconds, as PostgreSQL stores them: the event carries what the row holds.
+        let now = Utc::now().trunc_subsecs(6);
+        let order = Order {
             id: OrderId::generate(),
             customer_id: request.customer_id,
             status: OrderStatus::Pending,
@@ -69,15 +70,22 @@ impl Orders {
             created_at: now,
             updated_at: now,
         };
-        let mut tx = self.pool.begin().await?;
+        let event = convert::order_created(&order);
+        let messages =
+            [self
+                .outbox
+                .message(proto::topics::ORDER_EVENTS, order.id.0, &event, context)];
         let new = NewOrder {
             order: &order,
             idempotency_key: request.idempotency_key.as_deref(),
             request_fingerprint: &fingerprint,
         };
-        let Some((created_at, updated_at)) = store::insert_order(&mut tx, &new).await? else {
+        // The order, its lines and its event in one statement, which commits by itself.
+        let mut conn = self.pool.acquire().await?;
+        let inserted = store::insert_order(&mut conn, &new, &OutboxRows::new(&messages)?).await?;
+        if !inserted {
             // A concurrent request with the same key placed its order first.
-            tx.rollback().await?;
+            drop(conn);
             let key = request.idempotency_key.unwrap_or_default();
             return match self.replay(&key, &fingerprint).await? {
                 Some(placed) => Ok(placed),
@@ -85,15 +93,8 @@ impl Orders {
                     "Idempotency-Key {key:?} is being used by a concurrent request, retry later"
                 ))),
             };
-        };
-        order.created_at = created_at;
-        order.updated_at = updated_at;
-        let event = convert::order_created(&order);
-        let message = self
-            .outbox
-            .message(proto::topics::ORDER_EVENTS, order.id.0, &event, context);
-        self.outbox.enqueue(&mut tx, &[message]).await?;
-        tx.commit().await?;
+        }
+        self.outbox.recorded(&mut conn).await?;
         self.outbox.committed();
         tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
         Ok(Placed {

@@ -2,8 +2,10 @@
 //! on, so that callers decide what commits together.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use messaging::OutboxRows;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgExecutor, Row as _};
 use uuid::Uuid;
@@ -70,12 +72,34 @@ pub struct NewOrder<'a> {
     pub request_fingerprint: &'a str,
 }
 
-/// Inserts the order and its lines. Returns the stored timestamps (created, updated), or
-/// `None` when another order already holds the idempotency key: nothing is written then.
+/// Inserts the order, its lines and its outbox rows (`events`), in one statement: it commits
+/// by itself, with no transaction around it. Returns `false`, and writes nothing, when another
+/// order already holds the idempotency key.
+///
+/// The order's timestamps are the ones in `new.order` (microseconds, as stored), so that its
+/// events can carry them before the statement runs.
 pub async fn insert_order(
     conn: &mut PgConnection,
     new: &NewOrder<'_>,
-) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
+    events: &OutboxRows<'_>,
+) -> Result<bool, sqlx::Error> {
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        // ON CONFLICT waits for a concurrent twin holding the key to commit (then does
+        // nothing, and neither a line nor an event is written) or roll back (then inserts).
+        format!(
+            "WITH o AS (INSERT INTO orders (order_id, customer_id, status, total_cents, currency, \
+                     payment_method, idempotency_key, request_fingerprint, correlation_id, \
+                     created_at, updated_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+                   ON CONFLICT (idempotency_key) DO NOTHING \
+                   RETURNING order_id), \
+             l AS (INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
+                   SELECT o.order_id, u.* FROM o, unnest($11::text[], $12::int[], $13::bigint[]) AS u), \
+             e AS ({}) \
+             SELECT order_id FROM o",
+            OutboxRows::insert_sql(14, Some("EXISTS (SELECT FROM o)"))
+        )
+    });
     let order = new.order;
     let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
     let quantities: Vec<i32> = order
@@ -84,38 +108,22 @@ pub async fn insert_order(
         .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
         .collect();
     let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price_cents).collect();
-    // The order and its lines in one statement. ON CONFLICT waits for a concurrent twin
-    // holding the key to commit (then does nothing, and no line is written) or roll back
-    // (then inserts), so `None` means the twin's order exists.
-    let row = sqlx::query(
-        "WITH o AS (INSERT INTO orders (order_id, customer_id, status, total_cents, currency, \
-                 payment_method, idempotency_key, request_fingerprint, correlation_id) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-               ON CONFLICT (idempotency_key) DO NOTHING \
-               RETURNING order_id, created_at, updated_at), \
-         l AS (INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
-               SELECT o.order_id, u.* FROM o, unnest($10::text[], $11::int[], $12::bigint[]) AS u) \
-         SELECT created_at, updated_at FROM o",
-    )
-    .bind(order.id.0)
-    .bind(&order.customer_id)
-    .bind(order.status.as_str())
-    .bind(order.total_cents)
-    .bind(&order.currency)
-    .bind(&order.payment_method)
-    .bind(new.idempotency_key)
-    .bind(new.request_fingerprint)
-    .bind(&order.correlation_id)
-    .bind(&skus)
-    .bind(&quantities)
-    .bind(&prices)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    Ok(Some((
-        row.try_get("created_at")?,
-        row.try_get("updated_at")?,
-    )))
+    let query = sqlx::query(&INSERT)
+        .bind(order.id.0)
+        .bind(&order.customer_id)
+        .bind(order.status.as_str())
+        .bind(order.total_cents)
+        .bind(&order.currency)
+        .bind(&order.payment_method)
+        .bind(new.idempotency_key)
+        .bind(new.request_fingerprint)
+        .bind(&order.correlation_id)
+        .bind(order.created_at)
+        .bind(&skus)
+        .bind(&quantities)
+        .bind(&prices);
+    let row = events.bind(query).fetch_optional(&mut *conn).await?;
+    Ok(row.is_some())
 }
 
 /// The order with its lines, in SKU order.

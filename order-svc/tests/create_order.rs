@@ -446,7 +446,10 @@ async fn a_create_racing_a_twin_with_the_same_key_returns_the_twins_order() {
         idempotency_key: Some("key-race"),
         request_fingerprint: &fingerprint,
     };
-    assert!(store::insert_order(&mut tx, &new).await.unwrap().is_some());
+    let no_events = messaging::OutboxRows::new(&[]).unwrap();
+    assert!(store::insert_order(&mut tx, &new, &no_events)
+        .await
+        .unwrap());
 
     let mut client = app.client.clone();
     let create = tokio::spawn(async move {
