@@ -167,16 +167,27 @@ pub async fn reserve(
         return refuse(conn, order_id, ReserveFailure::OutOfStock, reason).await;
     }
 
-    // Claims the order; a reservation or release of the same order committed meanwhile wins.
+    // Claims the order, holds the stock (its rows locked above) and records the lines, in one
+    // statement; a reservation or release of the same order committed meanwhile wins, and then
+    // nothing is held.
     let reservation_id = ReservationId::new();
     let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "INSERT INTO reservations (reservation_id, order_id, status, expires_at) \
-         VALUES ($1, $2, 'RESERVED', now() + make_interval(secs => $3)) \
-         ON CONFLICT (order_id) DO NOTHING RETURNING expires_at",
+        "WITH r AS (INSERT INTO reservations (reservation_id, order_id, status, expires_at) \
+                   VALUES ($1, $2, 'RESERVED', now() + make_interval(secs => $3)) \
+                   ON CONFLICT (order_id) DO NOTHING RETURNING reservation_id, expires_at), \
+              w AS (SELECT * FROM unnest($4::text[], $5::bigint[]) AS w(sku, quantity)), \
+              h AS (UPDATE stock s SET available = s.available - w.quantity, \
+                                       reserved = s.reserved + w.quantity, updated_at = now() \
+                    FROM w WHERE s.sku = w.sku AND EXISTS (SELECT FROM r)), \
+              l AS (INSERT INTO reservation_lines (reservation_id, sku, quantity) \
+                    SELECT r.reservation_id, w.sku, w.quantity FROM r, w) \
+         SELECT expires_at FROM r",
     )
     .bind(reservation_id)
     .bind(order_id)
     .bind(ttl.as_secs_f64())
+    .bind(&skus)
+    .bind(&quantities)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(expires_at) = expires_at else {
@@ -185,17 +196,6 @@ pub async fn reserve(
         })?;
         return Ok(reserve_outcome_of(&existing));
     };
-
-    stock::hold(conn, &skus, &quantities).await?;
-    sqlx::query(
-        "INSERT INTO reservation_lines (reservation_id, sku, quantity) \
-         SELECT $1, sku, quantity FROM unnest($2::text[], $3::bigint[]) AS l(sku, quantity)",
-    )
-    .bind(reservation_id)
-    .bind(&skus)
-    .bind(&quantities)
-    .execute(conn)
-    .await?;
     Ok(ReserveOutcome::Reserved {
         reservation_id,
         expires_at,
@@ -234,13 +234,6 @@ pub async fn commit(
         }
         ReservationStatus::Reserved => {
             stock::settle(conn, &[head.id.0], Settle::Sell).await?;
-            sqlx::query(
-                "UPDATE reservations SET status = 'COMMITTED', updated_at = now() \
-                 WHERE reservation_id = $1",
-            )
-            .bind(head.id)
-            .execute(conn)
-            .await?;
             Ok(CommitOutcome::Committed {
                 reservation_id: head.id,
             })
@@ -312,16 +305,7 @@ async fn release_held(
     ids: &[Uuid],
     reason: &str,
 ) -> Result<(), sqlx::Error> {
-    stock::settle(conn, ids, Settle::Return).await?;
-    sqlx::query(
-        "UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
-         WHERE reservation_id = ANY($1)",
-    )
-    .bind(ids)
-    .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
+    stock::settle(conn, ids, Settle::Return(reason)).await
 }
 
 /// Releases up to `batch` reservations past their deadline, in one transaction, and returns

@@ -74,41 +74,21 @@ pub async fn lock_available(
         .await
 }
 
-/// Moves `quantities` of `skus` from available to reserved. The rows must be locked by
-/// [`lock_available`] and hold enough; the CHECK constraints refuse an oversell regardless.
-pub async fn hold(
-    conn: &mut PgConnection,
-    skus: &[&str],
-    quantities: &[i64],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE stock s SET available = s.available - w.quantity, \
-                            reserved = s.reserved + w.quantity, updated_at = now() \
-         FROM unnest($1::text[], $2::bigint[]) AS w(sku, quantity) \
-         WHERE s.sku = w.sku",
-    )
-    .bind(skus)
-    .bind(quantities)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Where the units held by reservations go.
+/// Where the units held by reservations go, and what the reservations become.
 #[derive(Clone, Copy, Debug)]
-pub enum Settle {
-    /// Back to available (release).
-    Return,
-    /// To committed (sold).
+pub enum Settle<'a> {
+    /// Back to available; the reservations are released for this reason.
+    Return(&'a str),
+    /// To committed (sold); the reservations are committed.
     Sell,
 }
 
-/// Moves the units held by `reservation_ids` out of reserved, locking the stock rows in SKU
-/// order first.
+/// Moves the units held by `reservation_ids` (locked by the caller) out of reserved and marks
+/// the reservations released or committed, locking the stock rows in SKU order first.
 pub async fn settle(
     conn: &mut PgConnection,
     reservation_ids: &[Uuid],
-    settle: Settle,
+    settle: Settle<'_>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "SELECT 1 FROM stock WHERE sku IN \
@@ -118,23 +98,34 @@ pub async fn settle(
     .bind(reservation_ids)
     .execute(&mut *conn)
     .await?;
-    let sql = match settle {
-        Settle::Return => {
-            "UPDATE stock s SET available = s.available + held.quantity, \
-                                reserved = s.reserved - held.quantity, updated_at = now() \
-             FROM (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
-                   WHERE reservation_id = ANY($1) GROUP BY sku) AS held \
-             WHERE s.sku = held.sku"
-        }
-        Settle::Sell => {
-            "UPDATE stock s SET committed = s.committed + held.quantity, \
-                                reserved = s.reserved - held.quantity, updated_at = now() \
-             FROM (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
-                   WHERE reservation_id = ANY($1) GROUP BY sku) AS held \
-             WHERE s.sku = held.sku"
-        }
+    // The stock and the reservations in one statement.
+    let (sql, reason) = match settle {
+        Settle::Return(reason) => (
+            "WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
+                           WHERE reservation_id = ANY($1) GROUP BY sku), \
+                  s AS (UPDATE stock s SET available = s.available + held.quantity, \
+                                           reserved = s.reserved - held.quantity, updated_at = now() \
+                        FROM held WHERE s.sku = held.sku) \
+             UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
+             WHERE reservation_id = ANY($1)",
+            Some(reason),
+        ),
+        Settle::Sell => (
+            "WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
+                           WHERE reservation_id = ANY($1) GROUP BY sku), \
+                  s AS (UPDATE stock s SET committed = s.committed + held.quantity, \
+                                           reserved = s.reserved - held.quantity, updated_at = now() \
+                        FROM held WHERE s.sku = held.sku) \
+             UPDATE reservations SET status = 'COMMITTED', updated_at = now() \
+             WHERE reservation_id = ANY($1)",
+            None,
+        ),
     };
-    sqlx::query(sql).bind(reservation_ids).execute(conn).await?;
+    let mut query = sqlx::query(sql).bind(reservation_ids);
+    if let Some(reason) = reason {
+        query = query.bind(reason);
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 
@@ -184,15 +175,8 @@ pub async fn write_off(
         released_orders.push(order_id);
     }
     if !released.is_empty() {
-        settle(conn, &released, Settle::Return).await?;
-        sqlx::query(
-            "UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
-             WHERE reservation_id = ANY($1)",
-        )
-        .bind(&released)
-        .bind(format!("stock written off: {reason}"))
-        .execute(&mut *conn)
-        .await?;
+        let why = format!("stock written off: {reason}");
+        settle(conn, &released, Settle::Return(&why)).await?;
     }
     let level: StockLevel = sqlx::query_as(
         "UPDATE stock SET available = available - $2, written_off = written_off + $2, updated_at = now() \
