@@ -32,6 +32,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub payment_svc_timeout_ms: u64,
 
+    /// How long a payment method payment-svc accepted is taken as accepted without asking
+    /// again, in seconds; 0 asks for every order. A refusal is never remembered.
+    #[arg(long, env = "PAYMENT_METHOD_CACHE_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub payment_method_cache_secs: u64,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }
@@ -41,12 +47,17 @@ impl Config {
         Duration::from_millis(self.payment_svc_timeout_ms)
     }
 
+    pub fn payment_method_cache(&self) -> Duration {
+        Duration::from_secs(self.payment_method_cache_secs)
+    }
+
     /// Prints the settings, with the database password masked.
     pub fn log(&self) {
         runtime::config::log(&self.database, &self.grpc);
         tracing::info!(
             payment_svc_url = %runtime::redact_url(&self.payment_svc_url),
             payment_svc_timeout_ms = self.payment_svc_timeout_ms,
+            payment_method_cache_secs = self.payment_method_cache_secs,
             kafka = ?self.kafka,
             "configuration"
         );

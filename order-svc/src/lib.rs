@@ -54,8 +54,11 @@ impl App {
             &config.kafka,
         )
         .await?;
-        let payments =
-            PaymentMethods::connect_lazy(&config.payment_svc_url, config.payment_svc_timeout())?;
+        let payments = PaymentMethods::connect_lazy(
+            &config.payment_svc_url,
+            config.payment_svc_timeout(),
+            config.payment_method_cache(),
+        )?;
         Ok(App {
             config,
             service,

@@ -207,6 +207,48 @@ async fn a_retry_with_the_same_idempotency_key_returns_the_same_order() {
 }
 
 #[tokio::test]
+async fn a_payment_method_accepted_lately_is_not_asked_about_again_a_refused_one_is() {
+    let calls = |app: &TestApp| app.payments.calls.load(std::sync::atomic::Ordering::SeqCst);
+    let app = TestApp::start().await;
+    for customer in ["cust-1", "cust-2"] {
+        app.create(order_request(
+            customer,
+            &[("SKU-MOUSE", 1)],
+            "pm_card_visa",
+            "",
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(calls(&app), 1, "the second order's method was remembered");
+    for _ in 0..2 {
+        let refused = app
+            .create(order_request("cust-1", &[("SKU-MOUSE", 1)], "pm_bogus", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    }
+    assert_eq!(calls(&app), 3, "a refusal is asked about every time");
+    assert_eq!(app.count("orders").await, 2);
+    app.stop().await;
+
+    // PAYMENT_METHOD_CACHE_SECS=0: every order asks.
+    let app = TestApp::start_with_args(true, &["--payment-method-cache-secs", "0"]).await;
+    for customer in ["cust-1", "cust-2"] {
+        app.create(order_request(
+            customer,
+            &[("SKU-MOUSE", 1)],
+            "pm_card_visa",
+            "",
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(calls(&app), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_idempotency_key_for_a_different_request_is_refused() {
     let app = TestApp::start().await;
     app.create(order_request(

@@ -122,6 +122,11 @@ impl TestApp {
 
     /// With `payments_up` false, payment-svc cannot be reached.
     pub async fn start_with(payments_up: bool) -> Self {
+        Self::start_with_args(payments_up, &[]).await
+    }
+
+    /// With `payments_up` false, payment-svc cannot be reached; `args` are more settings.
+    pub async fn start_with_args(payments_up: bool, args: &[&str]) -> Self {
         let cancel = CancellationToken::new();
         let payments = FakePayments::default();
         let payment_url = if payments_up {
@@ -132,21 +137,25 @@ impl TestApp {
         let database_url = test_support::fresh_database("order_svc").await;
         let brokers = test_support::kafka_brokers();
         let prefix = test_support::topic_prefix();
-        let config = Config::parse_from([
-            "order-svc",
-            "--database-url",
-            &database_url,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--payment-svc-url",
-            &payment_url,
-            "--payment-svc-timeout-ms",
-            "2000",
-            "--kafka-brokers",
-            &brokers,
-            "--kafka-topic-prefix",
-            &prefix,
-        ]);
+        let config = Config::parse_from(
+            [
+                "order-svc",
+                "--database-url",
+                &database_url,
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--payment-svc-url",
+                &payment_url,
+                "--payment-svc-timeout-ms",
+                "2000",
+                "--kafka-brokers",
+                &brokers,
+                "--kafka-topic-prefix",
+                &prefix,
+            ]
+            .into_iter()
+            .chain(args.iter().copied()),
+        );
         let app = App::build(config.clone()).await.expect("building the app");
         let pool = app.pool().clone();
         record_outbox_writes(&pool).await;
