@@ -74,7 +74,10 @@ pub(super) async fn verify(
     let reply = state
         .backends
         .payment()
-        .verify_payment(context.grpc(VerifyPaymentRequest { payment_id }))
+        .verify_payment(context.grpc(VerifyPaymentRequest {
+            payment_id,
+            customer_id: String::new(),
+        }))
         .await
         .map_err(|status| ApiError::from_grpc(Service::Payment, status))?
         .into_inner();
