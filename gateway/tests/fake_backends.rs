@@ -29,6 +29,9 @@ use tonic::{Request, Response, Status};
 const ORDER_ID: &str = "0190f3f0-0000-7000-8000-000000000001";
 /// A payment id the fake payment service does not know.
 const UNKNOWN_PAYMENT: &str = "0190f3f0-0000-7000-8000-0000000000ff";
+/// A payment the fake payment service cannot tell the customer of (charged before it knew
+/// customers): the gateway checks its order instead.
+const OWNER_UNKNOWN_PAYMENT: &str = "0190f3f0-0000-7000-8000-0000000000a5";
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// The metadata and request of every call a fake received.
@@ -234,7 +237,27 @@ impl PaymentService for FakePayments {
         request: Request<VerifyPaymentRequest>,
     ) -> Result<Response<VerifyPaymentResponse>, Status> {
         self.0.record(&request);
-        let payment_id = request.into_inner().payment_id;
+        let VerifyPaymentRequest {
+            payment_id,
+            customer_id,
+        } = request.into_inner();
+        // The payments are cust-1's, checked as payment-svc does: another customer's is the
+        // answer for one that does not exist; one of an unknown owner asks for the order.
+        let not_found = || Status::not_found(format!("payment {payment_id} not found"));
+        let owner_unknown = payment_id == OWNER_UNKNOWN_PAYMENT;
+        let theirs = !matches!(customer_id.as_str(), "" | "cust-1");
+        if payment_id == UNKNOWN_PAYMENT || (theirs && !owner_unknown) {
+            return Err(not_found());
+        }
+        if owner_unknown && !customer_id.is_empty() {
+            let mut status =
+                Status::failed_precondition("recorded before payments knew their customer");
+            status.metadata_mut().insert(
+                proto::payment::v1::OWNER_UNKNOWN_KEY,
+                proto::payment::v1::OWNER_UNKNOWN_VALUE.parse().unwrap(),
+            );
+            return Err(status);
+        }
         let (status, decline_reason) = match payment_id.as_str() {
             "0190f3f0-0000-7000-8000-0000000000a2" => (PaymentStatus::Declined, "card_declined"),
             "0190f3f0-0000-7000-8000-0000000000a3" => {
@@ -267,6 +290,7 @@ impl PaymentService for FakePayments {
         &self,
         request: Request<GetPaymentRequest>,
     ) -> Result<Response<Payment>, Status> {
+        self.0.record(&request);
         let payment_id = request.into_inner().payment_id;
         if payment_id == UNKNOWN_PAYMENT {
             return Err(Status::not_found(format!("payment {payment_id} not found")));
@@ -810,5 +834,83 @@ async fn a_customer_acts_on_their_own_orders_only() {
         .await
         .unwrap();
     error_body(response, 400, "bad_request").await;
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn verify_is_one_call_and_asks_the_order_only_when_the_payment_has_no_known_owner() {
+    let fakes = Fakes::start().await;
+    let gateway = &fakes.gateway;
+    let other = format!("Bearer {}", common::token("cust-2"));
+    let verify = |payment_id: &str, authorization: Option<&str>| {
+        let mut request = gateway
+            .client
+            .post(gateway.url("/payment/verify"))
+            .json(&json!({"payment_id": payment_id}));
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        request.send()
+    };
+    let calls = |c: &Calls| c.0.lock().unwrap().len();
+
+    // The normal path: one VerifyPayment that names the customer, and no call to order-svc.
+    let (orders_before, payments_before) = (calls(&fakes.orders), calls(&fakes.payments));
+    let payment = "0190f3f0-0000-7000-8000-0000000000a1";
+    assert_eq!(verify(payment, None).await.unwrap().status().as_u16(), 200);
+    assert_eq!(calls(&fakes.orders), orders_before, "no call to order-svc");
+    assert_eq!(calls(&fakes.payments), payments_before + 1, "one call");
+    let seen = fakes.payments.last().request;
+    assert!(
+        seen.starts_with("VerifyPaymentRequest")
+            && seen.contains(&format!(r#"payment_id: "{payment}""#))
+            && seen.contains(r#"customer_id: "cust-1""#),
+        "{seen}"
+    );
+
+    // A payment whose owner payment-svc cannot tell: its order is checked, then it is
+    // verified without a customer.
+    let (orders_before, payments_before) = (calls(&fakes.orders), calls(&fakes.payments));
+    let response = verify(OWNER_UNKNOWN_PAYMENT, None).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["payment_id"], OWNER_UNKNOWN_PAYMENT);
+    assert_eq!(body["status"], "SUCCEEDED");
+    assert_eq!(calls(&fakes.orders), orders_before + 1);
+    assert!(fakes
+        .orders
+        .last()
+        .request
+        .contains(r#"customer_id: "cust-1""#));
+    let seen: Vec<String> = fakes.payments.0.lock().unwrap()[payments_before..]
+        .iter()
+        .map(|s| s.request.clone())
+        .collect();
+    assert_eq!(
+        seen.len(),
+        3,
+        "VerifyPayment, GetPayment, VerifyPayment: {seen:?}"
+    );
+    assert!(seen[0].contains(r#"customer_id: "cust-1""#), "{seen:?}");
+    assert!(seen[1].starts_with("GetPaymentRequest"), "{seen:?}");
+    assert!(seen[2].contains(r#"customer_id: """#), "{seen:?}");
+
+    // Of another customer: the 404 of a payment that does not exist, and it is not verified.
+    let payments_before = calls(&fakes.payments);
+    let theirs = error_body(
+        verify(OWNER_UNKNOWN_PAYMENT, Some(&other)).await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        theirs["error"]["message"],
+        format!("payment {OWNER_UNKNOWN_PAYMENT} not found")
+    );
+    let seen: Vec<String> = fakes.payments.0.lock().unwrap()[payments_before..]
+        .iter()
+        .map(|s| s.request.clone())
+        .collect();
+    assert_eq!(seen.len(), 2, "VerifyPayment, GetPayment: {seen:?}");
     fakes.stop().await;
 }

@@ -322,6 +322,7 @@ impl Engine {
                     amount_cents: saga.order.total_cents,
                     currency: saga.order.currency.clone(),
                     payment_method: saga.order.payment_method.clone(),
+                    customer_id: saga.order.customer_id.clone(),
                 },
                 context,
             ),

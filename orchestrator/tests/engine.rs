@@ -205,6 +205,40 @@ async fn the_happy_path_sends_each_command_once_and_records_the_history() {
 }
 
 #[tokio::test]
+async fn the_charge_names_the_orders_customer_for_payment_svc_to_check() {
+    use prost::Message as _;
+
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let order_id = Uuid::now_v7();
+    step(&pool, &engine, order_id, created())
+        .await
+        .expect("start");
+    let reserved = Input::InventoryReserved {
+        reservation_id: Uuid::now_v7(),
+    };
+    step(&pool, &engine, order_id, reserved)
+        .await
+        .expect("reserved");
+    let payload: Vec<u8> = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE message_type = 'payment.v1.ChargePayment'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("one ChargePayment");
+    let charge = proto::payment::v1::ChargePayment::decode(payload.as_slice()).expect("decodes");
+    assert_eq!(
+        charge,
+        proto::payment::v1::ChargePayment {
+            order_id: order_id.to_string(),
+            amount_cents: 5800,
+            currency: "USD".into(),
+            payment_method: "pm_card_visa".into(),
+            customer_id: "c-1".into(),
+        }
+    );
+}
+
+#[tokio::test]
 async fn a_concurrent_writer_makes_the_other_retry() {
     let (pool, engine) = setup(Duration::from_secs(600)).await;
     let order_id = Uuid::now_v7();

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::convert;
 use crate::error::Error;
-use crate::payment::{OrderId, Payment, PaymentId, PaymentStatus};
+use crate::payment::{CustomerId, OrderId, Payment, PaymentId, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
@@ -59,10 +59,32 @@ impl PaymentGrpc {
     /// The verification joins the saga's trace: its span is a child of the span that asked for
     /// the payment (stored with it), linked to the client's request, which has a trace of its
     /// own; the reply it sends continues the saga's trace.
-    async fn verify(&self, id: PaymentId, request: &MessageContext) -> Result<Payment, Error> {
-        let payment = store::begin_attempt(&self.pool, id, Uuid::now_v7())
+    ///
+    /// With `customer`, only that customer's payment: the statement that records the attempt
+    /// checks it, so another customer's payment is never attempted; it is answered as one that
+    /// does not exist, whatever its state.
+    async fn verify(
+        &self,
+        id: PaymentId,
+        customer: Option<&CustomerId>,
+        request: &MessageContext,
+    ) -> Result<Payment, Error> {
+        let not_found = || Error::NotFound(format!("payment {id} not found"));
+        let payment = store::begin_attempt(&self.pool, id, Uuid::now_v7(), customer)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
+            .ok_or_else(not_found)?;
+        if let Some(customer) = customer {
+            match &payment.customer_id {
+                Some(owner) if owner == customer => {}
+                Some(_) => return Err(not_found()),
+                None => {
+                    return Err(Error::OwnerUnknown(format!(
+                        "payment {id} was recorded before payments knew their customer; \
+                         check its order's customer, then verify it without customer_id"
+                    )))
+                }
+            }
+        }
         let correlation_id = if payment.correlation_id.is_empty() {
             &request.correlation_id
         } else {
@@ -236,7 +258,11 @@ impl PaymentService for PaymentGrpc {
     ) -> Result<Response<pb::VerifyPaymentResponse>, Status> {
         let context = messaging::service::request_context(request.metadata());
         let id = PaymentId(convert::uuid("payment_id", &request.get_ref().payment_id)?);
-        let payment = self.verify(id, &context).await?;
+        // No order can have such a customer, so no payment is theirs: the answer to another
+        // customer's payment.
+        let customer = CustomerId::parse(&request.get_ref().customer_id)
+            .map_err(|_| Error::NotFound(format!("payment {id} not found")))?;
+        let payment = self.verify(id, customer.as_ref(), &context).await?;
         Ok(Response::new(pb::VerifyPaymentResponse {
             payment: Some(convert::payment(&payment)),
         }))

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::convert;
-use crate::payment::{NewPayment, OrderId, Payment, PaymentStatus};
+use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
@@ -92,6 +92,12 @@ impl PaymentCommands {
                 command.amount_cents
             )));
         }
+        // Empty from an orchestrator older than the field: the payment's customer is unknown.
+        let customer_id = CustomerId::parse(&command.customer_id).map_err(|problem| {
+            HandlerError::Permanent(format!(
+                "ChargePayment for order {order_id}: customer_id {problem}"
+            ))
+        })?;
         let (status, decline_reason) = match self.provider.check_method(&command.payment_method) {
             Ok(()) => (PaymentStatus::AwaitingVerification, None),
             Err(reason) => (PaymentStatus::Declined, Some(reason)),
@@ -110,6 +116,7 @@ impl PaymentCommands {
             decline_reason,
             correlation_id: message.envelope.correlation_id.clone(),
             traceparent: message.envelope.traceparent.clone(),
+            customer_id,
         };
         let (payment, created) = store::insert(conn, &new).await?;
         if payment.tombstone {

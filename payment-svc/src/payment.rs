@@ -16,6 +16,26 @@ pub struct PaymentId(pub Uuid);
 #[sqlx(transparent)]
 pub struct OrderId(pub Uuid);
 
+/// The customer whose order a payment is for, as order-svc and the gateway name them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct CustomerId(pub String);
+
+/// Longest customer id (order-svc accepts no longer).
+pub const MAX_CUSTOMER_ID_CHARS: usize = 128;
+
+impl CustomerId {
+    /// The customer named by a request or command field: `None` when empty (not given), an
+    /// error saying what is wrong when no order could have it.
+    pub fn parse(value: &str) -> Result<Option<CustomerId>, String> {
+        if value.is_empty() {
+            return Ok(None);
+        }
+        runtime::text::identifier(value, MAX_CUSTOMER_ID_CHARS)?;
+        Ok(Some(CustomerId(value.to_owned())))
+    }
+}
+
 impl fmt::Display for PaymentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
@@ -109,6 +129,8 @@ pub struct Payment {
     pub correlation_id: String,
     /// The saga's W3C trace context, likewise.
     pub traceparent: String,
+    /// The order's customer; `None` for a payment recorded before payments knew it.
+    pub customer_id: Option<CustomerId>,
     /// Not a payment: the order was compensated before any charge (see [`crate::store`]).
     pub tombstone: bool,
     /// The idempotency key of the verification attempt recorded before the provider was asked,
@@ -129,13 +151,26 @@ pub struct NewPayment {
     pub decline_reason: Option<String>,
     pub correlation_id: String,
     pub traceparent: String,
+    pub customer_id: Option<CustomerId>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::PaymentStatus::{self, *};
+    use super::{CustomerId, MAX_CUSTOMER_ID_CHARS};
 
     const ALL: [PaymentStatus; 5] = [AwaitingVerification, Succeeded, Declined, Voided, Refunded];
+
+    #[test]
+    fn customer_ids_are_optional_and_never_what_no_order_can_have() {
+        assert_eq!(CustomerId::parse(""), Ok(None));
+        assert_eq!(
+            CustomerId::parse("c-42"),
+            Ok(Some(CustomerId("c-42".into())))
+        );
+        assert!(CustomerId::parse("c\u{0}42").is_err());
+        assert!(CustomerId::parse(&"c".repeat(MAX_CUSTOMER_ID_CHARS + 1)).is_err());
+    }
 
     #[test]
     fn status_names_round_trip() {

@@ -98,6 +98,7 @@ mod tests {
             decline_reason: None,
             correlation_id: String::new(),
             traceparent: String::new(),
+            customer_id: None,
             tombstone: false,
             attempt_key: None,
             created_at: Utc::now(),

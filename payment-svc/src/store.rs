@@ -4,11 +4,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::payment::{NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
+use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
 
 const COLUMNS: &str = "payment_id, order_id, amount_cents, currency, payment_method, status, \
-                       decline_reason, correlation_id, traceparent, tombstone, attempt_key, \
-                       created_at, updated_at";
+                       decline_reason, correlation_id, traceparent, customer_id, tombstone, \
+                       attempt_key, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -21,6 +21,7 @@ struct Row {
     decline_reason: Option<String>,
     correlation_id: String,
     traceparent: String,
+    customer_id: Option<String>,
     tombstone: bool,
     attempt_key: Option<Uuid>,
     created_at: DateTime<Utc>,
@@ -47,6 +48,7 @@ impl TryFrom<Row> for Payment {
             decline_reason: row.decline_reason,
             correlation_id: row.correlation_id,
             traceparent: row.traceparent,
+            customer_id: row.customer_id.map(CustomerId),
             tombstone: row.tombstone,
             attempt_key: row.attempt_key,
             created_at: row.created_at,
@@ -67,8 +69,9 @@ pub async fn insert(
 ) -> Result<(Payment, bool), sqlx::Error> {
     let inserted: Option<Row> = sqlx::query_as(&format!(
         "INSERT INTO payments (payment_id, order_id, amount_cents, currency, payment_method, \
-                               status, decline_reason, correlation_id, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                               status, decline_reason, correlation_id, traceparent, \
+                               customer_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
          ON CONFLICT (order_id) DO NOTHING \
          RETURNING {COLUMNS}"
     ))
@@ -81,6 +84,7 @@ pub async fn insert(
     .bind(new.decline_reason.as_deref())
     .bind(&new.correlation_id)
     .bind(&new.traceparent)
+    .bind(new.customer_id.as_ref())
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(created) = payment(inserted)? {
@@ -151,27 +155,33 @@ pub async fn lock_by_order(
     payment(row)
 }
 
-/// Records that a verification is about to ask the provider, if the payment still awaits one:
-/// its idempotency key is `key`, unless an earlier attempt left one, which is kept (so every
-/// try of one payment is the same attempt to the provider). Returns the payment as it stands.
+/// Records that a verification is about to ask the provider, if the payment still awaits one
+/// and, when `customer` is given, is that customer's: its idempotency key is `key`, unless an
+/// earlier attempt left one, which is kept (so every try of one payment is the same attempt to
+/// the provider). Returns the payment as it stands, whoever's it is: the caller tells another
+/// customer's (or one whose customer is unknown) from the row, which nothing here changed.
 pub async fn begin_attempt(
     pool: &PgPool,
     id: PaymentId,
     key: Uuid,
+    customer: Option<&CustomerId>,
 ) -> Result<Option<Payment>, sqlx::Error> {
     let row = sqlx::query_as(&format!(
         "UPDATE payments SET \
              attempt_key = COALESCE(attempt_key, $2), attempt_started_at = now() \
          WHERE payment_id = $1 AND NOT tombstone AND status = 'AWAITING_VERIFICATION' \
+           AND ($3::text IS NULL OR customer_id = $3) \
          RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(key)
+    .bind(customer)
     .fetch_optional(pool)
     .await?;
     match payment(row)? {
         Some(payment) => Ok(Some(payment)),
-        // Decided already, or unknown: nothing to attempt.
+        // Decided already, another customer's, or unknown: nothing to attempt. A payment's
+        // customer never changes, so this read tells whose it is as the update saw it.
         None => find(pool, id).await,
     }
 }

@@ -189,6 +189,7 @@ async fn void_before_verification_voids_and_a_later_verification_is_refused() {
         .grpc
         .verify_payment(pb::VerifyPaymentRequest {
             payment_id: payment_id.clone(),
+            customer_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -217,6 +218,7 @@ async fn void_after_success_refunds_the_money() {
     app.grpc
         .verify_payment(pb::VerifyPaymentRequest {
             payment_id: payment_id.clone(),
+            customer_id: String::new(),
         })
         .await
         .unwrap();
@@ -270,6 +272,7 @@ async fn refund_gives_back_a_successful_payment_once() {
     app.grpc
         .verify_payment(pb::VerifyPaymentRequest {
             payment_id: payment_id.clone(),
+            customer_id: String::new(),
         })
         .await
         .unwrap();
@@ -290,7 +293,10 @@ async fn refund_gives_back_a_successful_payment_once() {
     // A refunded payment cannot be verified into a second charge.
     let status = app
         .grpc
-        .verify_payment(pb::VerifyPaymentRequest { payment_id })
+        .verify_payment(pb::VerifyPaymentRequest {
+            payment_id,
+            customer_id: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -347,6 +353,7 @@ async fn charge_after_a_void_of_no_payment_is_refused_and_takes_nothing() {
             .grpc
             .verify_payment(pb::VerifyPaymentRequest {
                 payment_id: payment.payment_id.clone(),
+                customer_id: String::new(),
             })
             .await
             .unwrap_err();

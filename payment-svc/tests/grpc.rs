@@ -17,6 +17,7 @@ use uuid::Uuid;
 fn verify(payment_id: &str) -> pb::VerifyPaymentRequest {
     pb::VerifyPaymentRequest {
         payment_id: payment_id.to_owned(),
+        customer_id: String::new(),
     }
 }
 

@@ -23,6 +23,15 @@ pub mod inventory {
 pub mod payment {
     pub mod v1 {
         tonic::include_proto!("payment.v1");
+
+        /// The metadata key of `VerifyPayment`'s FAILED_PRECONDITION, with the value
+        /// [`OWNER_UNKNOWN_VALUE`], when it was asked to check the customer of a payment
+        /// recorded before payments knew their customer: the caller checks the order's
+        /// customer itself, then verifies without `customer_id`. Any other
+        /// FAILED_PRECONDITION (a voided or refunded payment) is a refusal.
+        pub const OWNER_UNKNOWN_KEY: &str = "payment-owner";
+        /// See [`OWNER_UNKNOWN_KEY`].
+        pub const OWNER_UNKNOWN_VALUE: &str = "unknown";
     }
 }
 

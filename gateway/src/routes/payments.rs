@@ -1,9 +1,12 @@
-//! `POST /payment/verify`: of the customer's own orders only.
+//! `POST /payment/verify`: of the customer's own orders only, checked by payment-svc in the
+//! one `VerifyPayment` call (by the order, for payments charged before it knew customers).
 
 use axum::extract::State;
 use axum::Json;
 use proto::order::v1::GetOrderRequest;
-use proto::payment::v1::{GetPaymentRequest, VerifyPaymentRequest};
+use proto::payment::v1::{
+    GetPaymentRequest, VerifyPaymentRequest, OWNER_UNKNOWN_KEY, OWNER_UNKNOWN_VALUE,
+};
 
 use super::AppState;
 use crate::backends::Service;
@@ -45,11 +48,60 @@ pub(super) async fn verify(
         .to_string();
     // Another customer's payment is answered word for word as one that does not exist.
     let not_found = || ApiError::NotFound(format!("payment {payment_id} not found"));
+    let verify_as = |customer_id: String| {
+        let mut payments = state.backends.payment();
+        let request = context.grpc(VerifyPaymentRequest {
+            payment_id: payment_id.clone(),
+            customer_id,
+        });
+        async move { payments.verify_payment(request).await }
+    };
+    // One call: payment-svc checks the customer in the statement that starts the verification.
+    let reply = match verify_as(customer.0.clone()).await {
+        Err(status) if owner_unknown(&status) => {
+            // A payment charged before payment-svc knew customers: its order tells whose it is.
+            check_owner_by_order(&state, &context, &payment_id, customer, not_found).await?;
+            verify_as(String::new()).await
+        }
+        answer => answer,
+    }
+    .map_err(|status| match status.code() {
+        tonic::Code::NotFound => not_found(),
+        _ => ApiError::from_grpc(Service::Payment, status),
+    })?
+    .into_inner();
+    let payment = reply.payment.ok_or_else(|| {
+        ApiError::invalid_reply(Service::Payment, "VerifyPayment replied without a payment")
+    })?;
+    let payment = PaymentJson::try_from(payment)
+        .map_err(|problem| ApiError::invalid_reply(Service::Payment, problem))?;
+    Ok(Json(payment))
+}
+
+/// Whether payment-svc could not check the customer of the payment (one recorded before it
+/// knew customers), rather than refused it.
+fn owner_unknown(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status
+            .metadata()
+            .get(OWNER_UNKNOWN_KEY)
+            .is_some_and(|value| value == OWNER_UNKNOWN_VALUE)
+}
+
+/// The check of a payment's customer before payment-svc knew customers: the payment's order
+/// must be the customer's (`GetPayment`, then `GetOrder` with the customer).
+async fn check_owner_by_order(
+    state: &AppState,
+    context: &RequestContext,
+    payment_id: &str,
+    customer: CustomerId,
+    not_found: impl Fn() -> ApiError,
+) -> Result<(), ApiError> {
     let payment = state
         .backends
         .payment()
         .get_payment(context.grpc(GetPaymentRequest {
-            payment_id: payment_id.clone(),
+            payment_id: payment_id.to_owned(),
             order_id: String::new(),
         }))
         .await
@@ -71,17 +123,5 @@ pub(super) async fn verify(
             tonic::Code::NotFound => not_found(),
             _ => ApiError::from_grpc(Service::Order, status),
         })?;
-    let reply = state
-        .backends
-        .payment()
-        .verify_payment(context.grpc(VerifyPaymentRequest { payment_id }))
-        .await
-        .map_err(|status| ApiError::from_grpc(Service::Payment, status))?
-        .into_inner();
-    let payment = reply.payment.ok_or_else(|| {
-        ApiError::invalid_reply(Service::Payment, "VerifyPayment replied without a payment")
-    })?;
-    let payment = PaymentJson::try_from(payment)
-        .map_err(|problem| ApiError::invalid_reply(Service::Payment, problem))?;
-    Ok(Json(payment))
+    Ok(())
 }

@@ -13,6 +13,8 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 pub const CORRELATION_ID: &str = "corr-saga-1";
+/// The customer of the orders these tests charge.
+pub const CUSTOMER: &str = "c-1";
 pub const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 pub struct TestApp {
@@ -191,6 +193,7 @@ pub fn charge(order_id: Uuid, method: &str) -> proto::payment::v1::ChargePayment
         amount_cents: 4_250,
         currency: "USD".into(),
         payment_method: method.into(),
+        customer_id: CUSTOMER.into(),
     }
 }
 
