@@ -47,6 +47,11 @@ struct Calls(Arc<Mutex<Vec<Seen>>>);
 
 impl Calls {
     fn record<T: std::fmt::Debug>(&self, request: &Request<T>) {
+        self.record_as("", request)
+    }
+
+    /// Records the request as `rpc` (for messages several RPCs take), e.g. `Rpc Message {..}`.
+    fn record_as<T: std::fmt::Debug>(&self, rpc: &str, request: &Request<T>) {
         let get = |key| {
             request
                 .metadata()
@@ -57,7 +62,11 @@ impl Calls {
         self.0.lock().unwrap().push(Seen {
             correlation_id: get("x-correlation-id"),
             traceparent: get("traceparent"),
-            request: format!("{:?}", request.get_ref()),
+            request: format!(
+                "{rpc}{}{:?}",
+                if rpc.is_empty() { "" } else { " " },
+                request.get_ref()
+            ),
         });
     }
 
@@ -219,7 +228,11 @@ impl InventoryService for FakeInventory {
     }
 }
 
-struct FakePayments(Calls);
+struct FakePayments {
+    calls: Calls,
+    /// Stands for a payment-svc older than VerifyCustomerPayment (it answers UNIMPLEMENTED).
+    older: bool,
+}
 
 #[tonic::async_trait]
 impl PaymentService for FakePayments {
@@ -232,65 +245,32 @@ impl PaymentService for FakePayments {
         Err(Status::unimplemented("not faked"))
     }
 
+    async fn verify_customer_payment(
+        &self,
+        request: Request<VerifyPaymentRequest>,
+    ) -> Result<Response<VerifyPaymentResponse>, Status> {
+        self.calls.record_as("VerifyCustomerPayment", &request);
+        if self.older {
+            return Err(Status::unimplemented(
+                "unknown method VerifyCustomerPayment",
+            ));
+        }
+        verify(request)
+    }
+
     async fn verify_payment(
         &self,
         request: Request<VerifyPaymentRequest>,
     ) -> Result<Response<VerifyPaymentResponse>, Status> {
-        self.0.record(&request);
-        let VerifyPaymentRequest {
-            payment_id,
-            customer_id,
-        } = request.into_inner();
-        // The payments are cust-1's, checked as payment-svc does: another customer's is the
-        // answer for one that does not exist; one of an unknown owner asks for the order.
-        let not_found = || Status::not_found(format!("payment {payment_id} not found"));
-        let owner_unknown = payment_id == OWNER_UNKNOWN_PAYMENT;
-        let theirs = !matches!(customer_id.as_str(), "" | "cust-1");
-        if payment_id == UNKNOWN_PAYMENT || (theirs && !owner_unknown) {
-            return Err(not_found());
-        }
-        if owner_unknown && !customer_id.is_empty() {
-            let mut status =
-                Status::failed_precondition("recorded before payments knew their customer");
-            status.metadata_mut().insert(
-                proto::payment::v1::OWNER_UNKNOWN_KEY,
-                proto::payment::v1::OWNER_UNKNOWN_VALUE.parse().unwrap(),
-            );
-            return Err(status);
-        }
-        let (status, decline_reason) = match payment_id.as_str() {
-            "0190f3f0-0000-7000-8000-0000000000a2" => (PaymentStatus::Declined, "card_declined"),
-            "0190f3f0-0000-7000-8000-0000000000a3" => {
-                return Err(Status::failed_precondition(
-                    "payment 0190f3f0-0000-7000-8000-0000000000a3 was voided",
-                ))
-            }
-            "0190f3f0-0000-7000-8000-0000000000a4" => {
-                return Err(Status::internal("database password expired"))
-            }
-            _ => (PaymentStatus::Succeeded, ""),
-        };
-        let payment = Payment {
-            payment_id,
-            order_id: ORDER_ID.into(),
-            amount_cents: 2500,
-            currency: "USD".into(),
-            payment_method: "pm_card_visa".into(),
-            status: status.into(),
-            decline_reason: decline_reason.into(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        };
-        Ok(Response::new(VerifyPaymentResponse {
-            payment: Some(payment),
-        }))
+        self.calls.record_as("VerifyPayment", &request);
+        verify(request)
     }
 
     async fn get_payment(
         &self,
         request: Request<GetPaymentRequest>,
     ) -> Result<Response<Payment>, Status> {
-        self.0.record(&request);
+        self.calls.record(&request);
         let payment_id = request.into_inner().payment_id;
         if payment_id == UNKNOWN_PAYMENT {
             return Err(Status::not_found(format!("payment {payment_id} not found")));
@@ -308,6 +288,59 @@ impl PaymentService for FakePayments {
     ) -> Result<Response<ValidatePaymentMethodResponse>, Status> {
         Err(Status::unimplemented("not faked"))
     }
+}
+
+/// The fake's verification. The payments are cust-1's, checked as payment-svc does.
+fn verify(
+    request: Request<VerifyPaymentRequest>,
+) -> Result<Response<VerifyPaymentResponse>, Status> {
+    let VerifyPaymentRequest {
+        payment_id,
+        customer_id,
+    } = request.into_inner();
+    // The payments are cust-1's, checked as payment-svc does: another customer's is the
+    // answer for one that does not exist; one of an unknown owner asks for the order.
+    let not_found = || Status::not_found(format!("payment {payment_id} not found"));
+    let owner_unknown = payment_id == OWNER_UNKNOWN_PAYMENT;
+    let theirs = !matches!(customer_id.as_str(), "" | "cust-1");
+    if payment_id == UNKNOWN_PAYMENT || (theirs && !owner_unknown) {
+        return Err(not_found());
+    }
+    if owner_unknown && !customer_id.is_empty() {
+        let mut status =
+            Status::failed_precondition("recorded before payments knew their customer");
+        status.metadata_mut().insert(
+            proto::payment::v1::OWNER_UNKNOWN_KEY,
+            proto::payment::v1::OWNER_UNKNOWN_VALUE.parse().unwrap(),
+        );
+        return Err(status);
+    }
+    let (status, decline_reason) = match payment_id.as_str() {
+        "0190f3f0-0000-7000-8000-0000000000a2" => (PaymentStatus::Declined, "card_declined"),
+        "0190f3f0-0000-7000-8000-0000000000a3" => {
+            return Err(Status::failed_precondition(
+                "payment 0190f3f0-0000-7000-8000-0000000000a3 was voided",
+            ))
+        }
+        "0190f3f0-0000-7000-8000-0000000000a4" => {
+            return Err(Status::internal("database password expired"))
+        }
+        _ => (PaymentStatus::Succeeded, ""),
+    };
+    let payment = Payment {
+        payment_id,
+        order_id: ORDER_ID.into(),
+        amount_cents: 2500,
+        currency: "USD".into(),
+        payment_method: "pm_card_visa".into(),
+        status: status.into(),
+        decline_reason: decline_reason.into(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    Ok(Response::new(VerifyPaymentResponse {
+        payment: Some(payment),
+    }))
 }
 
 struct Fakes {
@@ -349,6 +382,11 @@ where
 
 impl Fakes {
     async fn start() -> Fakes {
+        Self::start_with(false).await
+    }
+
+    /// `older_payments`: payment-svc is older than VerifyCustomerPayment.
+    async fn start_with(older: bool) -> Fakes {
         let cancel = CancellationToken::new();
         let (orders, inventory, payments) = (Calls::default(), Calls::default(), Calls::default());
         let order_url = serve(
@@ -362,7 +400,10 @@ impl Fakes {
         )
         .await;
         let payment_url = serve(
-            PaymentServiceServer::new(FakePayments(payments.clone())),
+            PaymentServiceServer::new(FakePayments {
+                calls: payments.clone(),
+                older,
+            }),
             cancel.clone(),
         )
         .await;
@@ -854,7 +895,8 @@ async fn verify_is_one_call_and_asks_the_order_only_when_the_payment_has_no_know
     };
     let calls = |c: &Calls| c.0.lock().unwrap().len();
 
-    // The normal path: one VerifyPayment that names the customer, and no call to order-svc.
+    // The normal path: one VerifyCustomerPayment that names the customer, and no call to
+    // order-svc.
     let (orders_before, payments_before) = (calls(&fakes.orders), calls(&fakes.payments));
     let payment = "0190f3f0-0000-7000-8000-0000000000a1";
     assert_eq!(verify(payment, None).await.unwrap().status().as_u16(), 200);
@@ -862,7 +904,7 @@ async fn verify_is_one_call_and_asks_the_order_only_when_the_payment_has_no_know
     assert_eq!(calls(&fakes.payments), payments_before + 1, "one call");
     let seen = fakes.payments.last().request;
     assert!(
-        seen.starts_with("VerifyPaymentRequest")
+        seen.starts_with("VerifyCustomerPayment VerifyPaymentRequest")
             && seen.contains(&format!(r#"payment_id: "{payment}""#))
             && seen.contains(r#"customer_id: "cust-1""#),
         "{seen}"
@@ -889,11 +931,14 @@ async fn verify_is_one_call_and_asks_the_order_only_when_the_payment_has_no_know
     assert_eq!(
         seen.len(),
         3,
-        "VerifyPayment, GetPayment, VerifyPayment: {seen:?}"
+        "VerifyCustomerPayment, GetPayment, VerifyPayment: {seen:?}"
     );
     assert!(seen[0].contains(r#"customer_id: "cust-1""#), "{seen:?}");
     assert!(seen[1].starts_with("GetPaymentRequest"), "{seen:?}");
-    assert!(seen[2].contains(r#"customer_id: """#), "{seen:?}");
+    assert!(
+        seen[2].starts_with("VerifyPayment ") && seen[2].contains(r#"customer_id: """#),
+        "{seen:?}"
+    );
 
     // Of another customer: the 404 of a payment that does not exist, and it is not verified.
     let payments_before = calls(&fakes.payments);
@@ -911,6 +956,62 @@ async fn verify_is_one_call_and_asks_the_order_only_when_the_payment_has_no_know
         .iter()
         .map(|s| s.request.clone())
         .collect();
-    assert_eq!(seen.len(), 2, "VerifyPayment, GetPayment: {seen:?}");
+    assert_eq!(seen.len(), 2, "VerifyCustomerPayment, GetPayment: {seen:?}");
+    fakes.stop().await;
+}
+
+#[tokio::test]
+async fn verify_in_front_of_a_payment_svc_older_than_verify_customer_payment_checks_the_order() {
+    // An older payment-svc ignores VerifyPayment's customer_id: the gateway must not rely on it.
+    let fakes = Fakes::start_with(true).await;
+    let gateway = &fakes.gateway;
+    let payment = "0190f3f0-0000-7000-8000-0000000000a1";
+    let verify = |authorization: String| {
+        gateway
+            .client
+            .post(gateway.url("/payment/verify"))
+            .header("authorization", authorization)
+            .json(&json!({"payment_id": payment}))
+            .send()
+    };
+    let seen_since = |from: usize| -> Vec<String> {
+        fakes.payments.0.lock().unwrap()[from..]
+            .iter()
+            .map(|s| s.request.clone())
+            .collect()
+    };
+
+    // Another customer's: the order says it is not theirs, and it is never verified.
+    let before = fakes.payments.0.lock().unwrap().len();
+    let other = format!("Bearer {}", common::token("cust-2"));
+    let theirs = error_body(verify(other).await.unwrap(), 404, "not_found").await;
+    assert_eq!(
+        theirs["error"]["message"],
+        format!("payment {payment} not found")
+    );
+    let seen = seen_since(before);
+    assert_eq!(seen.len(), 2, "VerifyCustomerPayment, GetPayment: {seen:?}");
+    assert!(
+        seen.iter().all(|s| !s.starts_with("VerifyPayment ")),
+        "{seen:?}"
+    );
+
+    // Its owner's: checked by its order, then verified.
+    let before = fakes.payments.0.lock().unwrap().len();
+    let owner = format!("Bearer {}", common::token("cust-1"));
+    let response = verify(owner).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "SUCCEEDED");
+    assert!(fakes
+        .orders
+        .last()
+        .request
+        .contains(r#"customer_id: "cust-1""#));
+    let seen = seen_since(before);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[0].starts_with("VerifyCustomerPayment "), "{seen:?}");
+    assert!(seen[1].starts_with("GetPaymentRequest"), "{seen:?}");
+    assert!(seen[2].starts_with("VerifyPayment "), "{seen:?}");
     fakes.stop().await;
 }

@@ -268,6 +268,16 @@ impl PaymentService for PaymentGrpc {
         }))
     }
 
+    async fn verify_customer_payment(
+        &self,
+        request: Request<pb::VerifyPaymentRequest>,
+    ) -> Result<Response<pb::VerifyPaymentResponse>, Status> {
+        if request.get_ref().customer_id.is_empty() {
+            return Err(Error::Invalid("customer_id is required".to_owned()).into());
+        }
+        self.verify_payment(request).await
+    }
+
     async fn get_payment(
         &self,
         request: Request<pb::GetPaymentRequest>,

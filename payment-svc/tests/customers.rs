@@ -44,7 +44,7 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     let missing = Uuid::now_v7().to_string();
     let none = app
         .grpc
-        .verify_payment(verify_as(&missing, CUSTOMER))
+        .verify_customer_payment(verify_as(&missing, CUSTOMER))
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
@@ -52,7 +52,7 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     for customer in ["c-2", "C-1", "c-1 ", "c-1\u{0}", long.as_str()] {
         let theirs = app
             .grpc
-            .verify_payment(verify_as(&payment_id, customer))
+            .verify_customer_payment(verify_as(&payment_id, customer))
             .await
             .unwrap_err();
         assert_eq!(theirs.code(), Code::NotFound, "{customer:?}: {theirs:?}");
@@ -73,7 +73,7 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     // Its customer verifies it.
     let payment = app
         .grpc
-        .verify_payment(verify_as(&payment_id, CUSTOMER))
+        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
         .await
         .unwrap()
         .into_inner()
@@ -85,7 +85,7 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     // Decided, its outcome is still none of another customer's business.
     let theirs = app
         .grpc
-        .verify_payment(verify_as(&payment_id, "c-2"))
+        .verify_customer_payment(verify_as(&payment_id, "c-2"))
         .await
         .unwrap_err();
     assert_eq!(theirs.code(), Code::NotFound);
@@ -97,6 +97,25 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
 }
 
 #[tokio::test]
+async fn verify_customer_payment_without_a_customer_is_refused_and_changes_nothing() {
+    let mut app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let payment_id = app.charge(order_id, "pm_card_visa").await;
+    let refused = app
+        .grpc
+        .verify_customer_payment(verify_as(&payment_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("customer_id"), "{refused:?}");
+    assert_eq!(
+        row(&app, order_id).await,
+        ("AWAITING_VERIFICATION".into(), None, Some(CUSTOMER.into())),
+        "nothing attempted"
+    );
+}
+
+#[tokio::test]
 async fn a_voided_payment_is_refused_to_its_customer_and_not_found_for_another() {
     let mut app = TestApp::start().await;
     let order_id = Uuid::new_v4();
@@ -105,14 +124,14 @@ async fn a_voided_payment_is_refused_to_its_customer_and_not_found_for_another()
 
     let theirs = app
         .grpc
-        .verify_payment(verify_as(&payment_id, "c-2"))
+        .verify_customer_payment(verify_as(&payment_id, "c-2"))
         .await
         .unwrap_err();
     assert_eq!(theirs.code(), Code::NotFound, "{theirs:?}");
 
     let refused = app
         .grpc
-        .verify_payment(verify_as(&payment_id, CUSTOMER))
+        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
@@ -135,7 +154,7 @@ async fn a_payment_charged_before_customers_were_known_asks_the_caller_to_check_
     for customer in [CUSTOMER, "c-2"] {
         let status = app
             .grpc
-            .verify_payment(verify_as(&payment_id, customer))
+            .verify_customer_payment(verify_as(&payment_id, customer))
             .await
             .unwrap_err();
         assert!(owner_unknown(&status), "{customer}: {status:?}");
@@ -161,7 +180,7 @@ async fn a_payment_charged_before_customers_were_known_asks_the_caller_to_check_
     // Verified, the same question again (its customer is still unknown here).
     let status = app
         .grpc
-        .verify_payment(verify_as(&payment_id, CUSTOMER))
+        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
         .await
         .unwrap_err();
     assert!(owner_unknown(&status), "{status:?}");
@@ -181,7 +200,7 @@ async fn a_charge_that_names_no_customer_records_none_and_a_malformed_one_is_ref
     let payment_id = app.charge(order_id, "pm_card_visa").await;
     let status = app
         .grpc
-        .verify_payment(verify_as(&payment_id, CUSTOMER))
+        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
         .await
         .unwrap_err();
     assert!(owner_unknown(&status), "{status:?}");

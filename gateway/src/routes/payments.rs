@@ -48,20 +48,25 @@ pub(super) async fn verify(
         .to_string();
     // Another customer's payment is answered word for word as one that does not exist.
     let not_found = || ApiError::NotFound(format!("payment {payment_id} not found"));
-    let verify_as = |customer_id: String| {
-        let mut payments = state.backends.payment();
-        let request = context.grpc(VerifyPaymentRequest {
-            payment_id: payment_id.clone(),
-            customer_id,
-        });
-        async move { payments.verify_payment(request).await }
-    };
+    let mut payments = state.backends.payment();
     // One call: payment-svc checks the customer in the statement that starts the verification.
-    let reply = match verify_as(customer.0.clone()).await {
-        Err(status) if owner_unknown(&status) => {
-            // A payment charged before payment-svc knew customers: its order tells whose it is.
+    let reply = match payments
+        .verify_customer_payment(context.grpc(VerifyPaymentRequest {
+            payment_id: payment_id.clone(),
+            customer_id: customer.0.clone(),
+        }))
+        .await
+    {
+        Err(status) if owner_unknown(&status) || status.code() == tonic::Code::Unimplemented => {
+            // A payment charged before payment-svc knew customers, or a payment-svc older than
+            // VerifyCustomerPayment: the payment's order tells whose it is.
             check_owner_by_order(&state, &context, &payment_id, customer, not_found).await?;
-            verify_as(String::new()).await
+            payments
+                .verify_payment(context.grpc(VerifyPaymentRequest {
+                    payment_id: payment_id.clone(),
+                    customer_id: String::new(),
+                }))
+                .await
         }
         answer => answer,
     }

@@ -55,6 +55,13 @@ impl PaymentService for FakePayments {
         Err(Status::unimplemented("not part of the fake"))
     }
 
+    async fn verify_customer_payment(
+        &self,
+        _request: Request<pay::VerifyPaymentRequest>,
+    ) -> Result<Response<pay::VerifyPaymentResponse>, Status> {
+        Err(Status::unimplemented("not part of the fake"))
+    }
+
     async fn get_payment(
         &self,
         _request: Request<pay::GetPaymentRequest>,

@@ -1,5 +1,5 @@
 //! `POST /payment/verify` of the customer's own payments only, through the five real services:
-//! payment-svc checks the customer in the one `VerifyPayment` call; a payment charged before it
+//! payment-svc checks the customer in the one `VerifyCustomerPayment` call; a payment charged before it
 //! knew customers (its `customer_id` NULL) is checked by its order, as before.
 
 use e2e::{TestPlatform, TEST_CUSTOMER};

@@ -441,7 +441,7 @@ async fn one_order_is_one_trace_across_the_five_services() {
     assert!(publish.attribute("messaging.batch.message_count").is_some());
 
     // The separate verify request has a trace of its own (the gateway's span, payment-svc's
-    // VerifyPayment under it), which the saga's payment.verify span links to.
+    // VerifyCustomerPayment under it), which the saga's payment.verify span links to.
     let verify = trace
         .iter()
         .find(|s| s.name == "payment.verify")
@@ -453,11 +453,14 @@ async fn one_order_is_one_trace_across_the_five_services() {
         .get(request_span.as_str())
         .expect("the linked span was received");
     assert_eq!(linked.service, "payment-svc");
-    assert_eq!(linked.name, "payment.v1.PaymentService/VerifyPayment");
+    assert_eq!(
+        linked.name,
+        "payment.v1.PaymentService/VerifyCustomerPayment"
+    );
     assert_eq!(linked.trace_id, *request_trace);
     let gateway_verify = by_id
         .get(linked.parent_span_id.as_str())
-        .expect("VerifyPayment's parent");
+        .expect("VerifyCustomerPayment's parent");
     assert_eq!(gateway_verify.service, "gateway");
     assert_eq!(gateway_verify.name, "POST /payment/verify");
 }
@@ -656,7 +659,9 @@ async fn scrape(platform: &TestPlatform) -> BTreeMap<&'static str, Samples> {
 
 #[tokio::test]
 async fn metrics_count_exactly_the_orders_placed() {
-    let platform = TestPlatform::start(&[]).await;
+    // order-svc asks payment-svc about every order's payment method (none remembered), so
+    // that ValidatePaymentMethod counts one call per order too.
+    let platform = TestPlatform::start(&[("PAYMENT_METHOD_CACHE_SECS", "0")]).await;
     platform.warm_up().await;
     let before = scrape(&platform).await;
 
@@ -798,7 +803,7 @@ async fn metrics_count_exactly_the_orders_placed() {
             "grpc_requests_total",
             vec![
                 ("service", "payment.v1.PaymentService"),
-                ("method", "VerifyPayment"),
+                ("method", "VerifyCustomerPayment"),
                 ("code", "OK"),
             ],
             3.0,
