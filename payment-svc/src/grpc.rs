@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use messaging::{MessageContext, Outbox};
+use messaging::{MessageContext, Outbox, OutboxRows};
 use proto::payment::v1 as pb;
 use proto::payment::v1::payment_service_server::PaymentService;
 use proto::topics::SAGA_REPLIES;
@@ -129,11 +129,43 @@ impl PaymentGrpc {
             Decision::Approved => (PaymentStatus::Succeeded, None),
             Decision::Declined { reason } => (PaymentStatus::Declined, Some(reason.as_str())),
         };
-        let mut tx = self.pool.begin().await?;
-        let Some(updated) = store::settle(&mut tx, id, key, status, reason).await? else {
+        // The reply is made before the statement that records the answer with it.
+        let context = saga_context(&payment, request);
+        let order_id = payment.order_id.0;
+        let message = match reason {
+            None => {
+                let reply = pb::PaymentSucceeded {
+                    order_id: order_id.to_string(),
+                    payment_id: id.to_string(),
+                };
+                self.outbox
+                    .message(SAGA_REPLIES, order_id, &reply, &context)
+            }
+            Some(reason) => {
+                let reply = pb::PaymentFailed {
+                    order_id: order_id.to_string(),
+                    payment_id: id.to_string(),
+                    reason: reason.to_owned(),
+                };
+                self.outbox
+                    .message(SAGA_REPLIES, order_id, &reply, &context)
+            }
+        };
+        let messages = [message];
+        let mut conn = self.pool.acquire().await?;
+        let settled = store::settle(
+            &mut conn,
+            id,
+            key,
+            status,
+            reason,
+            &OutboxRows::new(&messages)?,
+        )
+        .await?;
+        let Some(updated) = settled else {
             // Settled meanwhile: by another try of this attempt, or by the deadline's void,
             // which settles the attempt itself.
-            tx.rollback().await?;
+            drop(conn);
             let current = store::find(&self.pool, id)
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("payment {id} not found")))?;
@@ -144,25 +176,7 @@ impl PaymentGrpc {
             }
             return decided(current);
         };
-        let context = saga_context(&payment, request);
-        let order_id = payment.order_id.0;
-        let message = match &decision {
-            Decision::Approved => {
-                let reply = pb::PaymentSucceeded {
-                    order_id: order_id.to_string(),
-                    payment_id: id.to_string(),
-                };
-                self.outbox
-                    .message(SAGA_REPLIES, order_id, &reply, &context)
-            }
-            Decision::Declined { .. } => {
-                let reply = convert::payment_failed(&updated);
-                self.outbox
-                    .message(SAGA_REPLIES, order_id, &reply, &context)
-            }
-        };
-        self.outbox.enqueue(&mut tx, &[message]).await?;
-        tx.commit().await?;
+        self.outbox.recorded(&mut conn).await?;
         self.outbox.committed();
         tracing::debug!(
             payment_id = %id,

@@ -1,7 +1,10 @@
 //! The `payments` table.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use messaging::OutboxRows;
+use sqlx::{FromRow as _, PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
@@ -186,28 +189,37 @@ pub async fn begin_attempt(
     }
 }
 
-/// Records the provider's answer to attempt `key`, if the payment still awaits it; `None` when
-/// it was settled meanwhile (by another try of the same attempt, or by a compensation).
+/// Records the provider's answer to attempt `key`, if the payment still awaits it, with its
+/// outbox rows (`events`), in one statement that commits by itself; `None` (and nothing
+/// written) when it was settled meanwhile (by another try of the same attempt, or by a
+/// compensation).
 pub async fn settle(
     conn: &mut PgConnection,
     id: PaymentId,
     key: Uuid,
     status: PaymentStatus,
     decline_reason: Option<&str>,
+    events: &OutboxRows<'_>,
 ) -> Result<Option<Payment>, sqlx::Error> {
-    let row = sqlx::query_as(&format!(
-        "UPDATE payments SET status = $3, decline_reason = COALESCE($4, decline_reason), \
-                             updated_at = now() \
-         WHERE payment_id = $1 AND attempt_key = $2 AND status = 'AWAITING_VERIFICATION' \
-         RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(key)
-    .bind(status.as_str())
-    .bind(decline_reason)
-    .fetch_optional(conn)
-    .await?;
-    payment(row)
+    static SETTLE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH u AS (UPDATE payments SET status = $3, \
+                          decline_reason = COALESCE($4, decline_reason), updated_at = now() \
+                        WHERE payment_id = $1 AND attempt_key = $2 \
+                          AND status = 'AWAITING_VERIFICATION' \
+                        RETURNING {COLUMNS}), \
+                  e AS ({}) \
+             SELECT * FROM u",
+            OutboxRows::insert_sql(5, Some("EXISTS (SELECT FROM u)"))
+        )
+    });
+    let query = sqlx::query(&SETTLE)
+        .bind(id)
+        .bind(key)
+        .bind(status.as_str())
+        .bind(decline_reason);
+    let row = events.bind(query).fetch_optional(conn).await?;
+    payment(row.as_ref().map(Row::from_row).transpose()?)
 }
 
 /// Records a tombstone for an order with no payment: a compensation came first, so a charge
