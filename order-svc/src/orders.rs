@@ -43,12 +43,11 @@ impl Orders {
         context: &MessageContext,
     ) -> Result<Placed, Error> {
         let fingerprint = request.fingerprint();
-        if let Some(key) = &request.idempotency_key {
-            if let Some(placed) = self.replay(key, &fingerprint).await? {
-                return Ok(placed);
-            }
+        let key = request.idempotency_key.as_deref();
+        let (catalog, earlier) = store::products_and_key(&self.pool, &request.skus(), key).await?;
+        if let (Some(key), Some((id, stored))) = (key, earlier) {
+            return self.replayed(key, &fingerprint, id, &stored).await;
         }
-        let catalog = store::products(&self.pool, &request.skus()).await?;
         let priced = domain::price(&request, &catalog)?;
         self.payments
             .validate(&request.payment_method, context)
@@ -109,6 +108,18 @@ impl Orders {
         let Some((id, stored)) = store::find_by_idempotency_key(&self.pool, key).await? else {
             return Ok(None);
         };
+        self.replayed(key, fingerprint, id, &stored).await.map(Some)
+    }
+
+    /// Order `id`, placed earlier with `key` by a request of fingerprint `stored`, as the
+    /// answer to a request of `fingerprint`: a conflict if it was a different request.
+    async fn replayed(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        id: OrderId,
+        stored: &str,
+    ) -> Result<Placed, Error> {
         if stored != fingerprint {
             return Err(Error::Conflict(format!(
                 "Idempotency-Key {key:?} was used for a different request"
@@ -116,10 +127,10 @@ impl Orders {
         }
         let order = self.get(id).await?;
         tracing::info!(order_id = %id, "order replayed for its idempotency key");
-        Ok(Some(Placed {
+        Ok(Placed {
             order,
             replayed: true,
-        }))
+        })
     }
 
     pub async fn get(&self, id: OrderId) -> Result<Order, Error> {

@@ -21,20 +21,36 @@ pub async fn list_products(db: impl PgExecutor<'_>) -> Result<Vec<Product>, sqlx
     rows.iter().map(product).collect()
 }
 
-/// The products among `skus` that are in the catalog.
-pub async fn products(
+/// The products among `skus` that are in the catalog, by SKU, and the order placed earlier
+/// with idempotency `key` (with its request's fingerprint), if any: one round trip.
+pub async fn products_and_key(
     db: impl PgExecutor<'_>,
     skus: &[String],
-) -> Result<HashMap<String, Product>, sqlx::Error> {
+    key: Option<&str>,
+) -> Result<(HashMap<String, Product>, Option<(OrderId, String)>), sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT sku, name, unit_price_cents, currency FROM products WHERE sku = ANY($1)",
+        "SELECT k.order_id, k.request_fingerprint, p.sku, p.name, p.unit_price_cents, p.currency \
+         FROM (SELECT) AS one \
+         LEFT JOIN (SELECT order_id, request_fingerprint FROM orders \
+                    WHERE idempotency_key = $2) AS k ON true \
+         LEFT JOIN products p ON p.sku = ANY($1)",
     )
     .bind(skus)
+    .bind(key)
     .fetch_all(db)
     .await?;
-    rows.iter()
-        .map(|row| product(row).map(|p| (p.sku.clone(), p)))
-        .collect()
+    let mut catalog = HashMap::with_capacity(rows.len());
+    let mut earlier = None;
+    for row in &rows {
+        if let Some(order_id) = row.try_get::<Option<Uuid>, _>("order_id")? {
+            earlier = Some((OrderId(order_id), row.try_get("request_fingerprint")?));
+        }
+        if row.try_get::<Option<String>, _>("sku")?.is_some() {
+            let p = product(row)?;
+            catalog.insert(p.sku.clone(), p);
+        }
+    }
+    Ok((catalog, earlier))
 }
 
 fn product(row: &PgRow) -> Result<Product, sqlx::Error> {
