@@ -135,9 +135,9 @@ pub async fn reserve(
     lines: &Lines,
     ttl: Duration,
 ) -> Result<ReserveOutcome, sqlx::Error> {
-    if let Some(existing) = head(conn, order_id, false).await? {
-        return Ok(reserve_outcome_of(&existing));
-    }
+    // No read of an existing reservation first: the common case has none, and one that
+    // exists (or a release or a refusal that came first) makes the insert below, or the
+    // refusal's, conflict, and then its outcome is returned and nothing more is held.
     let skus = lines.skus();
     let quantities = lines.quantities();
     // Locked until the transaction ends, so that what is checked here is what gets held.
