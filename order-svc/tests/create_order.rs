@@ -206,20 +206,19 @@ async fn a_retry_with_the_same_idempotency_key_returns_the_same_order() {
     app.stop().await;
 }
 
+/// Two orders of two customers, both paying with `pm_card_visa`.
+async fn place_two_paid_by_visa(app: &TestApp) {
+    for customer in ["cust-1", "cust-2"] {
+        let request = order_request(customer, &[("SKU-MOUSE", 1)], "pm_card_visa", "");
+        app.create(request).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_payment_method_accepted_lately_is_not_asked_about_again_a_refused_one_is() {
     let calls = |app: &TestApp| app.payments.calls.load(std::sync::atomic::Ordering::SeqCst);
     let app = TestApp::start().await;
-    for customer in ["cust-1", "cust-2"] {
-        app.create(order_request(
-            customer,
-            &[("SKU-MOUSE", 1)],
-            "pm_card_visa",
-            "",
-        ))
-        .await
-        .unwrap();
-    }
+    place_two_paid_by_visa(&app).await;
     assert_eq!(calls(&app), 1, "the second order's method was remembered");
     for _ in 0..2 {
         let refused = app
@@ -234,16 +233,7 @@ async fn a_payment_method_accepted_lately_is_not_asked_about_again_a_refused_one
 
     // PAYMENT_METHOD_CACHE_SECS=0: every order asks.
     let app = TestApp::start_with_args(true, &["--payment-method-cache-secs", "0"]).await;
-    for customer in ["cust-1", "cust-2"] {
-        app.create(order_request(
-            customer,
-            &[("SKU-MOUSE", 1)],
-            "pm_card_visa",
-            "",
-        ))
-        .await
-        .unwrap();
-    }
+    place_two_paid_by_visa(&app).await;
     assert_eq!(calls(&app), 2);
     app.stop().await;
 }
