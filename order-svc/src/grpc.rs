@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::convert;
 use crate::error::Error;
 use crate::orders::Orders;
-use crate::watch::{StatusWatch, MAX_WAIT};
+use crate::watch::{Changed, StatusWatch, MAX_WAIT};
 
 /// Orders read at a time by ListOrders.
 const LIST_PAGE_SIZE: usize = 1000;
@@ -138,23 +138,25 @@ impl OrderService for OrderGrpc {
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(request.wait_timeout_ms)).min(MAX_WAIT);
         // Subscribed before the first read, so that a change between the read and the wait
-        // is not missed; each read is then one that a change made necessary.
+        // is not missed. A change's notification carries what changed, so the order is read
+        // again only when one does not (see `watch`).
         let mut changes = waits.then(|| self.watch.subscribe());
+        let mut order = self.orders.get(id).await?;
+        if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
+            // Word for word the answer for an order that does not exist.
+            return Err(Error::NotFound(format!("order {id} not found")).into());
+        }
         loop {
-            let order = self.orders.get(id).await?;
-            if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
-                // Word for word the answer for an order that does not exist.
-                return Err(Error::NotFound(format!("order {id} not found")).into());
-            }
-            let order = convert::order(order);
-            let waiting = match changes.as_mut() {
-                Some(changes) if order.status() == wait_while => {
-                    changes.changed(id.0, deadline).await
-                }
-                _ => false,
+            let answer = convert::order(order.clone());
+            let Some(changes) = changes.as_mut().filter(|_| answer.status() == wait_while) else {
+                return Ok(Response::new(answer));
             };
-            if !waiting {
-                return Ok(Response::new(order));
+            match changes.changed(id.0, deadline).await {
+                Changed::TimedOut => return Ok(Response::new(answer)),
+                Changed::To(change) => {
+                    change.apply(&mut order);
+                }
+                Changed::Unknown => order = self.orders.get(id).await?,
             }
         }
     }

@@ -1,25 +1,86 @@
 //! Waiting for an order's status to change: GetOrder's long poll.
 //!
-//! A trigger notifies `order_status` with the order id whenever a status changes; one listener
-//! per process fans the ids out to the waiting requests, whichever replica changed the order.
+//! A trigger notifies `order_status` whenever a status changes, with the change itself (the
+//! status, the payment id, the failure reason, the time: all that changes of an order, whose
+//! lines never do); one listener per process fans the changes out to the waiting requests,
+//! whichever replica changed the order, and they answer without reading the order again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::domain::{Order, OrderStatus, PaymentId};
+
 const CHANNEL: &str = "order_status";
 /// Longest a request may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// Order ids whose status changed; `Uuid::nil()` means "anything may have changed" (the
-/// listener reconnected and may have missed notifications).
+/// What a status change left of an order: all that may change of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusChange {
+    pub status: OrderStatus,
+    pub payment_id: Option<PaymentId>,
+    pub failure_reason: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl StatusChange {
+    /// Reads a notification's payload (see migration 0104): the order id, and the change when
+    /// the payload carries it (a bare id says only that the order changed).
+    pub fn parse(payload: &str) -> Option<(Uuid, Option<Arc<StatusChange>>)> {
+        let mut fields = payload.splitn(5, ' ');
+        let id = Uuid::parse_str(fields.next()?).ok()?;
+        let Some(status) = fields.next() else {
+            return Some((id, None));
+        };
+        let change = (|| {
+            let status = OrderStatus::from_db(status)?;
+            let payment_id = match fields.next()? {
+                "-" => None,
+                id => Some(PaymentId(Uuid::parse_str(id).ok()?)),
+            };
+            let updated_at = DateTime::from_timestamp_micros(fields.next()?.parse().ok()?)?;
+            let failure_reason = match fields.next()? {
+                "-" => None,
+                reason => Some(reason.strip_prefix('+')?.to_owned()),
+            };
+            Some(StatusChange {
+                status,
+                payment_id,
+                failure_reason,
+                updated_at,
+            })
+        })();
+        // A payload this release cannot read still says that the order changed.
+        Some((id, change.map(Arc::new)))
+    }
+
+    /// Applies the change to `order` as read before it. A change that is not ahead of the
+    /// order's status (a notification of a change the read already saw, delivered after it) is
+    /// ignored: statuses only move forward. Returns whether it applied.
+    pub fn apply(&self, order: &mut Order) -> bool {
+        if !order.status.can_move_to(self.status) {
+            return false;
+        }
+        order.status = self.status;
+        order.payment_id = self.payment_id;
+        order.failure_reason.clone_from(&self.failure_reason);
+        order.updated_at = self.updated_at;
+        true
+    }
+}
+
+/// Orders whose status changed, with the change when known; `Uuid::nil()` means "anything may
+/// have changed" (the listener reconnected and may have missed notifications).
 #[derive(Clone, Debug)]
 pub struct StatusWatch {
-    changes: broadcast::Sender<Uuid>,
+    changes: broadcast::Sender<(Uuid, Option<Arc<StatusChange>>)>,
 }
 
 impl Default for StatusWatch {
@@ -54,7 +115,7 @@ impl StatusWatch {
                 tracing::warn!(error = %e, "order status listener: LISTEN failed");
                 continue;
             }
-            let _ = self.changes.send(Uuid::nil());
+            let _ = self.changes.send((Uuid::nil(), None));
             loop {
                 let notification = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -62,13 +123,13 @@ impl StatusWatch {
                 };
                 match notification {
                     Ok(Some(n)) => {
-                        if let Ok(id) = Uuid::parse_str(n.payload()) {
-                            let _ = self.changes.send(id);
+                        if let Some(change) = StatusChange::parse(n.payload()) {
+                            let _ = self.changes.send(change);
                         }
                     }
                     // The connection was lost: anything may have changed meanwhile.
                     Ok(None) => {
-                        let _ = self.changes.send(Uuid::nil());
+                        let _ = self.changes.send((Uuid::nil(), None));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "order status listener failed; reconnecting");
@@ -81,23 +142,121 @@ impl StatusWatch {
 }
 
 /// A subscription to status changes.
-pub struct Changes(broadcast::Receiver<Uuid>);
+pub struct Changes(broadcast::Receiver<(Uuid, Option<Arc<StatusChange>>)>);
+
+/// What a waiter learns.
+#[derive(Debug)]
+pub enum Changed {
+    /// The order changed so: no need to read it.
+    To(Arc<StatusChange>),
+    /// The order may have changed: read it.
+    Unknown,
+    /// Nothing changed before the deadline.
+    TimedOut,
+}
 
 impl Changes {
-    /// Waits until `order_id` may have changed, or until `deadline`. Returns false on timeout.
-    pub async fn changed(&mut self, order_id: Uuid, deadline: tokio::time::Instant) -> bool {
+    /// Waits until `order_id` may have changed, or until `deadline`.
+    pub async fn changed(&mut self, order_id: Uuid, deadline: tokio::time::Instant) -> Changed {
         loop {
             match tokio::time::timeout_at(deadline, self.0.recv()).await {
-                Err(_) => return false,
-                Ok(Ok(id)) if id == order_id || id.is_nil() => return true,
+                Err(_) => return Changed::TimedOut,
+                Ok(Ok((id, Some(change)))) if id == order_id => return Changed::To(change),
+                Ok(Ok((id, None))) if id == order_id || id.is_nil() => return Changed::Unknown,
                 Ok(Ok(_)) => continue,
                 // Missed some: ours may be among them.
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => return Changed::Unknown,
                 Ok(Err(broadcast::error::RecvError::Closed)) => {
                     tokio::time::sleep_until(deadline).await;
-                    return false;
+                    return Changed::TimedOut;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(status: OrderStatus) -> Order {
+        let at = DateTime::from_timestamp_micros(1_700_000_000_000_000).unwrap();
+        Order {
+            id: crate::domain::OrderId(Uuid::now_v7()),
+            customer_id: "c-1".into(),
+            status,
+            lines: Vec::new(),
+            total_cents: 100,
+            currency: "USD".into(),
+            payment_method: "pm_card_visa".into(),
+            payment_id: None,
+            failure_reason: None,
+            correlation_id: "corr".into(),
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn a_payload_carries_the_change_or_only_the_order_id() {
+        let id = Uuid::now_v7();
+        let payment = Uuid::now_v7();
+        let (got, change) = StatusChange::parse(&format!(
+            "{id} PAYMENT_INITIATED {payment} 1700000000123456 -"
+        ))
+        .unwrap();
+        assert_eq!(got, id);
+        assert_eq!(
+            *change.unwrap(),
+            StatusChange {
+                status: OrderStatus::PaymentInitiated,
+                payment_id: Some(PaymentId(payment)),
+                failure_reason: None,
+                updated_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            }
+        );
+        // A reason keeps its spaces, and may be empty.
+        let (_, change) =
+            StatusChange::parse(&format!("{id} FAILED - 1 +out of stock: SKU-1 (asked 2)"))
+                .unwrap();
+        let change = change.unwrap();
+        assert_eq!(
+            change.failure_reason.as_deref(),
+            Some("out of stock: SKU-1 (asked 2)")
+        );
+        assert_eq!(change.payment_id, None);
+        let (_, change) = StatusChange::parse(&format!("{id} FAILED - 1 +")).unwrap();
+        assert_eq!(change.unwrap().failure_reason.as_deref(), Some(""));
+        // The bare id (a payload too long for NOTIFY), or one this release cannot read: the
+        // order changed, read it.
+        assert_eq!(StatusChange::parse(&id.to_string()), Some((id, None)));
+        assert_eq!(
+            StatusChange::parse(&format!("{id} SHIPPED - 1 -")),
+            Some((id, None))
+        );
+        assert_eq!(StatusChange::parse("not-an-id PENDING - 1 -"), None);
+    }
+
+    #[test]
+    fn a_change_applies_only_ahead_of_the_status_read() {
+        let change = StatusChange {
+            status: OrderStatus::PaymentInitiated,
+            payment_id: Some(PaymentId(Uuid::now_v7())),
+            failure_reason: None,
+            updated_at: DateTime::from_timestamp_micros(1_800_000_000_000_000).unwrap(),
+        };
+        let mut pending = order(OrderStatus::Pending);
+        assert!(change.apply(&mut pending));
+        assert_eq!(pending.status, OrderStatus::PaymentInitiated);
+        assert_eq!(pending.payment_id, change.payment_id);
+        assert_eq!(pending.updated_at, change.updated_at);
+        // Delivered after a read that saw a later change: stale, ignored.
+        let mut completed = order(OrderStatus::Completed);
+        let before = completed.clone();
+        assert!(!change.apply(&mut completed));
+        assert_eq!(completed, before);
+        // The very change the read already saw.
+        let mut seen = order(OrderStatus::PaymentInitiated);
+        assert!(!change.apply(&mut seen));
     }
 }

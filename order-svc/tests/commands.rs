@@ -325,3 +325,67 @@ async fn final_commands_are_confirmed_to_the_saga_with_the_orders_status() {
     assert_eq!(replies(&app, &unknown).await, []);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_long_poll_answers_with_the_order_as_each_change_left_it() {
+    let app = TestApp::start().await;
+    let wait = |order_id: &str, while_status: pb::OrderStatus| {
+        let mut client = app.client.clone();
+        let request = pb::GetOrderRequest {
+            order_id: order_id.to_owned(),
+            customer_id: String::new(),
+            wait_while_status: while_status.into(),
+            wait_timeout_ms: 20_000,
+        };
+        tokio::spawn(async move { client.get_order(request).await.map(|r| r.into_inner()) })
+    };
+    // Until the poll waits (it answers at once otherwise, and proves nothing).
+    let waiting = || async {
+        common::eventually(Duration::from_secs(10), "the long poll to wait", || async {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE 'LISTEN%'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            (listening >= 1).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // The change carried by the notification: the answer is what a read finds.
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    let poll = wait(id, pb::OrderStatus::Pending);
+    waiting().await;
+    let payment_id = Uuid::now_v7().to_string();
+    handle(&app, &mark_payment_initiated(id, &payment_id))
+        .await
+        .unwrap();
+    let answered = poll.await.unwrap().unwrap();
+    assert_eq!(answered.status(), pb::OrderStatus::PaymentInitiated);
+    assert_eq!(answered, app.get(id).await.unwrap());
+
+    let poll = wait(id, pb::OrderStatus::PaymentInitiated);
+    waiting().await;
+    handle(&app, &fail(id, "payment declined: card_declined"))
+        .await
+        .unwrap();
+    let answered = poll.await.unwrap().unwrap();
+    assert_eq!(answered.failure_reason, "payment declined: card_declined");
+    assert_eq!(answered, app.get(id).await.unwrap());
+
+    // A reason too long for a notification: it names the order only, and the poll reads it.
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    let poll = wait(id, pb::OrderStatus::Pending);
+    waiting().await;
+    let long = "r".repeat(10_000);
+    handle(&app, &fail(id, &long)).await.unwrap();
+    let answered = poll.await.unwrap().unwrap();
+    assert_eq!(answered.failure_reason, long);
+    assert_eq!(answered, app.get(id).await.unwrap());
+    app.stop().await;
+}
