@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use proto::inventory::v1 as pb;
+use test_support::eventually;
 use uuid::Uuid;
 
 #[tokio::test]

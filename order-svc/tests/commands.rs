@@ -256,11 +256,12 @@ async fn commands_arrive_through_the_broker() {
     orchestrator.enqueue(&mut conn, &messages).await.unwrap();
     drop(conn);
 
-    let got = common::eventually(Duration::from_secs(60), "the order to complete", || async {
-        let got = app.get(&order.order_id).await.unwrap();
-        (got.status() == pb::OrderStatus::Completed).then_some(got)
-    })
-    .await;
+    let got =
+        test_support::eventually(Duration::from_secs(60), "the order to complete", || async {
+            let got = app.get(&order.order_id).await.unwrap();
+            (got.status() == pb::OrderStatus::Completed).then_some(got)
+        })
+        .await;
     assert_eq!(got.payment_id, payment_id);
     // Both recorded in the inbox: a redelivery would be skipped.
     assert_eq!(app.count("inbox").await, 2);
@@ -341,7 +342,7 @@ async fn a_long_poll_answers_with_the_order_as_each_change_left_it() {
     };
     // Until the poll waits (it answers at once otherwise, and proves nothing).
     let waiting = || async {
-        common::eventually(Duration::from_secs(10), "the long poll to wait", || async {
+        test_support::eventually(Duration::from_secs(10), "the long poll to wait", || async {
             let listening: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND query LIKE 'LISTEN%'",

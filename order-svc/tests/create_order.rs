@@ -150,7 +150,7 @@ async fn order_created_is_published_to_the_broker() {
     assert_eq!(event.total_cents, 2900);
 
     // Published rows leave the outbox.
-    common::eventually(Duration::from_secs(10), "the outbox to empty", || async {
+    test_support::eventually(Duration::from_secs(10), "the outbox to empty", || async {
         (app.count("outbox").await == 0).then_some(())
     })
     .await;
@@ -495,7 +495,7 @@ async fn a_create_racing_a_twin_with_the_same_key_returns_the_twins_order() {
             .await
     });
     // The request's insert waits on the twin's key ...
-    common::eventually(
+    test_support::eventually(
         Duration::from_secs(10),
         "the insert to wait on the twin",
         || async {

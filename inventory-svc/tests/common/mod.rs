@@ -2,9 +2,8 @@
 //! commands as the consumer would deliver them, and readers of the stock and the outbox.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser as _;
 use inventory_svc::{App, CommandHandler, Config};
@@ -232,23 +231,4 @@ pub async fn last_reply<M: Message + Name + Default>(
     let (message_type, payload) = replies.last().expect("a reply in the outbox");
     assert_eq!(message_type, &M::full_name(), "type of the last reply");
     M::decode(payload.as_slice()).expect("decodable reply")
-}
-
-/// Polls `check` until it returns Some, failing after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

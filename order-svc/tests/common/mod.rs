@@ -3,11 +3,10 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser as _;
 use messaging::Incoming;
@@ -326,24 +325,5 @@ pub fn incoming<M: prost::Message + prost::Name>(order_id: &str, payload: &M) ->
             ..Envelope::default()
         },
         payload: payload.encode_to_vec(),
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -6,13 +6,33 @@
 
 mod reflection;
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::ClientConfig;
 use sqlx::Connection as _;
 
 pub use reflection::reflected_services;
+
+/// Polls `check` until it returns `Some`, failing after `within` with what was awaited.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// Server URL (any database) for the test databases; `cargo run -p platform -- test` sets it.
 pub const DATABASE_ENV: &str = "TEST_DATABASE_URL";
