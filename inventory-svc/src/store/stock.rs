@@ -98,34 +98,28 @@ pub async fn settle(
     .bind(reservation_ids)
     .execute(&mut *conn)
     .await?;
-    // The stock and the reservations in one statement.
-    let (sql, reason) = match settle {
-        Settle::Return(reason) => (
-            "WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
-                           WHERE reservation_id = ANY($1) GROUP BY sku), \
-                  s AS (UPDATE stock s SET available = s.available + held.quantity, \
-                                           reserved = s.reserved - held.quantity, updated_at = now() \
-                        FROM held WHERE s.sku = held.sku) \
-             UPDATE reservations SET status = 'RELEASED', release_reason = $2, updated_at = now() \
-             WHERE reservation_id = ANY($1)",
-            Some(reason),
-        ),
-        Settle::Sell => (
-            "WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
-                           WHERE reservation_id = ANY($1) GROUP BY sku), \
-                  s AS (UPDATE stock s SET committed = s.committed + held.quantity, \
-                                           reserved = s.reserved - held.quantity, updated_at = now() \
-                        FROM held WHERE s.sku = held.sku) \
-             UPDATE reservations SET status = 'COMMITTED', updated_at = now() \
-             WHERE reservation_id = ANY($1)",
-            None,
-        ),
+    // The stock and the reservations in one statement; the status says where the units go.
+    let (status, release_reason) = match settle {
+        Settle::Return(reason) => ("RELEASED", Some(reason)),
+        Settle::Sell => ("COMMITTED", None),
     };
-    let mut query = sqlx::query(sql).bind(reservation_ids);
-    if let Some(reason) = reason {
-        query = query.bind(reason);
-    }
-    query.execute(conn).await?;
+    sqlx::query(
+        "WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM reservation_lines \
+                       WHERE reservation_id = ANY($1) GROUP BY sku), \
+              s AS (UPDATE stock s SET reserved = s.reserved - held.quantity, \
+                      available = s.available + CASE WHEN $2 = 'RELEASED' THEN held.quantity ELSE 0 END, \
+                      committed = s.committed + CASE WHEN $2 = 'COMMITTED' THEN held.quantity ELSE 0 END, \
+                      updated_at = now() \
+                    FROM held WHERE s.sku = held.sku) \
+         UPDATE reservations SET status = $2, release_reason = COALESCE($3, release_reason), \
+                updated_at = now() \
+         WHERE reservation_id = ANY($1)",
+    )
+    .bind(reservation_ids)
+    .bind(status)
+    .bind(release_reason)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
