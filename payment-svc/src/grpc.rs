@@ -142,11 +142,13 @@ impl PaymentGrpc {
                     .message(SAGA_REPLIES, order_id, &reply, &context)
             }
             Some(reason) => {
-                let reply = pb::PaymentFailed {
-                    order_id: order_id.to_string(),
-                    payment_id: id.to_string(),
-                    reason: reason.to_owned(),
+                // The payment as that statement leaves it.
+                let declined = Payment {
+                    status,
+                    decline_reason: Some(reason.to_owned()),
+                    ..payment.clone()
                 };
+                let reply = convert::payment_failed(&declined);
                 self.outbox
                     .message(SAGA_REPLIES, order_id, &reply, &context)
             }
