@@ -438,3 +438,74 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
     cancel.cancel();
     relay_task.await.expect("relay");
 }
+
+/// The outbox is a queue: after each vacuum its statistics say it is empty, and a plan made
+/// then (a sequential scan, cached for the session) would read every dead row left since,
+/// which under load is most of the table. The relay's statements find their rows by the key
+/// instead, whatever the statistics said when they were planned.
+#[tokio::test]
+async fn the_relay_finds_its_rows_by_key_even_when_the_statistics_say_the_outbox_is_empty() {
+    let setup = setup("relay_plan").await;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&setup.pool)
+        .await
+        .expect("vacuum");
+    let cancel = CancellationToken::new();
+    let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    // The relay polls the empty table (four times a second), planning its read then.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Dead rows, as a busy service leaves between two vacuums: written and rolled back.
+    let message = |i: usize| {
+        setup.outbox.message(
+            TOPIC,
+            Uuid::now_v7(),
+            &CompleteOrder {
+                order_id: i.to_string(),
+            },
+            &MessageContext::default(),
+        )
+    };
+    let mut tx = setup.pool.begin().await.expect("begin");
+    let dead: Vec<_> = (0..5000).map(message).collect();
+    setup.outbox.enqueue(&mut tx, &dead).await.expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    // And one live row, read, published and deleted.
+    let mut tx = setup.pool.begin().await.expect("begin");
+    setup
+        .outbox
+        .enqueue(&mut tx, &[message(5000)])
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    wait_for_empty_outbox(&setup.pool, Duration::from_secs(10)).await;
+    // Then only the relay reads the table: its poll (four times a second) and its backlog
+    // gauge (a count, once a second). PostgreSQL's counters reach the view within a second or
+    // so of each transaction, so they are read a while apart.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (seq_before, idx_before) = outbox_scans(&setup.pool).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (seq_after, idx_after) = outbox_scans(&setup.pool).await;
+    let (seq, idx) = (seq_after - seq_before, idx_after - idx_before);
+    assert!(
+        idx >= 8,
+        "the relay's polls in four seconds were {idx} index scans of the outbox"
+    );
+    assert!(
+        seq <= 8,
+        "{seq} sequential scans of the outbox in four seconds (the backlog gauge makes about four)"
+    );
+    cancel.cancel();
+    task.await.expect("relay");
+}
+
+/// Sequential and index scans of the outbox so far, by PostgreSQL's statistics.
+async fn outbox_scans(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT COALESCE(seq_scan, 0), COALESCE(idx_scan, 0) FROM pg_stat_user_tables \
+         WHERE relname = 'outbox'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("statistics")
+}
