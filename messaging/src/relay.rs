@@ -67,12 +67,21 @@ impl Relay {
         })
     }
 
+    /// How long the relay waits, with nothing waking it, before it reads the outbox again
+    /// (a quarter of a second by default): the fallback for a wake-up lost with a connection.
+    pub fn with_poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+
     /// Runs until `cancel`; database and broker failures are retried with backoff.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut publisher: Option<PgConnection> = None;
         let mut listener: Option<PgListener> = None;
         let mut backoff = crate::retry::backoff();
         let mut measured: Option<std::time::Instant> = None;
+        // Rows the broker acknowledged, deleted with the next read of the outbox.
+        let mut acknowledged: Vec<i64> = Vec::new();
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -91,7 +100,7 @@ impl Relay {
                 listener = self.listen().await;
             }
             if let Some(conn) = publisher.as_mut() {
-                match self.publish(conn).await {
+                match self.publish(conn, &mut acknowledged).await {
                     Ok(n) => {
                         backoff = crate::retry::backoff();
                         if n as i64 == self.batch_size {
@@ -139,6 +148,13 @@ impl Relay {
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }
         }
+        if let (Some(conn), false) = (publisher.as_mut(), acknowledged.is_empty()) {
+            // What was acknowledged is deleted before the relay stops; should that fail, the
+            // next relay publishes those rows again and the consumers' inbox absorbs them.
+            if let Err(e) = delete(conn, &acknowledged).await {
+                tracing::debug!(error = %e, "outbox relay: deleting the last acknowledged rows");
+            }
+        }
         self.wake.publishing.store(false, Ordering::Relaxed);
     }
 
@@ -155,13 +171,8 @@ impl Relay {
         // refused) commit without waiting for their WAL flush: one lost in a crash only
         // publishes its rows again, which the consumers' inbox absorbs. The flush a service's
         // own transactions wait for stays.
-        // And its reads and deletes go by the key: the outbox is a queue, whose statistics say
-        // it is empty after each vacuum, and a plan made then (a sequential scan, cached for
-        // the session) would read every dead row left since, most of the table under load.
         match sqlx::query_scalar::<_, bool>(
-            "SELECT pg_try_advisory_lock($1) \
-             FROM set_config('synchronous_commit', 'off', false) AS commits, \
-                  set_config('enable_seqscan', 'off', false) AS scans",
+            "SELECT pg_try_advisory_lock($1) FROM set_config('synchronous_commit', 'off', false)",
         )
         .bind(RELAY_LOCK)
         .fetch_one(&mut conn)
@@ -222,23 +233,38 @@ impl Relay {
         if !locked {
             return Ok(0);
         }
-        let done = self.publish(&mut tx).await?;
+        let mut acknowledged = Vec::new();
+        let done = self.publish(&mut tx, &mut acknowledged).await?;
+        delete(&mut tx, &acknowledged).await?;
         tx.commit().await.context("outbox: commit")?;
         Ok(done)
     }
 
-    /// Publishes up to one batch, oldest first, and deletes what the broker acknowledged.
+    /// Publishes up to one batch, oldest first. The rows of `acknowledged` (the last batch's,
+    /// which the broker acknowledged) are deleted by the statement that reads this one, and
+    /// `acknowledged` becomes this batch's: one round trip a batch, not two. Should the relay
+    /// stop before that next read, those rows are published again, which the consumers' inbox
+    /// absorbs, as it does after any crash between the broker's answer and the delete.
     /// A row that can never be published (its envelope does not decode, the broker refuses it
-    /// for good) is moved to `outbox_parked` with its error, and the rest goes on. Returns how
-    /// many rows were done with (published or parked); an error once the acknowledged rows are
-    /// deleted, when some failed for a reason that may pass (they are sent again).
-    async fn publish(&self, conn: &mut PgConnection) -> anyhow::Result<usize> {
+    /// for good) is moved to `outbox_parked` with its error at once, and the rest goes on.
+    /// Returns how many rows were done with (published or parked); an error when some failed
+    /// for a reason that may pass (they are sent again).
+    async fn publish(
+        &self,
+        conn: &mut PgConnection,
+        acknowledged: &mut Vec<i64>,
+    ) -> anyhow::Result<usize> {
+        // The delete's rows are still in the read's snapshot (one statement), hence the filter.
         let rows = sqlx::query(
-            "SELECT id, topic, message_key, envelope, payload, extra_headers FROM outbox ORDER BY id LIMIT $1",
+            "WITH deleted AS (DELETE FROM outbox WHERE id = ANY($2)) \
+             SELECT id, topic, message_key, envelope, payload, extra_headers FROM outbox \
+             WHERE id <> ALL($2) ORDER BY id LIMIT $1",
         )
         .bind(self.batch_size)
+        .bind(&*acknowledged)
         .fetch_all(&mut *conn)
         .await?;
+        acknowledged.clear();
         if rows.is_empty() {
             return Ok(0);
         }
@@ -274,26 +300,31 @@ impl Relay {
                 }
             }
         }
-        let parked_ids: Vec<i64> = parked.iter().map(|(id, ..)| *id).collect();
-        let parked_errors: Vec<&str> = parked.iter().map(|(_, _, e)| e.as_str()).collect();
-        let done: Vec<i64> = published.iter().chain(&parked_ids).copied().collect();
-        // One statement, so atomic without a transaction: the parked rows are copied and every
-        // row done with is deleted.
-        sqlx::query(
-            "WITH parked AS ( \
-               INSERT INTO outbox_parked (id, message_id, topic, message_key, message_type, \
-                 envelope, payload, extra_headers, created_at, error) \
-               SELECT o.id, o.message_id, o.topic, o.message_key, o.message_type, o.envelope, \
-                 o.payload, o.extra_headers, o.created_at, p.error \
-               FROM outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) ON o.id = p.id \
-               ON CONFLICT (id) DO NOTHING) \
-             DELETE FROM outbox WHERE id = ANY($3)",
-        )
-        .bind(&parked_ids)
-        .bind(&parked_errors)
-        .bind(&done)
-        .execute(&mut *conn)
-        .await?;
+        let done = published.len() + parked.len();
+        if parked.is_empty() {
+            acknowledged.extend_from_slice(&published);
+        } else {
+            let parked_ids: Vec<i64> = parked.iter().map(|(id, ..)| *id).collect();
+            let parked_errors: Vec<&str> = parked.iter().map(|(_, _, e)| e.as_str()).collect();
+            let gone: Vec<i64> = published.iter().chain(&parked_ids).copied().collect();
+            // One statement, so atomic without a transaction: the parked rows are copied and
+            // every row done with is deleted.
+            sqlx::query(
+                "WITH parked AS ( \
+                   INSERT INTO outbox_parked (id, message_id, topic, message_key, message_type, \
+                     envelope, payload, extra_headers, created_at, error) \
+                   SELECT o.id, o.message_id, o.topic, o.message_key, o.message_type, o.envelope, \
+                     o.payload, o.extra_headers, o.created_at, p.error \
+                   FROM outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) ON o.id = p.id \
+                   ON CONFLICT (id) DO NOTHING) \
+                 DELETE FROM outbox WHERE id = ANY($3)",
+            )
+            .bind(&parked_ids)
+            .bind(&parked_errors)
+            .bind(&gone)
+            .execute(&mut *conn)
+            .await?;
+        }
         for (id, topic, error) in &parked {
             tracing::error!(outbox_row = id, %topic, %error, "outbox row cannot be published: parked in outbox_parked for an operator");
             metrics::counter!(metric::OUTBOX_PARKED, "topic" => topic.to_string()).increment(1);
@@ -320,7 +351,7 @@ impl Relay {
         });
         match retry {
             Some(error) => Err(anyhow::anyhow!(error)),
-            None => Ok(done.len()),
+            None => Ok(done),
         }
     }
     /// Queues every record in order and waits for the broker's answer to each. Rows of one key
@@ -389,11 +420,23 @@ impl Relay {
     /// Measures the outbox: how many rows wait and for how long the oldest has. One small
     /// query, run at most every [`BACKLOG_INTERVAL`] from the relay's loop.
     async fn measure_backlog(&self) {
-        let measured: Result<(i64, f64, i64), sqlx::Error> = sqlx::query_as(
-            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0), \
-               (SELECT count(*) FROM outbox_parked) FROM outbox",
-        )
-        .fetch_one(&self.pool)
+        let measured = async {
+            let mut tx = self.pool.begin().await?;
+            // A count of the whole table, which a sequential scan does best: the one statement
+            // of a service that should scan (its connections find rows by key otherwise, see
+            // `runtime::database::connect`).
+            sqlx::query("SET LOCAL enable_seqscan = on")
+                .execute(&mut *tx)
+                .await?;
+            let measured: (i64, f64, i64) = sqlx::query_as(
+                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0), \
+                   (SELECT count(*) FROM outbox_parked) FROM outbox",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(measured)
+        }
         .await;
         match measured {
             Ok((backlog, oldest, parked)) => {
@@ -526,4 +569,15 @@ fn publish_span(records: &[OutboxRecord<'_>]) -> tracing::Span {
         }
     }
     span
+}
+
+/// Deletes the outbox rows of `ids` (done with: acknowledged by the broker).
+async fn delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    if !ids.is_empty() {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }

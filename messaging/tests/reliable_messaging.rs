@@ -442,7 +442,8 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
 /// The outbox is a queue: after each vacuum its statistics say it is empty, and a plan made
 /// then (a sequential scan, cached for the session) would read every dead row left since,
 /// which under load is most of the table. The relay's statements find their rows by the key
-/// instead, whatever the statistics said when they were planned.
+/// instead, whatever the statistics said when they were planned (the services' connections
+/// prefer keys: `runtime::database::connect`).
 #[tokio::test]
 async fn the_relay_finds_its_rows_by_key_even_when_the_statistics_say_the_outbox_is_empty() {
     let setup = setup("relay_plan").await;
@@ -508,4 +509,74 @@ async fn outbox_scans(pool: &sqlx::PgPool) -> (i64, i64) {
     .fetch_one(pool)
     .await
     .expect("statistics")
+}
+
+/// The relay deletes a batch the broker acknowledged with its next read of the outbox (one
+/// round trip a batch), and before it stops.
+#[tokio::test]
+async fn a_relay_deletes_what_was_acknowledged_with_its_next_read_and_before_it_stops() {
+    let setup = setup("relay_ack").await;
+    let record = |order: &str| {
+        let message = setup.outbox.message(
+            TOPIC,
+            Uuid::now_v7(),
+            &CompleteOrder {
+                order_id: order.to_owned(),
+            },
+            &MessageContext::default(),
+        );
+        let (pool, outbox) = (setup.pool.clone(), setup.outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            outbox.enqueue(&mut tx, &[message]).await.expect("enqueue");
+            tx.commit().await.expect("commit");
+            outbox.committed();
+        }
+    };
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM outbox ORDER BY id")
+            .fetch_all(&setup.pool)
+            .await
+            .expect("outbox")
+    };
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
+    let mut seen = Vec::new();
+    let cancel = CancellationToken::new();
+    // Woken by its writers' commits only: no poll during the test.
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    // Time to take the publishing lock.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    record("1").await;
+    let first = rows().await;
+    read_until(&reader, 1, &mut seen).await;
+    record("2").await;
+    let second: Vec<i64> = rows()
+        .await
+        .into_iter()
+        .filter(|id| !first.contains(id))
+        .collect();
+    read_until(&reader, 2, &mut seen).await;
+    // The read of "2" deleted "1", which the broker had acknowledged; "2" waits for the next.
+    test_support::eventually(Duration::from_secs(10), "the first row deleted", || async {
+        let left = rows().await;
+        (!left.iter().any(|id| first.contains(id))).then_some(())
+    })
+    .await;
+    assert_eq!(
+        rows().await,
+        second,
+        "published and acknowledged, deleted with the next read"
+    );
+
+    cancel.cancel();
+    task.await.expect("relay");
+    assert_eq!(
+        rows().await,
+        Vec::<i64>::new(),
+        "a stopped relay left acknowledged rows behind"
+    );
 }

@@ -26,7 +26,15 @@ pub async fn connect(
     let options: PgConnectOptions = url
         .parse()
         .with_context(|| format!("invalid database URL {}", crate::redact_url(url)))?;
-    let options = options.log_statements(tracing::log::LevelFilter::Trace);
+    // Every statement of a service finds its rows by key, but PostgreSQL plans a prepared
+    // statement once per connection and keeps the plan while its tables change: one made while
+    // a table was small (a new database, a queue just vacuumed to zero pages) is a sequential
+    // scan, which it kept using as the table grew until the next autovacuum (a saga's read
+    // scanning 4,000 rows, the relay's delete every dead row of the outbox). The one statement
+    // that should scan (the relay's backlog count) turns this back on for itself.
+    let options = options
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .options([("enable_seqscan", "off")]);
     let started = Instant::now();
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
