@@ -371,6 +371,63 @@ async fn concurrent_reservations_never_oversell() {
     assert_eq!(holding, 10);
 }
 
+/// Commits and releases lock what they settle in the same SKU order as reservations do, so
+/// that all three at once on the same SKUs neither deadlock nor lose a unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reserves_commits_and_releases_keep_every_unit() {
+    let app = built_app(&["--database-max-connections", "16"]).await;
+    let pool = app.pool().clone();
+    let handler = Arc::new(app.handler());
+    set_available(&pool, "SKU-WEBCAM", 1000).await;
+    set_available(&pool, "SKU-MOUSE", 1000).await;
+    // Lines in both orders.
+    let lines = |i: usize| {
+        if i % 2 == 0 {
+            vec![("SKU-WEBCAM", 1), ("SKU-MOUSE", 2)]
+        } else {
+            vec![("SKU-MOUSE", 2), ("SKU-WEBCAM", 1)]
+        }
+    };
+    let held: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    for (i, order) in held.iter().enumerate() {
+        handle(&pool, &handler, &reserve(*order, &lines(i)))
+            .await
+            .unwrap();
+    }
+    // Half of those committed, the other half released, while 40 more reserve.
+    let fresh: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    let messages: Vec<_> = held
+        .iter()
+        .enumerate()
+        .map(|(i, order)| {
+            if i % 2 == 0 {
+                commit(*order)
+            } else {
+                release(*order, "payment declined")
+            }
+        })
+        .chain(
+            fresh
+                .iter()
+                .enumerate()
+                .map(|(i, order)| reserve(*order, &lines(i))),
+        )
+        .collect();
+    let tasks: Vec<_> = messages
+        .into_iter()
+        .map(|message| {
+            let (pool, handler) = (pool.clone(), handler.clone());
+            tokio::spawn(async move { handle(&pool, &handler, &message).await })
+        })
+        .collect();
+    for result in futures::future::join_all(tasks).await {
+        result.unwrap().unwrap();
+    }
+    // 20 sold, 40 holding, 20 given back: (available, reserved, committed) per SKU.
+    assert_eq!(stock(&pool, "SKU-WEBCAM").await, (1000 - 60, 40, 20));
+    assert_eq!(stock(&pool, "SKU-MOUSE").await, (1000 - 120, 80, 40));
+}
+
 #[tokio::test]
 async fn a_reserve_resent_after_a_refusal_replies_the_same_refusal_and_holds_nothing() {
     let app = built_app(&[]).await;

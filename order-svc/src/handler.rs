@@ -1,5 +1,8 @@
 //! The saga's commands to order-svc, from `order.commands`.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, Incoming, Outbox};
 use prost::Name as _;
@@ -19,14 +22,24 @@ use crate::store::{self, Applied};
 /// status (`OrderCompleted`, `OrderFailed`), in the same transaction, whether the command
 /// moved the order or found it there: the saga ends only once its order is confirmed, and
 /// sends the command again until it is.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct OrderCommands {
     outbox: Outbox,
+    /// The batch's commands applied by [`Handler::prepare`], by message id: whether each
+    /// moved its order.
+    prepared: Mutex<HashMap<Uuid, bool>>,
 }
 
 impl OrderCommands {
     pub fn new(outbox: Outbox) -> Self {
-        Self { outbox }
+        Self {
+            outbox,
+            prepared: Mutex::default(),
+        }
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, bool>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Confirms the order's final status to the saga; a status that is not final (a
@@ -67,6 +80,46 @@ impl OrderCommands {
 
 #[async_trait]
 impl Handler for OrderCommands {
+    /// Applies the batch's commands in one statement, the first of each order (a second
+    /// command of one order in the batch is applied by `handle`, after the first).
+    async fn prepare(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&Incoming],
+    ) -> Result<(), HandlerError> {
+        self.prepared().clear();
+        let mut orders = HashSet::new();
+        // A message that does not decode is refused by `handle`, with its error.
+        let commands: Vec<(Uuid, OrderId, OrderCommand)> = messages
+            .iter()
+            .filter_map(|m| {
+                let (order_id, command) = decode(m).ok()?;
+                let order_id = OrderId(uuid("order_id", &order_id).ok()?);
+                let message_id = m.message_id().ok()?;
+                orders
+                    .insert(order_id)
+                    .then_some((message_id, order_id, command))
+            })
+            .collect();
+        if commands.len() < 2 {
+            return Ok(());
+        }
+        let applying: Vec<(OrderId, &OrderCommand)> =
+            commands.iter().map(|(_, o, c)| (*o, c)).collect();
+        let moved = store::apply_all(conn, &applying).await?;
+        self.prepared().extend(
+            commands
+                .iter()
+                .map(|(message, order, _)| (*message, moved.contains(&order.0))),
+        );
+        Ok(())
+    }
+
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.prepared().clear();
+        Ok(())
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,
@@ -76,7 +129,16 @@ impl Handler for OrderCommands {
         let (order_id, command) = decode(message)?;
         let order_id = OrderId(uuid("order_id", &order_id)?);
         let final_command = !matches!(command, OrderCommand::MarkPaymentInitiated { .. });
-        match store::apply(conn, order_id, &command).await? {
+        let prepared = message
+            .message_id()
+            .ok()
+            .and_then(|id| self.prepared().remove(&id));
+        let applied = match prepared {
+            Some(true) => Applied::Moved,
+            Some(false) => store::not_moved(conn, order_id).await?,
+            None => store::apply(conn, order_id, &command).await?,
+        };
+        match applied {
             Applied::Moved => {
                 tracing::debug!(%order_id, status = %command.target(), "order status changed");
                 if final_command {

@@ -214,34 +214,63 @@ pub async fn apply(
     id: OrderId,
     command: &OrderCommand,
 ) -> Result<Applied, sqlx::Error> {
-    let (payment_id, failure_reason) = match command {
-        OrderCommand::MarkPaymentInitiated { payment_id } => (Some(payment_id.0), None),
-        OrderCommand::Complete => (None, None),
-        OrderCommand::Fail { reason } => (None, Some(reason.as_str())),
-    };
-    let from: Vec<&str> = command
-        .applies_from()
-        .into_iter()
-        .map(OrderStatus::as_str)
-        .collect();
-    let moved = sqlx::query(
-        "UPDATE orders SET status = $2, \
-             payment_id = COALESCE($3, payment_id), \
-             failure_reason = COALESCE($4, failure_reason), \
-             updated_at = now() \
-         WHERE order_id = $1 AND status = ANY($5)",
-    )
-    .bind(id.0)
-    .bind(command.target().as_str())
-    .bind(payment_id)
-    .bind(failure_reason)
-    .bind(&from)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if moved == 1 {
+    if !apply_all(&mut *conn, &[(id, command)]).await?.is_empty() {
         return Ok(Applied::Moved);
     }
+    not_moved(conn, id).await
+}
+
+/// Moves each order as its command says when its current status allows it, in one statement
+/// (a batch's commands, at most one per order). Returns the orders that moved; for the others,
+/// [`not_moved`] says why.
+pub async fn apply_all(
+    conn: &mut PgConnection,
+    commands: &[(OrderId, &OrderCommand)],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(commands.len());
+    let mut targets = Vec::with_capacity(commands.len());
+    let mut payment_ids = Vec::with_capacity(commands.len());
+    let mut reasons = Vec::with_capacity(commands.len());
+    let mut allowed = Vec::with_capacity(commands.len());
+    for (id, command) in commands {
+        let (payment_id, failure_reason) = match command {
+            OrderCommand::MarkPaymentInitiated { payment_id } => (Some(payment_id.0), None),
+            OrderCommand::Complete => (None, None),
+            OrderCommand::Fail { reason } => (None, Some(reason.as_str())),
+        };
+        ids.push(id.0);
+        targets.push(command.target().as_str());
+        payment_ids.push(payment_id);
+        reasons.push(failure_reason);
+        let from: Vec<&str> = command
+            .applies_from()
+            .into_iter()
+            .map(OrderStatus::as_str)
+            .collect();
+        allowed.push(from.join(","));
+    }
+    sqlx::query_scalar(
+        "UPDATE orders o SET status = c.target, \
+             payment_id = COALESCE(c.payment_id, o.payment_id), \
+             failure_reason = COALESCE(c.reason, o.failure_reason), \
+             updated_at = now() \
+         FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[]) \
+           AS c(order_id, target, payment_id, reason, allowed) \
+         WHERE o.order_id = c.order_id AND o.status = ANY(string_to_array(c.allowed, ',')) \
+         RETURNING o.order_id",
+    )
+    .bind(&ids)
+    .bind(&targets)
+    .bind(&payment_ids)
+    .bind(&reasons)
+    .bind(&allowed)
+    .fetch_all(conn)
+    .await
+}
+
+/// Why a command did not move the order: its status does not allow it, or there is no such
+/// order.
+pub async fn not_moved(conn: &mut PgConnection, id: OrderId) -> Result<Applied, sqlx::Error> {
     let row =
         sqlx::query("SELECT status, payment_id, failure_reason FROM orders WHERE order_id = $1")
             .bind(id.0)

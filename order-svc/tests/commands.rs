@@ -288,6 +288,71 @@ async fn replies(app: &TestApp, order_id: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Handles `messages` as one batch in one committed transaction, as the consumer does: the
+/// batch prepared (its commands applied in one statement), each message handled, then flushed.
+async fn handle_batch(app: &TestApp, messages: &[Incoming]) -> Result<(), HandlerError> {
+    let mut tx = app.pool.begin().await.unwrap();
+    let commands = OrderCommands::new(Outbox::new("order-svc", app.config.kafka.clone()));
+    let batch: Vec<&Incoming> = messages.iter().collect();
+    commands.prepare(&mut tx, &batch).await?;
+    for message in messages {
+        commands.handle(&mut tx, message).await?;
+    }
+    commands.flush(&mut tx).await?;
+    tx.commit().await.unwrap();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_moves_each_order_as_its_commands_one_by_one_would() {
+    let app = TestApp::start().await;
+    // Two commands of one order in the batch, a failure, and a command its order is past.
+    let (paid, failed, done) = (
+        app.place_order().await,
+        app.place_order().await,
+        app.place_order().await,
+    );
+    handle(&app, &complete(&done.order_id)).await.unwrap();
+    let payment_id = Uuid::now_v7().to_string();
+    handle_batch(
+        &app,
+        &[
+            mark_payment_initiated(&paid.order_id, &payment_id),
+            fail(&failed.order_id, "out of stock"),
+            fail(&done.order_id, "too late"),
+            complete(&paid.order_id),
+        ],
+    )
+    .await
+    .unwrap();
+
+    let got = app.get(&paid.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Completed);
+    assert_eq!(
+        got.payment_id, payment_id,
+        "the first command's change kept"
+    );
+    let got = app.get(&failed.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Failed);
+    assert_eq!(got.failure_reason, "out of stock");
+    let got = app.get(&done.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::Completed);
+    assert_eq!(got.failure_reason, "");
+
+    let completion = ("order.v1.OrderCompleted".to_owned(), String::new());
+    assert_eq!(replies(&app, &paid.order_id).await, [completion.clone()]);
+    assert_eq!(
+        replies(&app, &failed.order_id).await,
+        [("order.v1.OrderFailed".to_owned(), "out of stock".to_owned())]
+    );
+    assert_eq!(
+        replies(&app, &done.order_id).await,
+        [completion.clone(), completion],
+        "the late failure answered with the order's real status"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn final_commands_are_confirmed_to_the_saga_with_the_orders_status() {
     let app = TestApp::start().await;

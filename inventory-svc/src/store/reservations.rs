@@ -40,15 +40,24 @@ type HeadRow = (
     bool,
 );
 
+/// The reservation row of `order_id`. With `lock`, the row is locked and, when it holds stock
+/// (`RESERVED`), so are its stock rows, in SKU order (the order every path locks them in), in
+/// the same statement: what a commit or a release then settles is locked
+/// ([`stock::settle_locked`]).
 async fn head(
     conn: &mut PgConnection,
     order_id: OrderId,
     lock: bool,
 ) -> Result<Option<Head>, sqlx::Error> {
     let sql = if lock {
-        "SELECT reservation_id, status, expires_at, release_reason, refusal, \
-                COALESCE(expires_at <= now(), false) \
-         FROM reservations WHERE order_id = $1 FOR UPDATE"
+        "WITH h AS (SELECT reservation_id, status, expires_at, release_reason, refusal, \
+                       COALESCE(expires_at <= now(), false) AS expired \
+                    FROM reservations WHERE order_id = $1 FOR UPDATE) \
+         SELECT reservation_id, status, expires_at, release_reason, refusal, expired \
+         FROM h, LATERAL (SELECT count(*) FROM (SELECT 1 FROM stock WHERE h.status = 'RESERVED' \
+             AND sku IN (SELECT sku FROM reservation_lines l \
+                         WHERE l.reservation_id = h.reservation_id) \
+             ORDER BY sku FOR UPDATE) AS stock_rows) AS locked"
     } else {
         "SELECT reservation_id, status, expires_at, release_reason, refusal, \
                 COALESCE(expires_at <= now(), false) \
@@ -227,13 +236,13 @@ pub async fn commit(
             reason: released_reason(head.release_reason.as_deref()),
         }),
         ReservationStatus::Reserved if head.expired => {
-            release_held(conn, &[head.id.0], EXPIRED).await?;
+            stock::settle_locked(conn, &[head.id.0], Settle::Return(EXPIRED)).await?;
             Ok(CommitOutcome::Failed {
                 reason: released_reason(Some(EXPIRED)),
             })
         }
         ReservationStatus::Reserved => {
-            stock::settle(conn, &[head.id.0], Settle::Sell).await?;
+            stock::settle_locked(conn, &[head.id.0], Settle::Sell).await?;
             Ok(CommitOutcome::Committed {
                 reservation_id: head.id,
             })
@@ -269,7 +278,7 @@ pub async fn release(
             Some(head) => {
                 return Ok(match head.status {
                     ReservationStatus::Reserved => {
-                        release_held(conn, &[head.id.0], reason).await?;
+                        stock::settle_locked(conn, &[head.id.0], Settle::Return(reason)).await?;
                         ReleaseOutcome::Released
                     }
                     ReservationStatus::Released => ReleaseOutcome::NothingHeld,
