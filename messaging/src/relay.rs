@@ -160,7 +160,12 @@ impl Relay {
 
     /// A connection holding the publishing lock, or `None` while another relay holds it.
     async fn try_to_publish(&self) -> Option<PgConnection> {
-        let mut conn = match PgConnection::connect_with(&self.pool.connect_options()).await {
+        let connected = async {
+            let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+            runtime::database::prefer_keys(&mut conn).await?;
+            Ok::<_, sqlx::Error>(conn)
+        };
+        let mut conn = match connected.await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox relay: cannot connect");
@@ -424,7 +429,7 @@ impl Relay {
             let mut tx = self.pool.begin().await?;
             // A count of the whole table, which a sequential scan does best: the one statement
             // of a service that should scan (its connections find rows by key otherwise, see
-            // `runtime::database::connect`).
+            // `runtime::database::prefer_keys`).
             sqlx::query("SET LOCAL enable_seqscan = on")
                 .execute(&mut *tx)
                 .await?;

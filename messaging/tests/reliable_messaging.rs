@@ -443,7 +443,7 @@ async fn a_message_published_again_after_a_lost_relay_delete_has_one_effect() {
 /// then (a sequential scan, cached for the session) would read every dead row left since,
 /// which under load is most of the table. The relay's statements find their rows by the key
 /// instead, whatever the statistics said when they were planned (the services' connections
-/// prefer keys: `runtime::database::connect`).
+/// prefer keys: `runtime::database::prefer_keys`).
 #[tokio::test]
 async fn the_relay_finds_its_rows_by_key_even_when_the_statistics_say_the_outbox_is_empty() {
     let setup = setup("relay_plan").await;

@@ -26,15 +26,7 @@ pub async fn connect(
     let options: PgConnectOptions = url
         .parse()
         .with_context(|| format!("invalid database URL {}", crate::redact_url(url)))?;
-    // Every statement of a service finds its rows by key, but PostgreSQL plans a prepared
-    // statement once per connection and keeps the plan while its tables change: one made while
-    // a table was small (a new database, a queue just vacuumed to zero pages) is a sequential
-    // scan, which it kept using as the table grew until the next autovacuum (a saga's read
-    // scanning 4,000 rows, the relay's delete every dead row of the outbox). The one statement
-    // that should scan (the relay's backlog count) turns this back on for itself.
-    let options = options
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .options([("enable_seqscan", "off")]);
+    let options = options.log_statements(tracing::log::LevelFilter::Trace);
     let started = Instant::now();
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -120,8 +112,21 @@ async fn try_connect(
         // times): a connection that died (PostgreSQL restarted) fails its first statement with
         // an I/O error, which callers retry as transient, and the pool replaces it.
         .test_before_acquire(false)
+        .after_connect(|conn, _| Box::pin(async move { prefer_keys(conn).await }))
         .connect_with(options.clone())
         .await?)
+}
+
+/// Every statement of a service finds its rows by key, but PostgreSQL plans a prepared
+/// statement once per connection and keeps the plan while its tables change: one made while a
+/// table was small (a new database, a queue just vacuumed to zero pages) is a sequential scan,
+/// which it kept using as the table grew until the next autovacuum (a saga's read scanning
+/// 4,000 rows, the relay's delete every dead row of the outbox). Set on each of a service's
+/// connections (a `SET`, not a startup option, which poolers such as PgBouncer refuse); the
+/// one statement that should scan (the relay's backlog count) turns it back on for itself.
+pub async fn prefer_keys(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, "SET enable_seqscan = off").await?;
+    Ok(())
 }
 
 pub use crate::error::is_transient;
