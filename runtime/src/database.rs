@@ -122,7 +122,7 @@ async fn try_connect(
 /// table was small (a new database, a queue just vacuumed to zero pages) is a sequential scan,
 /// which it kept using as the table grew until the next autovacuum (a saga's read scanning
 /// 4,000 rows, the relay's delete every dead row of the outbox). Set on each of a service's
-/// connections (a `SET`, not a startup option, which poolers such as PgBouncer refuse); the
+/// connections (a `SET`, not a startup option, which some poolers refuse); the
 /// one statement that should scan (the relay's backlog count) turns it back on for itself.
 pub async fn prefer_keys(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, "SET enable_seqscan = off").await?;
