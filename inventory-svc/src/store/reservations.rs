@@ -149,56 +149,63 @@ pub async fn reserve(
     // refusal's, conflict, and then its outcome is returned and nothing more is held.
     let skus = lines.skus();
     let quantities = lines.quantities();
-    // Locked until the transaction ends, so that what is checked here is what gets held.
-    let available: HashMap<String, i64> = stock::lock_available(conn, &skus)
-        .await?
-        .into_iter()
-        .collect();
-
-    let unknown: Vec<&str> = skus
-        .iter()
-        .copied()
-        .filter(|s| !available.contains_key(*s))
-        .collect();
-    if !unknown.is_empty() {
-        let reason = format!("unknown SKU: {}", unknown.join(", "));
-        return refuse(conn, order_id, ReserveFailure::UnknownSku, reason).await;
-    }
-    let short: Vec<String> = lines
-        .iter()
-        .filter_map(|(sku, asked)| {
-            let free = available.get(sku).copied().unwrap_or_default();
-            (free < asked).then(|| format!("{sku} (asked {asked}, available {free})"))
-        })
-        .collect();
-    if !short.is_empty() {
-        let reason = format!("out of stock: {}", short.join(", "));
-        return refuse(conn, order_id, ReserveFailure::OutOfStock, reason).await;
-    }
-
-    // Claims the order, holds the stock (its rows locked above) and records the lines, in one
-    // statement; a reservation or release of the same order committed meanwhile wins, and then
-    // nothing is held.
+    // One statement: the stock rows locked in SKU order (the order every path locks them in,
+    // held until the transaction ends) and checked; if every line can be held, the order
+    // claimed, the stock held and the lines recorded. A reservation or release of the same
+    // order committed meanwhile wins, and then nothing is held. The levels read come back for
+    // a refusal's reason.
     let reservation_id = ReservationId::new();
-    let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "WITH r AS (INSERT INTO reservations (reservation_id, order_id, status, expires_at) \
-                   VALUES ($1, $2, 'RESERVED', now() + make_interval(secs => $3)) \
-                   ON CONFLICT (order_id) DO NOTHING RETURNING reservation_id, expires_at), \
-              w AS (SELECT * FROM unnest($4::text[], $5::bigint[]) AS w(sku, quantity)), \
-              h AS (UPDATE stock s SET available = s.available - w.quantity, \
-                                       reserved = s.reserved + w.quantity, updated_at = now() \
-                    FROM w WHERE s.sku = w.sku AND EXISTS (SELECT FROM r)), \
-              l AS (INSERT INTO reservation_lines (reservation_id, sku, quantity) \
-                    SELECT r.reservation_id, w.sku, w.quantity FROM r, w) \
-         SELECT expires_at FROM r",
-    )
-    .bind(reservation_id)
-    .bind(order_id)
-    .bind(ttl.as_secs_f64())
-    .bind(&skus)
-    .bind(&quantities)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let (expires_at, known, levels): (Option<DateTime<Utc>>, Vec<String>, Vec<i64>) =
+        sqlx::query_as(
+            "WITH w AS (SELECT * FROM unnest($4::text[], $5::bigint[]) AS w(sku, quantity)), \
+                  k AS (SELECT sku, available FROM stock WHERE sku = ANY($4) \
+                        ORDER BY sku FOR UPDATE), \
+                  ok AS (SELECT count(*) = cardinality($4) AND bool_and(k.available >= w.quantity) \
+                           AS enough \
+                         FROM w JOIN k USING (sku)), \
+                  r AS (INSERT INTO reservations (reservation_id, order_id, status, expires_at) \
+                        SELECT $1, $2, 'RESERVED', now() + make_interval(secs => $3) \
+                        WHERE (SELECT enough FROM ok) \
+                        ON CONFLICT (order_id) DO NOTHING RETURNING reservation_id, expires_at), \
+                  h AS (UPDATE stock s SET available = s.available - w.quantity, \
+                                           reserved = s.reserved + w.quantity, updated_at = now() \
+                        FROM w WHERE s.sku = w.sku AND EXISTS (SELECT FROM r)), \
+                  l AS (INSERT INTO reservation_lines (reservation_id, sku, quantity) \
+                        SELECT r.reservation_id, w.sku, w.quantity FROM r, w) \
+             SELECT (SELECT expires_at FROM r), \
+                    COALESCE((SELECT array_agg(sku ORDER BY sku) FROM k), '{}'), \
+                    COALESCE((SELECT array_agg(available ORDER BY sku) FROM k), '{}')",
+        )
+        .bind(reservation_id)
+        .bind(order_id)
+        .bind(ttl.as_secs_f64())
+        .bind(&skus)
+        .bind(&quantities)
+        .fetch_one(&mut *conn)
+        .await?;
+    let available: HashMap<String, i64> = known.into_iter().zip(levels).collect();
+    if expires_at.is_none() {
+        let unknown: Vec<&str> = skus
+            .iter()
+            .copied()
+            .filter(|s| !available.contains_key(*s))
+            .collect();
+        if !unknown.is_empty() {
+            let reason = format!("unknown SKU: {}", unknown.join(", "));
+            return refuse(conn, order_id, ReserveFailure::UnknownSku, reason).await;
+        }
+        let short: Vec<String> = lines
+            .iter()
+            .filter_map(|(sku, asked)| {
+                let free = available.get(sku).copied().unwrap_or_default();
+                (free < asked).then(|| format!("{sku} (asked {asked}, available {free})"))
+            })
+            .collect();
+        if !short.is_empty() {
+            let reason = format!("out of stock: {}", short.join(", "));
+            return refuse(conn, order_id, ReserveFailure::OutOfStock, reason).await;
+        }
+    }
     let Some(expires_at) = expires_at else {
         let existing = head(conn, order_id, false).await?.ok_or_else(|| {
             sqlx::Error::Protocol(format!("reservation of order {order_id} vanished"))

@@ -62,18 +62,6 @@ pub async fn set(pool: &PgPool, sku: &Sku, available: i64) -> Result<StockLevel,
     Ok(level)
 }
 
-/// Locks the stock rows of `skus` in SKU order and returns the units available of those that
-/// exist. Held until the caller's transaction ends.
-pub async fn lock_available(
-    conn: &mut PgConnection,
-    skus: &[&str],
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-        .bind(skus)
-        .fetch_all(conn)
-        .await
-}
-
 /// Where the units held by reservations go, and what the reservations become.
 #[derive(Clone, Copy, Debug)]
 pub enum Settle<'a> {
