@@ -16,6 +16,15 @@ fn verify_as(payment_id: &str, customer_id: &str) -> pb::VerifyPaymentRequest {
     }
 }
 
+/// The error of a `VerifyCustomerPayment` of `payment_id` on `customer_id`'s behalf, which
+/// must fail.
+async fn refused(app: &mut TestApp, payment_id: &str, customer_id: &str) -> tonic::Status {
+    app.grpc
+        .verify_customer_payment(verify_as(payment_id, customer_id))
+        .await
+        .unwrap_err()
+}
+
 /// What a verification changes in the payment's row: its status, its attempt, its customer.
 async fn row(app: &TestApp, order_id: Uuid) -> (String, Option<Uuid>, Option<String>) {
     sqlx::query_as("SELECT status, attempt_key, customer_id FROM payments WHERE order_id = $1")
@@ -42,19 +51,11 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     assert_eq!(row(&app, order_id).await.2.as_deref(), Some(CUSTOMER));
 
     let missing = Uuid::now_v7().to_string();
-    let none = app
-        .grpc
-        .verify_customer_payment(verify_as(&missing, CUSTOMER))
-        .await
-        .unwrap_err();
+    let none = refused(&mut app, &missing, CUSTOMER).await;
     assert_eq!(none.code(), Code::NotFound);
     let long = "c".repeat(10_000);
     for customer in ["c-2", "C-1", "c-1 ", "c-1\u{0}", long.as_str()] {
-        let theirs = app
-            .grpc
-            .verify_customer_payment(verify_as(&payment_id, customer))
-            .await
-            .unwrap_err();
+        let theirs = refused(&mut app, &payment_id, customer).await;
         assert_eq!(theirs.code(), Code::NotFound, "{customer:?}: {theirs:?}");
         assert_eq!(
             theirs.message().replace(&payment_id, "ID"),
@@ -83,11 +84,7 @@ async fn another_customers_payment_is_not_found_word_for_word_and_stays_unverifi
     assert_eq!(app.sent(order_id).await.len(), 2);
 
     // Decided, its outcome is still none of another customer's business.
-    let theirs = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, "c-2"))
-        .await
-        .unwrap_err();
+    let theirs = refused(&mut app, &payment_id, "c-2").await;
     assert_eq!(theirs.code(), Code::NotFound);
     assert_eq!(
         theirs.message().replace(&payment_id, "ID"),
@@ -101,13 +98,9 @@ async fn verify_customer_payment_without_a_customer_is_refused_and_changes_nothi
     let mut app = TestApp::start().await;
     let order_id = Uuid::new_v4();
     let payment_id = app.charge(order_id, "pm_card_visa").await;
-    let refused = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, ""))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("customer_id"), "{refused:?}");
+    let refusal = refused(&mut app, &payment_id, "").await;
+    assert_eq!(refusal.code(), Code::InvalidArgument, "{refusal:?}");
+    assert!(refusal.message().contains("customer_id"), "{refusal:?}");
     assert_eq!(
         row(&app, order_id).await,
         ("AWAITING_VERIFICATION".into(), None, Some(CUSTOMER.into())),
@@ -122,21 +115,13 @@ async fn a_voided_payment_is_refused_to_its_customer_and_not_found_for_another()
     let payment_id = app.charge(order_id, "pm_card_visa").await;
     app.handle(order_id, &common::void(order_id)).await.unwrap();
 
-    let theirs = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, "c-2"))
-        .await
-        .unwrap_err();
+    let theirs = refused(&mut app, &payment_id, "c-2").await;
     assert_eq!(theirs.code(), Code::NotFound, "{theirs:?}");
 
-    let refused = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(refused.message().contains("voided"), "{refused:?}");
-    assert!(!owner_unknown(&refused), "a refusal, not a question");
+    let refusal = refused(&mut app, &payment_id, CUSTOMER).await;
+    assert_eq!(refusal.code(), Code::FailedPrecondition);
+    assert!(refusal.message().contains("voided"), "{refusal:?}");
+    assert!(!owner_unknown(&refusal), "a refusal, not a question");
 }
 
 #[tokio::test]
@@ -152,11 +137,7 @@ async fn a_payment_charged_before_customers_were_known_asks_the_caller_to_check_
         .unwrap();
 
     for customer in [CUSTOMER, "c-2"] {
-        let status = app
-            .grpc
-            .verify_customer_payment(verify_as(&payment_id, customer))
-            .await
-            .unwrap_err();
+        let status = refused(&mut app, &payment_id, customer).await;
         assert!(owner_unknown(&status), "{customer}: {status:?}");
         assert!(status.message().contains(&payment_id), "{status:?}");
     }
@@ -178,11 +159,7 @@ async fn a_payment_charged_before_customers_were_known_asks_the_caller_to_check_
         .unwrap();
     assert_eq!(payment.status(), pb::PaymentStatus::Succeeded);
     // Verified, the same question again (its customer is still unknown here).
-    let status = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
-        .await
-        .unwrap_err();
+    let status = refused(&mut app, &payment_id, CUSTOMER).await;
     assert!(owner_unknown(&status), "{status:?}");
 }
 
@@ -198,11 +175,7 @@ async fn a_charge_that_names_no_customer_records_none_and_a_malformed_one_is_ref
     let (status, _, customer) = row(&app, order_id).await;
     assert_eq!((status.as_str(), customer), ("AWAITING_VERIFICATION", None));
     let payment_id = app.charge(order_id, "pm_card_visa").await;
-    let status = app
-        .grpc
-        .verify_customer_payment(verify_as(&payment_id, CUSTOMER))
-        .await
-        .unwrap_err();
+    let status = refused(&mut app, &payment_id, CUSTOMER).await;
     assert!(owner_unknown(&status), "{status:?}");
 
     let order_id = Uuid::new_v4();
