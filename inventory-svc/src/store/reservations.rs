@@ -314,16 +314,6 @@ pub async fn release(
     )))
 }
 
-/// Returns the stock of RESERVED reservations (locked by the caller) to available and marks
-/// them released.
-async fn release_held(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    stock::settle(conn, ids, Settle::Return(reason)).await
-}
-
 /// Releases up to `batch` reservations past their deadline, in one transaction, and returns
 /// how many. Reservations locked by another transaction (a commit, another replica's sweep)
 /// are skipped, so any number of replicas may sweep at once.
@@ -340,7 +330,8 @@ pub async fn release_expired(pool: &PgPool, batch: i64) -> Result<usize, sqlx::E
     if ids.is_empty() {
         return Ok(0);
     }
-    release_held(&mut tx, &ids, EXPIRED).await?;
+    // Their stock back to available, the stock rows locked in SKU order first.
+    stock::settle(&mut tx, &ids, Settle::Return(EXPIRED)).await?;
     tx.commit().await?;
     Ok(ids.len())
 }
