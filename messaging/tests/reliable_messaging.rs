@@ -500,6 +500,42 @@ async fn the_relay_finds_its_rows_by_key_even_when_the_statistics_say_the_outbox
     task.await.expect("relay");
 }
 
+/// A service's statements are planned once per connection (the generic plan), never afresh at
+/// each execution for its parameters (`runtime::database::prefer_keys`): PostgreSQL's default
+/// plans the first five executions each for its own, and chooses per statement after that.
+#[tokio::test]
+async fn a_services_statements_are_planned_once_per_connection() {
+    let setup = setup("generic_plans").await;
+    let mut conn = setup.pool.acquire().await.expect("connection");
+    for i in 0..8 {
+        let message = setup.outbox.message(
+            TOPIC,
+            Uuid::now_v7(),
+            &CompleteOrder {
+                order_id: i.to_string(),
+            },
+            &MessageContext::default(),
+        );
+        setup
+            .outbox
+            .enqueue(&mut conn, &[message])
+            .await
+            .expect("enqueue");
+    }
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'INSERT INTO outbox%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("the outbox insert, prepared on this connection");
+    assert_eq!(
+        (generic, custom),
+        (8, 0),
+        "eight executions of the outbox insert: (generic plans, custom plans)"
+    );
+}
+
 /// Sequential and index scans of the outbox so far, by PostgreSQL's statistics.
 async fn outbox_scans(pool: &sqlx::PgPool) -> (i64, i64) {
     sqlx::query_as(

@@ -117,15 +117,28 @@ async fn try_connect(
         .await?)
 }
 
-/// Every statement of a service finds its rows by key, but PostgreSQL plans a prepared
-/// statement once per connection and keeps the plan while its tables change: one made while a
+/// Every statement of a service finds its rows by key, and is planned once per connection.
+///
+/// PostgreSQL keeps a prepared statement's plan while its tables change: one made while a
 /// table was small (a new database, a queue just vacuumed to zero pages) is a sequential scan,
 /// which it kept using as the table grew until the next autovacuum (a saga's read scanning
-/// 4,000 rows, the relay's delete every dead row of the outbox). Set on each of a service's
-/// connections (a `SET`, not a startup option, which some poolers refuse); the
-/// one statement that should scan (the relay's backlog count) turns it back on for itself.
+/// 4,000 rows, the relay's delete every dead row of the outbox). The one statement that should
+/// scan (the relay's backlog count) turns scans back on for itself.
+///
+/// And by default it plans a statement afresh for its parameters at its first five executions
+/// and at every one after whenever that plan looks cheaper than the generic one: inventory's
+/// settle (a `CASE` on a parameter) was planned at every execution, its planning costing more
+/// than its execution. The services' statements take keys and arrays of keys, whose plan does
+/// not depend on their values: the generic plan, made once, is the plan.
+///
+/// Set on each of a service's connections (a `SET`, not a startup option, which some poolers
+/// refuse).
 pub async fn prefer_keys(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, "SET enable_seqscan = off").await?;
+    sqlx::Executor::execute(
+        conn,
+        "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan",
+    )
+    .await?;
     Ok(())
 }
 
