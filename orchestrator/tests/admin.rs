@@ -301,6 +301,31 @@ async fn list_filters_by_state_operator_customer_order_and_age_and_pages_newest_
         [pb::SagaState::Failed, pb::SagaState::Completed]
     );
 
+    // By one final state, and by unfinished ones (each read through an index of its own).
+    let failed = running
+        .list(pb::ListSagasRequest {
+            states: vec![pb::SagaState::Failed.into()],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ids(&failed.sagas), [made_in(SagaState::Failed).to_string()]);
+    let waiting = running
+        .list(pb::ListSagasRequest {
+            states: vec![
+                pb::SagaState::Charging.into(),
+                pb::SagaState::Completing.into(),
+            ],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        ids(&waiting.sagas),
+        [
+            made_in(SagaState::Completing).to_string(),
+            made_in(SagaState::Charging).to_string()
+        ]
+    );
+
     let alice = running
         .list(pb::ListSagasRequest {
             customer_id: "c-alice".into(),

@@ -1039,3 +1039,61 @@ async fn a_batch_with_a_saga_changed_since_it_was_read_saves_nothing() {
     expected.sort();
     assert_eq!(states, expected, "the batch rolled back whole");
 }
+
+/// A saga's steps update its row in place (HOT: no index entry written) until it ends: no
+/// index reads its state, and its page keeps room for the row's next versions.
+#[tokio::test]
+async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
+    use sqlx::Connection as _;
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    // One connection: its statistics are flushed on demand below.
+    let mut conn = pool.acquire().await.expect("connection");
+    let orders: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    let steps = [
+        created(),
+        Input::InventoryReserved {
+            reservation_id: Uuid::now_v7(),
+        },
+        Input::PaymentInitiated {
+            payment_id: Uuid::now_v7(),
+        },
+        Input::PaymentSucceeded {
+            payment_id: Uuid::now_v7(),
+        },
+        Input::InventoryCommitted,
+        Input::OrderCompleted,
+    ];
+    // As under load: each step of every saga, then the next.
+    for input in &steps {
+        for order_id in &orders {
+            let mut tx = conn.begin().await.expect("begin");
+            engine
+                .step(&mut tx, *order_id, input, &trigger(input.name()))
+                .await
+                .expect("step");
+            tx.commit().await.expect("commit");
+        }
+    }
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .expect("flush statistics");
+    let (updates, in_place): (i64, i64) = sqlx::query_as(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sagas'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("statistics");
+    assert_eq!(updates, 50, "five steps of ten sagas after their start");
+    assert_eq!(
+        in_place, 40,
+        "of 50 updates, those in place (all but each saga's last, which ends it)"
+    );
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sagas WHERE state = 'COMPLETED' AND outcome = 'COMPLETED'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("outcome");
+    assert_eq!(completed, 10);
+}

@@ -122,6 +122,13 @@ pub async fn list(
             .push(" AND s.state = ANY(")
             .push_bind(states)
             .push(")");
+        // What the states imply of `outcome`, for the planner: the partial indexes by it
+        // (`outcome` is what the indexes read, so that a step updates its row in place).
+        if filter.states.iter().all(|s| !s.is_terminal()) {
+            query.push(" AND s.outcome IS NULL");
+        } else if filter.states.iter().all(|s| *s == SagaState::Failed) {
+            query.push(" AND s.outcome = 'FAILED'");
+        }
     }
     if filter.needs_operator {
         query.push(" AND s.needs_operator");
@@ -148,7 +155,7 @@ pub async fn list(
     }
     if let Some(secs) = filter.stuck_after_secs {
         query
-            .push(" AND s.state NOT IN ('COMPLETED', 'FAILED') AND (EXISTS (SELECT 1 FROM saga_timers t WHERE t.saga_id = s.saga_id AND t.kind = ")
+            .push(" AND s.outcome IS NULL AND (EXISTS (SELECT 1 FROM saga_timers t WHERE t.saga_id = s.saga_id AND t.kind = ")
             .push_bind(DEADLINE_TIMER)
             .push(" AND t.fire_at < now() - make_interval(secs => ")
             .push_bind(secs as f64)
