@@ -186,6 +186,77 @@ async fn commit_moves_reserved_stock_to_committed_once() {
     );
 }
 
+/// A commit and a release are each one statement (the reservation and its stock rows locked,
+/// and what it holds sold or returned), besides the reply's outbox row and the transaction.
+#[tokio::test]
+async fn a_commit_and_a_release_are_one_statement_each() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let (sold, returned) = (Uuid::new_v4(), Uuid::new_v4());
+    for order in [sold, returned] {
+        handle(
+            pool,
+            &handler,
+            &reserve(order, &[("SKU-MONITOR", 2), ("SKU-HEADSET", 1)]),
+        )
+        .await
+        .unwrap();
+    }
+    // Not the transaction, the reply (its outbox row, and the wake-up of a relay elsewhere),
+    // nor the settings of a connection the pool opens meanwhile.
+    let own = |statements: Vec<(String, i64)>| -> Vec<(String, i64)> {
+        statements
+            .into_iter()
+            .filter(|(q, _)| {
+                !(q == "BEGIN"
+                    || q == "COMMIT"
+                    || q.starts_with("SET ")
+                    || q.starts_with("INSERT INTO outbox")
+                    || q.starts_with("SELECT pg_notify"))
+            })
+            .collect()
+    };
+    let ((), statements) = test_support::statements_of(pool, async {
+        handle(pool, &handler, &commit(sold)).await.unwrap()
+    })
+    .await;
+    let commit_statements = own(statements);
+    assert_eq!(
+        commit_statements
+            .iter()
+            .map(|(_, calls)| calls)
+            .sum::<i64>(),
+        1,
+        "a commit's statements: {commit_statements:#?}"
+    );
+    let ((), statements) = test_support::statements_of(pool, async {
+        handle(pool, &handler, &release(returned, "payment declined"))
+            .await
+            .unwrap()
+    })
+    .await;
+    let release_statements = own(statements);
+    assert_eq!(
+        release_statements
+            .iter()
+            .map(|(_, calls)| calls)
+            .sum::<i64>(),
+        1,
+        "a release's statements: {release_statements:#?}"
+    );
+    // One pair sold, one returned: (available, reserved, committed).
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (999, 0, 1));
+    assert_eq!(
+        reservation_status(pool, sold).await,
+        Some(("COMMITTED".to_owned(), None))
+    );
+    assert_eq!(
+        reservation_status(pool, returned).await,
+        Some(("RELEASED".to_owned(), Some("payment declined".to_owned())))
+    );
+}
+
 #[tokio::test]
 async fn release_returns_the_stock_once() {
     let app = built_app(&[]).await;

@@ -40,49 +40,75 @@ type HeadRow = (
     bool,
 );
 
-/// The reservation row of `order_id`. With `lock`, the row is locked and, when it holds stock
-/// (`RESERVED`), so are its stock rows, in SKU order (the order every path locks them in), in
-/// the same statement: what a commit or a release then settles is locked
-/// ([`stock::settle_locked`]).
-async fn head(
-    conn: &mut PgConnection,
-    order_id: OrderId,
-    lock: bool,
-) -> Result<Option<Head>, sqlx::Error> {
-    let sql = if lock {
-        "WITH h AS (SELECT reservation_id, status, expires_at, release_reason, refusal, \
-                       COALESCE(expires_at <= now(), false) AS expired \
-                    FROM reservations WHERE order_id = $1 FOR UPDATE) \
-         SELECT reservation_id, status, expires_at, release_reason, refusal, expired \
-         FROM h, LATERAL (SELECT count(*) FROM (SELECT 1 FROM stock WHERE h.status = 'RESERVED' \
-             AND sku IN (SELECT sku FROM reservation_lines l \
-                         WHERE l.reservation_id = h.reservation_id) \
-             ORDER BY sku FOR UPDATE) AS stock_rows) AS locked"
-    } else {
+fn head_of(row: HeadRow) -> Result<Head, sqlx::Error> {
+    let (id, status, expires_at, release_reason, refusal, expired) = row;
+    Ok(Head {
+        id: ReservationId(id),
+        status: ReservationStatus::from_db(&status)?,
+        expires_at,
+        release_reason,
+        refusal: refusal
+            .as_deref()
+            .map(ReserveFailure::from_refusal)
+            .transpose()?,
+        expired,
+    })
+}
+
+/// The reservation row of `order_id`.
+async fn head(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Head>, sqlx::Error> {
+    let row: Option<HeadRow> = sqlx::query_as(
         "SELECT reservation_id, status, expires_at, release_reason, refusal, \
                 COALESCE(expires_at <= now(), false) \
-         FROM reservations WHERE order_id = $1"
-    };
-    let row: Option<HeadRow> = sqlx::query_as(sql)
-        .bind(order_id)
-        .fetch_optional(conn)
-        .await?;
-    row.map(
-        |(id, status, expires_at, release_reason, refusal, expired)| {
-            Ok(Head {
-                id: ReservationId(id),
-                status: ReservationStatus::from_db(&status)?,
-                expires_at,
-                release_reason,
-                refusal: refusal
-                    .as_deref()
-                    .map(ReserveFailure::from_refusal)
-                    .transpose()?,
-                expired,
-            })
-        },
+         FROM reservations WHERE order_id = $1",
     )
-    .transpose()
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(head_of).transpose()
+}
+
+/// The reservation row of `order_id` as it was, locked, and what it holds settled in the same
+/// statement when it holds stock (`RESERVED`): sold ([`Settle::Sell`]; returned as expired
+/// instead when it has expired) or returned ([`Settle::Return`]). Its stock rows are locked in
+/// SKU order (the order every path locks them in) before any is written.
+async fn settle_head(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    settle: Settle<'_>,
+) -> Result<Option<Head>, sqlx::Error> {
+    let (sell, reason) = match settle {
+        Settle::Sell => (true, EXPIRED),
+        Settle::Return(reason) => (false, reason),
+    };
+    let row: Option<HeadRow> = sqlx::query_as(
+        "WITH h AS (SELECT reservation_id, status, expires_at, release_reason, refusal, \
+                       COALESCE(expires_at <= now(), false) AS expired \
+                    FROM reservations WHERE order_id = $1 FOR UPDATE), \
+              settled AS (SELECT reservation_id, $2 AND NOT expired AS sold FROM h \
+                          WHERE status = 'RESERVED'), \
+              held AS (SELECT l.sku, sum(l.quantity)::bigint AS quantity \
+                       FROM settled JOIN reservation_lines l USING (reservation_id) GROUP BY l.sku), \
+              k AS (SELECT sku FROM stock WHERE sku IN (SELECT sku FROM held) ORDER BY sku FOR UPDATE), \
+              s AS (UPDATE stock s SET reserved = s.reserved - held.quantity, \
+                      available = s.available + CASE WHEN settled.sold THEN 0 ELSE held.quantity END, \
+                      committed = s.committed + CASE WHEN settled.sold THEN held.quantity ELSE 0 END, \
+                      updated_at = now() \
+                    FROM held, settled \
+                    WHERE s.sku = held.sku AND (SELECT count(*) FROM k) > 0), \
+              r AS (UPDATE reservations r \
+                    SET status = CASE WHEN settled.sold THEN 'COMMITTED' ELSE 'RELEASED' END, \
+                        release_reason = CASE WHEN settled.sold THEN r.release_reason ELSE $3 END, \
+                        updated_at = now() \
+                    FROM settled WHERE r.reservation_id = settled.reservation_id) \
+         SELECT reservation_id, status, expires_at, release_reason, refusal, expired FROM h",
+    )
+    .bind(order_id)
+    .bind(sell)
+    .bind(reason)
+    .fetch_optional(conn)
+    .await?;
+    row.map(head_of).transpose()
 }
 
 /// What a repeated ReserveInventory answers for an order that already has a reservation.
@@ -129,7 +155,7 @@ async fn refuse(
     if inserted == 1 {
         return Ok(ReserveOutcome::Failed { failure, reason });
     }
-    let existing = head(conn, order_id, false).await?.ok_or_else(|| {
+    let existing = head(conn, order_id).await?.ok_or_else(|| {
         sqlx::Error::Protocol(format!("reservation of order {order_id} vanished"))
     })?;
     Ok(reserve_outcome_of(&existing))
@@ -207,7 +233,7 @@ pub async fn reserve(
         }
     }
     let Some(expires_at) = expires_at else {
-        let existing = head(conn, order_id, false).await?.ok_or_else(|| {
+        let existing = head(conn, order_id).await?.ok_or_else(|| {
             sqlx::Error::Protocol(format!("reservation of order {order_id} vanished"))
         })?;
         return Ok(reserve_outcome_of(&existing));
@@ -224,11 +250,12 @@ pub async fn commit(
     conn: &mut PgConnection,
     order_id: OrderId,
 ) -> Result<CommitOutcome, sqlx::Error> {
-    let Some(head) = head(conn, order_id, true).await? else {
+    let Some(head) = settle_head(conn, order_id, Settle::Sell).await? else {
         return Ok(CommitOutcome::Failed {
             reason: "no reservation for order".to_owned(),
         });
     };
+    // What the reservation was before the statement settled it.
     match head.status {
         ReservationStatus::Committed => Ok(CommitOutcome::Committed {
             reservation_id: head.id,
@@ -242,18 +269,13 @@ pub async fn commit(
         ReservationStatus::Released => Ok(CommitOutcome::Failed {
             reason: released_reason(head.release_reason.as_deref()),
         }),
-        ReservationStatus::Reserved if head.expired => {
-            stock::settle_locked(conn, &[head.id.0], Settle::Return(EXPIRED)).await?;
-            Ok(CommitOutcome::Failed {
-                reason: released_reason(Some(EXPIRED)),
-            })
-        }
-        ReservationStatus::Reserved => {
-            stock::settle_locked(conn, &[head.id.0], Settle::Sell).await?;
-            Ok(CommitOutcome::Committed {
-                reservation_id: head.id,
-            })
-        }
+        // Released as expired by the statement.
+        ReservationStatus::Reserved if head.expired => Ok(CommitOutcome::Failed {
+            reason: released_reason(Some(EXPIRED)),
+        }),
+        ReservationStatus::Reserved => Ok(CommitOutcome::Committed {
+            reservation_id: head.id,
+        }),
     }
 }
 
@@ -281,13 +303,11 @@ pub async fn release(
     // Twice at most: if the tombstone loses to a reservation committed meanwhile, that
     // reservation is there to release on the second pass.
     for _ in 0..2 {
-        match head(conn, order_id, true).await? {
+        match settle_head(conn, order_id, Settle::Return(reason)).await? {
             Some(head) => {
+                // What the reservation was before the statement settled it.
                 return Ok(match head.status {
-                    ReservationStatus::Reserved => {
-                        stock::settle_locked(conn, &[head.id.0], Settle::Return(reason)).await?;
-                        ReleaseOutcome::Released
-                    }
+                    ReservationStatus::Reserved => ReleaseOutcome::Released,
                     ReservationStatus::Released => ReleaseOutcome::NothingHeld,
                     ReservationStatus::Committed => ReleaseOutcome::AlreadyCommitted,
                 });
@@ -342,7 +362,7 @@ pub async fn find(
     conn: &mut PgConnection,
     order_id: OrderId,
 ) -> Result<Option<Reservation>, sqlx::Error> {
-    let Some(head) = head(conn, order_id, false).await? else {
+    let Some(head) = head(conn, order_id).await? else {
         return Ok(None);
     };
     if head.refusal.is_some() {

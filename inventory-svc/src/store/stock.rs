@@ -86,16 +86,6 @@ pub async fn settle(
     .bind(reservation_ids)
     .execute(&mut *conn)
     .await?;
-    settle_locked(conn, reservation_ids, settle).await
-}
-
-/// [`settle`], the stock rows of `reservation_ids` already locked by the caller (in SKU order,
-/// as the reservations' head read does).
-pub async fn settle_locked(
-    conn: &mut PgConnection,
-    reservation_ids: &[Uuid],
-    settle: Settle<'_>,
-) -> Result<(), sqlx::Error> {
     // The stock and the reservations in one statement; the status says where the units go.
     let (status, release_reason) = match settle {
         Settle::Return(reason) => ("RELEASED", Some(reason)),

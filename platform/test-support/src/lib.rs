@@ -103,6 +103,36 @@ pub async fn fresh_database(label: &str) -> String {
     database_url(&name)
 }
 
+/// The statements `work` runs in the database of `pool`, each with how often, by
+/// PostgreSQL's `pg_stat_statements` (which the platform's PostgreSQL loads, the tests' one
+/// included), so that a test can say how many round trips an operation takes. Nothing else
+/// may run in that database meanwhile (a built, not running, service).
+pub async fn statements_of<T>(
+    pool: &sqlx::PgPool,
+    work: impl Future<Output = T>,
+) -> (T, Vec<(String, i64)>) {
+    const THIS_DATABASE: &str = "(SELECT oid FROM pg_database WHERE datname = current_database())";
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("pg_stat_statements: {e}.\nTo fix: run the tests with `cargo run -p platform -- test`, whose PostgreSQL loads it, or add pg_stat_statements to shared_preload_libraries of yours"));
+    sqlx::query(&format!(
+        "SELECT pg_stat_statements_reset(0, {THIS_DATABASE}, 0)"
+    ))
+    .execute(pool)
+    .await
+    .expect("resetting pg_stat_statements");
+    let out = work.await;
+    let statements = sqlx::query_as(&format!(
+        "SELECT query, calls FROM pg_stat_statements WHERE dbid = {THIS_DATABASE} \
+         AND query NOT LIKE '%pg_stat_statements%' ORDER BY query"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("reading pg_stat_statements");
+    (out, statements)
+}
+
 /// The broker's address, after checking that it answers. Panics with directions otherwise.
 pub fn kafka_brokers() -> String {
     let brokers = std::env::var(KAFKA_ENV).unwrap_or_else(|_| DEFAULT_KAFKA_BROKERS.to_owned());

@@ -145,12 +145,12 @@ pub async fn start(root: &Path, port: u16, fast: bool) -> anyhow::Result<String>
         "-p {port} -k {} -c listen_addresses=localhost -c max_connections=500 -c shared_buffers=256MB",
         run.display()
     );
+    // Statement counts for the benchmarks (README, "Figures") and for tests of how many
+    // round trips an operation takes, as production clusters commonly have them; it costs a
+    // few microseconds per statement.
+    settings.push_str(" -c shared_preload_libraries=pg_stat_statements");
     if fast {
         settings.push_str(" -c fsync=off -c full_page_writes=off");
-    } else {
-        // Statement counts for the benchmarks (README, "Figures"), as production clusters
-        // commonly have them; it costs a few microseconds per statement.
-        settings.push_str(" -c shared_preload_libraries=pg_stat_statements");
     }
     eprintln!("platform: starting PostgreSQL on port {port}");
     let status = pg_command("pg_ctl")?
