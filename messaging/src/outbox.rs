@@ -254,12 +254,21 @@ tokio::task_local! {
 
 /// Runs `work` (handlers writing in one transaction) holding back the messages it enqueues,
 /// and returns them with its result, in order, for the caller to record in that transaction
-/// with one [`Outbox::enqueue`] before it commits.
-pub(crate) async fn collect<T>(work: impl Future<Output = T>) -> (T, Vec<OutboxMessage>) {
+/// with one [`Outbox::enqueue`] before it commits. The consumer runs each batch's handlers so.
+pub async fn collect<T>(work: impl Future<Output = T>) -> (T, Vec<OutboxMessage>) {
     HELD.scope(RefCell::new(Vec::new()), async {
         let result = work.await;
         let held = HELD.with(|held| std::mem::take(&mut *held.borrow_mut()));
         (result, held)
     })
     .await
+}
+
+/// The messages held so far inside [`collect`] (a consumer's batch), taken: for a handler
+/// that records them in a statement of its own ([`OutboxRows`] in the statement that saves its
+/// state, one round trip fewer), then calls [`Outbox::recorded`]. The batch records only what
+/// is held after. Outside [`collect`] there are none: [`Outbox::enqueue`] recorded them.
+pub fn take_held() -> Vec<OutboxMessage> {
+    HELD.try_with(|held| std::mem::take(&mut *held.borrow_mut()))
+        .unwrap_or_default()
 }

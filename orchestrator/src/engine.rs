@@ -1,7 +1,7 @@
 //! Runs the state machine against the store: load, apply, save with the history, timers and
 //! outgoing commands, all in the caller's transaction.
 
-use messaging::{HandlerError, MessageContext, Outbox, OutboxMessage};
+use messaging::{HandlerError, MessageContext, Outbox, OutboxMessage, OutboxRows};
 use proto::inventory::v1 as inventory;
 use proto::order::v1 as order;
 use proto::payment::v1 as payment;
@@ -154,13 +154,24 @@ impl Engine {
         Ok(transition)
     }
 
-    /// Saves transitions of distinct sagas made by [`Engine::step_unsaved`], in one statement.
+    /// Saves transitions of distinct sagas made by [`Engine::step_unsaved`], in one statement,
+    /// with the commands a consumer's batch holds so far ([`messaging::outbox::take_held`]).
     pub async fn save_all(
         &self,
         conn: &mut PgConnection,
         writes: &[SagaWrite],
     ) -> Result<(), HandlerError> {
-        store::save_all(conn, writes).await.map_err(store_error)
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let commands = messaging::outbox::take_held();
+        store::save_all(conn, writes, &OutboxRows::new(&commands)?)
+            .await
+            .map_err(store_error)?;
+        if !commands.is_empty() {
+            self.outbox.recorded(conn).await?;
+        }
+        Ok(())
     }
 
     /// Reads the saga of `order_id`, for [`Engine::step_unsaved`].

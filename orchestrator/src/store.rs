@@ -4,7 +4,9 @@ pub mod admin;
 
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
+use messaging::OutboxRows;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -166,8 +168,13 @@ impl SagaWrite {
 /// saga rows are written first and each timer joins its saga's written row, so a saga is
 /// locked before its timers, as in every path that touches both. Fails with
 /// [`StoreError::Conflict`] when any saga changed since it was read; the caller's transaction
-/// then rolls back and nothing of the batch is saved.
-pub async fn save_all(conn: &mut PgConnection, writes: &[SagaWrite]) -> Result<(), StoreError> {
+/// then rolls back and nothing of the batch is saved. `outgoing` (the messages the steps send)
+/// are recorded in the outbox by the same statement.
+pub async fn save_all(
+    conn: &mut PgConnection,
+    writes: &[SagaWrite],
+    outgoing: &OutboxRows<'_>,
+) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -241,7 +248,8 @@ pub async fn save_all(conn: &mut PgConnection, writes: &[SagaWrite]) -> Result<(
             disarm_kinds.push(STEP_TIMER);
         }
     }
-    let written: i64 = sqlx::query_scalar(
+    static SAVE: LazyLock<String> = LazyLock::new(|| {
+        format!(
         "WITH w AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], \
                $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::text[], \
                $11::text[], $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::text[]) \
@@ -266,32 +274,39 @@ pub async fn save_all(conn: &mut PgConnection, writes: &[SagaWrite]) -> Result<(
                JOIN s ON s.saga_id = a.saga_id \
                ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, failures = 0, last_error = NULL), \
          disarmed AS (DELETE FROM saga_timers t USING unnest($20::uuid[], $21::text[]) AS d(saga_id, kind), s \
-               WHERE t.saga_id = d.saga_id AND t.kind = d.kind AND s.saga_id = d.saga_id) \
+               WHERE t.saga_id = d.saga_id AND t.kind = d.kind AND s.saga_id = d.saga_id), \
+         outgoing AS ({}) \
          SELECT count(*) FROM s",
+        OutboxRows::insert_sql(22, None)
     )
-    .bind(&ids)
-    .bind(&states)
-    .bind(&data)
-    .bind(&expected)
-    .bind(&customers)
-    .bind(&correlations)
-    .bind(&traceparents)
-    .bind(&tracestates)
-    .bind(&needs_operator)
-    .bind(&last_errors)
-    .bind(&from_states)
-    .bind(&inputs)
-    .bind(&message_ids)
-    .bind(&message_types)
-    .bind(&commands)
-    .bind(&cause_correlations)
-    .bind(&arm_ids)
-    .bind(&arm_kinds)
-    .bind(&arm_at)
-    .bind(&disarm_ids)
-    .bind(&disarm_kinds)
-    .fetch_one(&mut *conn)
-    .await?;
+    });
+    let query = sqlx::query(&SAVE)
+        .bind(&ids)
+        .bind(&states)
+        .bind(&data)
+        .bind(&expected)
+        .bind(&customers)
+        .bind(&correlations)
+        .bind(&traceparents)
+        .bind(&tracestates)
+        .bind(&needs_operator)
+        .bind(&last_errors)
+        .bind(&from_states)
+        .bind(&inputs)
+        .bind(&message_ids)
+        .bind(&message_types)
+        .bind(&commands)
+        .bind(&cause_correlations)
+        .bind(&arm_ids)
+        .bind(&arm_kinds)
+        .bind(&arm_at)
+        .bind(&disarm_ids)
+        .bind(&disarm_kinds);
+    let written: i64 = outgoing
+        .bind(query)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
     if written == n as i64 {
         return Ok(());
     }

@@ -1046,7 +1046,6 @@ async fn a_batch_with_a_saga_changed_since_it_was_read_saves_nothing() {
 async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
     use sqlx::Connection as _;
     let (pool, engine) = setup(Duration::from_secs(600)).await;
-    // One connection: its statistics are flushed on demand below.
     let mut conn = pool.acquire().await.expect("connection");
     let orders: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
     let steps = [
@@ -1074,20 +1073,32 @@ async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
             tx.commit().await.expect("commit");
         }
     }
+    // The connection's statistics reach the shared view when it flushes them: asked for
+    // here, and else within seconds.
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
         .await
         .expect("flush statistics");
-    let (updates, in_place): (i64, i64) = sqlx::query_as(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sagas'",
+    let (updates, in_place): (i64, i64) = test_support::eventually(
+        Duration::from_secs(20),
+        "the statistics of 50 updates",
+        || async {
+            let counts: (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sagas'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("statistics");
+            (counts.0 >= 50).then_some(counts)
+        },
     )
-    .fetch_one(&mut *conn)
-    .await
-    .expect("statistics");
+    .await;
     assert_eq!(updates, 50, "five steps of ten sagas after their start");
-    assert_eq!(
-        in_place, 40,
-        "of 50 updates, those in place (all but each saga's last, which ends it)"
+    // All but each saga's last (which ends it) can be: 40, unless a snapshot held elsewhere
+    // meanwhile (an autovacuum's) kept a page from being pruned of its dead versions.
+    assert!(
+        (30..=40).contains(&in_place),
+        "of 50 updates, {in_place} were in place (40 can be: all but each saga's last)"
     );
     let completed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sagas WHERE state = 'COMPLETED' AND outcome = 'COMPLETED'",
@@ -1096,4 +1107,68 @@ async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
     .await
     .expect("outcome");
     assert_eq!(completed, 10);
+}
+
+/// A consumer's batch reads its sagas in one statement and saves their steps, history,
+/// timers and the commands they send in one more.
+#[tokio::test]
+async fn a_batch_reads_its_sagas_in_one_statement_and_writes_all_it_changes_in_one_more() {
+    use messaging::Handler as _;
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let (existing, first, second) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    step(&pool, &engine, existing, created())
+        .await
+        .expect("started before the batch");
+    let batch = [
+        order_created(first),
+        inventory_reserved(existing),
+        order_created(second),
+    ];
+    let ((), statements) = test_support::statements_of(&pool, async {
+        let mut tx = pool.begin().await.expect("begin");
+        let messages: Vec<&messaging::Incoming> = batch.iter().collect();
+        // As the consumer runs a batch's handlers: what they send is held meanwhile.
+        let ((), left) = messaging::outbox::collect(async {
+            handler.prepare(&mut tx, &messages).await.expect("prepare");
+            for message in &batch {
+                handler.handle(&mut tx, message).await.expect("handle");
+            }
+            handler.flush(&mut tx).await.expect("flush");
+        })
+        .await;
+        assert!(
+            left.is_empty(),
+            "the batch's commands were left for the consumer to record: {left:?}"
+        );
+        tx.commit().await.expect("commit");
+    })
+    .await;
+    // Not the transaction, the wake-up of a relay elsewhere, nor a new connection's settings.
+    let own: Vec<(String, i64)> = statements
+        .into_iter()
+        .filter(|(q, _)| {
+            !(q == "BEGIN"
+                || q == "COMMIT"
+                || q.starts_with("SET ")
+                || q.starts_with("SELECT pg_notify"))
+        })
+        .collect();
+    assert_eq!(own.len(), 2, "the batch's statements: {own:#?}");
+    assert!(own[0].0.starts_with("SELECT saga_id"), "{own:#?}");
+    assert!(own[1].0.starts_with("WITH w AS"), "{own:#?}");
+    assert!(own.iter().all(|(_, calls)| *calls == 1), "{own:#?}");
+    let mut sent: Vec<(String, String)> = outbox_types(&pool).await;
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("payment.commands", "payment.v1.ChargePayment"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "the existing saga's reserve (sent before the batch), the two new sagas' and the charge"
+    );
 }
