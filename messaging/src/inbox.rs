@@ -11,10 +11,13 @@
 //! within seconds or minutes, far inside the window.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use proto::messaging::v1::Envelope;
-use sqlx::{PgConnection, PgPool};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgPool, Postgres, Row as _};
 use uuid::Uuid;
 
 use crate::consumer::HandlerError;
@@ -109,18 +112,62 @@ pub async fn record_all(
     conn: &mut PgConnection,
     messages: &[(Uuid, &str, &str)],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = messages.iter().map(|m| m.0).collect();
-    let types: Vec<&str> = messages.iter().map(|m| m.1).collect();
-    let topics: Vec<&str> = messages.iter().map(|m| m.2).collect();
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO inbox (message_id, message_type, topic) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) \
-         ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-    )
-    .bind(&ids)
-    .bind(&types)
-    .bind(&topics)
-    .fetch_all(conn)
-    .await?;
-    Ok(inserted.into_iter().collect())
+    InboxRows::new(messages).record(conn).await
+}
+
+/// A batch's inbox rows as the arrays one `INSERT INTO inbox` binds, for a handler that records
+/// them in its own first statement ([`crate::Handler::prepare_recording`]): the batch's read
+/// and its deduplication in one round trip.
+#[derive(Debug)]
+pub struct InboxRows<'a> {
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    topics: Vec<&'a str>,
+}
+
+impl<'a> InboxRows<'a> {
+    /// The number of parameters [`bind`](Self::bind) adds.
+    pub const PARAMETERS: usize = 3;
+
+    /// Messages as (id, type, topic).
+    pub fn new(messages: &[(Uuid, &'a str, &'a str)]) -> Self {
+        Self {
+            ids: messages.iter().map(|m| m.0).collect(),
+            types: messages.iter().map(|m| m.1).collect(),
+            topics: messages.iter().map(|m| m.2).collect(),
+        }
+    }
+
+    /// The `INSERT` (a statement, or the body of a data-modifying `WITH` query) of the rows
+    /// bound from parameter `$first` on, returning the ids recorded now (`message_id`): an id
+    /// handled before, or twice in the batch, is recorded and returned once at most.
+    pub fn insert_sql(first: usize) -> String {
+        format!(
+            "INSERT INTO inbox (message_id, message_type, topic) \
+             SELECT * FROM unnest(${}::uuid[], ${}::text[], ${}::text[]) \
+             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+            first,
+            first + 1,
+            first + 2
+        )
+    }
+
+    /// Records the rows in a statement of their own ([`record_all`]).
+    pub async fn record(&self, conn: &mut PgConnection) -> Result<HashSet<Uuid>, sqlx::Error> {
+        static INSERT: LazyLock<String> = LazyLock::new(|| InboxRows::insert_sql(1));
+        self.bind(sqlx::query(&INSERT))
+            .fetch_all(conn)
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect()
+    }
+
+    /// Binds the rows' arrays, in the order [`insert_sql`](Self::insert_sql) numbers them.
+    pub fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query.bind(&self.ids).bind(&self.types).bind(&self.topics)
+    }
 }

@@ -23,6 +23,7 @@ pub mod service;
 pub use after_commit::after_commit;
 pub use consumer::{Consumer, Handler, HandlerError, Incoming};
 pub use envelope::MessageContext;
+pub use inbox::InboxRows;
 pub use kafka::KafkaArgs;
 pub use outbox::{Outbox, OutboxMessage, OutboxRows};
 pub use relay::Relay;

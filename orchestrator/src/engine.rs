@@ -1,7 +1,7 @@
 //! Runs the state machine against the store: load, apply, save with the history, timers and
 //! outgoing commands, all in the caller's transaction.
 
-use messaging::{HandlerError, MessageContext, Outbox, OutboxMessage, OutboxRows};
+use messaging::{HandlerError, InboxRows, MessageContext, Outbox, OutboxMessage, OutboxRows};
 use proto::inventory::v1 as inventory;
 use proto::order::v1 as order;
 use proto::payment::v1 as payment;
@@ -174,6 +174,25 @@ impl Engine {
         Ok(())
     }
 
+    /// Reads the sagas of `order_ids` for [`Engine::step_unsaved`], in the statement that
+    /// records a consumer batch's inbox rows; returns the ids recorded now too.
+    pub async fn record_and_load_many(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &InboxRows<'_>,
+        order_ids: &[Uuid],
+    ) -> Result<
+        (
+            std::collections::HashSet<Uuid>,
+            std::collections::HashMap<Uuid, StoredSaga>,
+        ),
+        HandlerError,
+    > {
+        store::record_and_load_many(conn, inbox, order_ids)
+            .await
+            .map_err(store_error)
+    }
+
     /// Reads the saga of `order_id`, for [`Engine::step_unsaved`].
     pub async fn load(
         &self,
@@ -181,15 +200,6 @@ impl Engine {
         order_id: Uuid,
     ) -> Result<Option<StoredSaga>, HandlerError> {
         store::load(conn, order_id).await.map_err(store_error)
-    }
-
-    /// Reads the sagas of `order_ids` in one statement, for [`Engine::step_unsaved`].
-    pub async fn load_many(
-        &self,
-        conn: &mut PgConnection,
-        order_ids: &[Uuid],
-    ) -> Result<std::collections::HashMap<Uuid, StoredSaga>, HandlerError> {
-        store::load_many(conn, order_ids).await.map_err(store_error)
     }
 
     /// Applies `input` to the loaded saga and enqueues its commands, in the `saga.transition`

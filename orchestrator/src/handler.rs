@@ -1,11 +1,11 @@
 //! The orchestrator's consumer: `OrderCreated` and the services' replies (order-svc's
 //! confirmations included), as saga inputs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, Incoming};
+use messaging::{Handler, HandlerError, InboxRows, Incoming};
 use prost::Name;
 use proto::inventory::v1 as inventory;
 use proto::order::v1 as order;
@@ -56,25 +56,27 @@ impl SagaHandler {
 #[async_trait]
 impl Handler for SagaHandler {
     /// Reads the batch's sagas in one statement; their steps are saved together by `flush`.
-    async fn prepare(
+    async fn prepare_recording(
         &self,
         conn: &mut PgConnection,
         messages: &[&Incoming],
-    ) -> Result<(), HandlerError> {
+        inbox: &InboxRows<'_>,
+    ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         *self.batch() = Batch::default();
-        // A message that does not decode is refused by `handle`, with its error.
+        // Every message's saga, those handled before included (they are not handled again):
+        // the read goes with the inbox rows' statement.
         let ids: Vec<Uuid> = messages
             .iter()
             .filter_map(|m| decode(m).ok().map(|(id, _)| id))
             .collect();
-        let mut found = self.engine.load_many(conn, &ids).await?;
+        let (fresh, mut found) = self.engine.record_and_load_many(conn, inbox, &ids).await?;
         let mut batch = self.batch();
         batch.open = true;
         for id in ids {
             let stored = found.remove(&id);
             batch.sagas.entry(id).or_insert(stored);
         }
-        Ok(())
+        Ok(Some(fresh))
     }
 
     async fn handle(

@@ -3,10 +3,10 @@
 pub mod admin;
 
 use chrono::{DateTime, Utc};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
-use messaging::OutboxRows;
+use messaging::{InboxRows, OutboxRows};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -92,24 +92,38 @@ pub async fn load(
     row.map(|row| stored_saga(&row, saga_id)).transpose()
 }
 
-/// The sagas of `saga_ids` that exist, in one statement, by id. An id missing from the result
-/// has no saga.
-pub async fn load_many(
+/// The sagas of `saga_ids` that exist, by id (an id missing has no saga), read in the
+/// statement that records a consumer batch's inbox rows: returns the message ids recorded now
+/// too (the batch's messages not handled before).
+pub async fn record_and_load_many(
     conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
     saga_ids: &[Uuid],
-) -> Result<HashMap<Uuid, StoredSaga>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT saga_id, data, version, correlation_id, traceparent, tracestate, updated_at FROM sagas WHERE saga_id = ANY($1)",
-    )
-    .bind(saga_ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            let saga_id: Uuid = row.try_get("saga_id")?;
-            Ok((saga_id, stored_saga(row, saga_id)?))
-        })
-        .collect()
+) -> Result<(HashSet<Uuid>, HashMap<Uuid, StoredSaga>), StoreError> {
+    static READ: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}) \
+             SELECT ARRAY(SELECT message_id FROM fresh) AS fresh, s.saga_id, s.data, s.version, \
+                    s.correlation_id, s.traceparent, s.tracestate, s.updated_at \
+             FROM (SELECT) AS one LEFT JOIN sagas s ON s.saga_id = ANY($1)",
+            InboxRows::insert_sql(2)
+        )
+    });
+    let rows = inbox
+        .bind(sqlx::query(&READ).bind(saga_ids))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut fresh = HashSet::new();
+    let mut sagas = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        if fresh.is_empty() {
+            fresh = row.try_get::<Vec<Uuid>, _>("fresh")?.into_iter().collect();
+        }
+        if let Some(saga_id) = row.try_get::<Option<Uuid>, _>("saga_id")? {
+            sagas.insert(saga_id, stored_saga(row, saga_id)?);
+        }
+    }
+    Ok((fresh, sagas))
 }
 
 fn stored_saga(row: &PgRow, saga_id: Uuid) -> Result<StoredSaga, StoreError> {

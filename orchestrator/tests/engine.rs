@@ -944,6 +944,61 @@ fn inventory_reserved(order_id: Uuid) -> messaging::Incoming {
     )
 }
 
+/// Prepares a batch as the consumer does: its inbox rows recorded by the statement that reads
+/// its sagas.
+async fn prepare(
+    handler: &orchestrator::handler::SagaHandler,
+    conn: &mut sqlx::PgConnection,
+    batch: &[&messaging::Incoming],
+) {
+    let fresh = recorded(handler, conn, batch).await;
+    assert_eq!(
+        fresh.len(),
+        batch.len(),
+        "every message of the batch is new"
+    );
+}
+
+/// The ids of `batch` that the handler's first statement recorded as new.
+async fn recorded(
+    handler: &orchestrator::handler::SagaHandler,
+    conn: &mut sqlx::PgConnection,
+    batch: &[&messaging::Incoming],
+) -> std::collections::HashSet<Uuid> {
+    use messaging::Handler as _;
+    let ids: Vec<(Uuid, &str, &str)> = batch
+        .iter()
+        .map(|m| {
+            (
+                m.message_id().expect("id"),
+                m.message_type(),
+                m.topic.as_str(),
+            )
+        })
+        .collect();
+    handler
+        .prepare_recording(conn, batch, &messaging::InboxRows::new(&ids))
+        .await
+        .expect("prepare")
+        .expect("the orchestrator records a batch's inbox rows with its read")
+}
+
+/// The statement that reads a batch's sagas records its messages in the inbox: one delivered
+/// twice in the batch is new once, and a batch delivered again has nothing new.
+#[tokio::test]
+async fn a_batch_delivered_again_is_told_apart_by_the_statement_that_reads_its_sagas() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let (first, second) = (order_created(Uuid::now_v7()), order_created(Uuid::now_v7()));
+    let mut tx = pool.begin().await.expect("begin");
+    let fresh = recorded(&handler, &mut tx, &[&first, &first, &second]).await;
+    assert_eq!(fresh.len(), 2, "{fresh:?}");
+    tx.commit().await.expect("commit");
+    let mut tx = pool.begin().await.expect("begin");
+    let fresh = recorded(&handler, &mut tx, &[&second, &first]).await;
+    assert!(fresh.is_empty(), "handled before: {fresh:?}");
+}
+
 #[tokio::test]
 async fn a_batch_reads_and_saves_its_sagas_at_once_and_a_saga_stepped_twice_in_it_sees_its_first_step(
 ) {
@@ -963,7 +1018,7 @@ async fn a_batch_reads_and_saves_its_sagas_at_once_and_a_saga_stepped_twice_in_i
     ];
     let mut tx = pool.begin().await.expect("begin");
     let messages: Vec<&messaging::Incoming> = batch.iter().collect();
-    handler.prepare(&mut tx, &messages).await.expect("prepare");
+    prepare(&handler, &mut tx, &messages).await;
     for message in &batch {
         handler.handle(&mut tx, message).await.expect("handle");
     }
@@ -1006,7 +1061,7 @@ async fn a_batch_with_a_saga_changed_since_it_was_read_saves_nothing() {
     let batch = [inventory_reserved(untouched), inventory_reserved(raced)];
     let mut tx = pool.begin().await.expect("begin");
     let messages: Vec<&messaging::Incoming> = batch.iter().collect();
-    handler.prepare(&mut tx, &messages).await.expect("prepare");
+    prepare(&handler, &mut tx, &messages).await;
     // Another writer (an operator, a timer, another replica) steps one saga meanwhile.
     step(
         &pool,
@@ -1109,10 +1164,10 @@ async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
     assert_eq!(completed, 10);
 }
 
-/// A consumer's batch reads its sagas in one statement and saves their steps, history,
-/// timers and the commands they send in one more.
+/// A consumer's batch records its inbox rows and reads its sagas in one statement, and saves
+/// their steps, history, timers and the commands they send in one more.
 #[tokio::test]
-async fn a_batch_reads_its_sagas_in_one_statement_and_writes_all_it_changes_in_one_more() {
+async fn a_batch_is_one_statement_to_record_and_read_and_one_to_write() {
     use messaging::Handler as _;
     let (pool, engine) = setup(Duration::from_secs(600)).await;
     let handler = orchestrator::handler::SagaHandler::new(engine.clone());
@@ -1130,7 +1185,7 @@ async fn a_batch_reads_its_sagas_in_one_statement_and_writes_all_it_changes_in_o
         let messages: Vec<&messaging::Incoming> = batch.iter().collect();
         // As the consumer runs a batch's handlers: what they send is held meanwhile.
         let ((), left) = messaging::outbox::collect(async {
-            handler.prepare(&mut tx, &messages).await.expect("prepare");
+            prepare(&handler, &mut tx, &messages).await;
             for message in &batch {
                 handler.handle(&mut tx, message).await.expect("handle");
             }
@@ -1155,7 +1210,10 @@ async fn a_batch_reads_its_sagas_in_one_statement_and_writes_all_it_changes_in_o
         })
         .collect();
     assert_eq!(own.len(), 2, "the batch's statements: {own:#?}");
-    assert!(own[0].0.starts_with("SELECT saga_id"), "{own:#?}");
+    assert!(
+        own[0].0.starts_with("WITH fresh AS (INSERT INTO inbox"),
+        "{own:#?}"
+    );
     assert!(own[1].0.starts_with("WITH w AS"), "{own:#?}");
     assert!(own.iter().all(|(_, calls)| *calls == 1), "{own:#?}");
     let mut sent: Vec<(String, String)> = outbox_types(&pool).await;

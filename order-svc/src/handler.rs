@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
 use prost::Name as _;
 use proto::order::v1::{
     CompleteOrder, FailOrder, MarkPaymentInitiated, OrderCompleted, OrderFailed,
@@ -80,13 +80,15 @@ impl OrderCommands {
 
 #[async_trait]
 impl Handler for OrderCommands {
-    /// Applies the batch's commands in one statement, the first of each order (a second
-    /// command of one order in the batch is applied by `handle`, after the first).
-    async fn prepare(
+    /// Applies the batch's commands in the statement that records its inbox rows, the first
+    /// of each order (a second command of one order in the batch is applied by `handle`, after
+    /// the first).
+    async fn prepare_recording(
         &self,
         conn: &mut PgConnection,
         messages: &[&Incoming],
-    ) -> Result<(), HandlerError> {
+        inbox: &InboxRows<'_>,
+    ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared().clear();
         let mut orders = HashSet::new();
         // A message that does not decode is refused by `handle`, with its error.
@@ -101,18 +103,16 @@ impl Handler for OrderCommands {
                     .then_some((message_id, order_id, command))
             })
             .collect();
-        if commands.len() < 2 {
-            return Ok(());
-        }
-        let applying: Vec<(OrderId, &OrderCommand)> =
-            commands.iter().map(|(_, o, c)| (*o, c)).collect();
-        let moved = store::apply_all(conn, &applying).await?;
+        let applying: Vec<(Uuid, OrderId, &OrderCommand)> =
+            commands.iter().map(|(m, o, c)| (*m, *o, c)).collect();
+        let (fresh, moved) = store::record_and_apply_all(conn, inbox, &applying).await?;
         self.prepared().extend(
             commands
                 .iter()
+                .filter(|(message, ..)| fresh.contains(message))
                 .map(|(message, order, _)| (*message, moved.contains(&order.0))),
         );
-        Ok(())
+        Ok(Some(fresh))
     }
 
     async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {

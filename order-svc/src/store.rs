@@ -1,13 +1,14 @@
 //! The SQL of orders and the catalog. Functions take the connection (or transaction) to run
 //! on, so that callers decide what commits together.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use messaging::OutboxRows;
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgExecutor, Row as _};
+use messaging::{InboxRows, OutboxRows};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgExecutor, Postgres, Row as _};
 use uuid::Uuid;
 
 use crate::domain::{Order, OrderCommand, OrderId, OrderLine, OrderStatus, PaymentId, Product};
@@ -227,29 +228,12 @@ pub async fn apply_all(
     conn: &mut PgConnection,
     commands: &[(OrderId, &OrderCommand)],
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut ids = Vec::with_capacity(commands.len());
-    let mut targets = Vec::with_capacity(commands.len());
-    let mut payment_ids = Vec::with_capacity(commands.len());
-    let mut reasons = Vec::with_capacity(commands.len());
-    let mut allowed = Vec::with_capacity(commands.len());
-    for (id, command) in commands {
-        let (payment_id, failure_reason) = match command {
-            OrderCommand::MarkPaymentInitiated { payment_id } => (Some(payment_id.0), None),
-            OrderCommand::Complete => (None, None),
-            OrderCommand::Fail { reason } => (None, Some(reason.as_str())),
-        };
-        ids.push(id.0);
-        targets.push(command.target().as_str());
-        payment_ids.push(payment_id);
-        reasons.push(failure_reason);
-        let from: Vec<&str> = command
-            .applies_from()
-            .into_iter()
-            .map(OrderStatus::as_str)
-            .collect();
-        allowed.push(from.join(","));
-    }
-    sqlx::query_scalar(
+    let c = CommandArrays::new(
+        commands
+            .iter()
+            .map(|(id, command)| (Uuid::nil(), *id, *command)),
+    );
+    c.bind(sqlx::query(
         "UPDATE orders o SET status = c.target, \
              payment_id = COALESCE(c.payment_id, o.payment_id), \
              failure_reason = COALESCE(c.reason, o.failure_reason), \
@@ -258,16 +242,102 @@ pub async fn apply_all(
            AS c(order_id, target, payment_id, reason, allowed) \
          WHERE o.order_id = c.order_id AND o.status = ANY(string_to_array(c.allowed, ',')) \
          RETURNING o.order_id",
-    )
-    .bind(&ids)
-    .bind(&targets)
-    .bind(&payment_ids)
-    .bind(&reasons)
-    .bind(&allowed)
+    ))
     .fetch_all(conn)
-    .await
+    .await?
+    .iter()
+    .map(|row| row.try_get(0))
+    .collect()
 }
 
+/// [`apply_all`] in the statement that records a consumer batch's inbox rows (`inbox`): each
+/// command with the id of its message, applied only when that message is recorded now (not
+/// handled before). Returns the ids recorded now and the orders that moved.
+pub async fn record_and_apply_all(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    commands: &[(Uuid, OrderId, &OrderCommand)],
+) -> Result<(HashSet<Uuid>, Vec<Uuid>), sqlx::Error> {
+    static APPLY: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), \
+                  moved AS (UPDATE orders o SET status = c.target, \
+                                payment_id = COALESCE(c.payment_id, o.payment_id), \
+                                failure_reason = COALESCE(c.reason, o.failure_reason), \
+                                updated_at = now() \
+                            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], \
+                                        $6::uuid[]) \
+                              AS c(order_id, target, payment_id, reason, allowed, message_id) \
+                            WHERE o.order_id = c.order_id \
+                              AND o.status = ANY(string_to_array(c.allowed, ',')) \
+                              AND c.message_id IN (SELECT message_id FROM fresh) \
+                            RETURNING o.order_id) \
+             SELECT ARRAY(SELECT message_id FROM fresh), ARRAY(SELECT order_id FROM moved)",
+            InboxRows::insert_sql(7)
+        )
+    });
+    let c = CommandArrays::new(commands.iter().copied());
+    let query = c.bind(sqlx::query(&APPLY)).bind(&c.message_ids);
+    let row = inbox.bind(query).fetch_one(conn).await?;
+    let fresh: Vec<Uuid> = row.try_get(0)?;
+    Ok((fresh.into_iter().collect(), row.try_get(1)?))
+}
+
+/// Commands as the arrays the statements above bind.
+struct CommandArrays<'a> {
+    ids: Vec<Uuid>,
+    targets: Vec<&'static str>,
+    payment_ids: Vec<Option<Uuid>>,
+    reasons: Vec<Option<&'a str>>,
+    allowed: Vec<String>,
+    message_ids: Vec<Uuid>,
+}
+
+impl<'a> CommandArrays<'a> {
+    fn new(commands: impl ExactSizeIterator<Item = (Uuid, OrderId, &'a OrderCommand)>) -> Self {
+        let n = commands.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            targets: Vec::with_capacity(n),
+            payment_ids: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+            allowed: Vec::with_capacity(n),
+            message_ids: Vec::with_capacity(n),
+        };
+        for (message_id, id, command) in commands {
+            let (payment_id, failure_reason) = match command {
+                OrderCommand::MarkPaymentInitiated { payment_id } => (Some(payment_id.0), None),
+                OrderCommand::Complete => (None, None),
+                OrderCommand::Fail { reason } => (None, Some(reason.as_str())),
+            };
+            c.ids.push(id.0);
+            c.targets.push(command.target().as_str());
+            c.payment_ids.push(payment_id);
+            c.reasons.push(failure_reason);
+            let from: Vec<&str> = command
+                .applies_from()
+                .into_iter()
+                .map(OrderStatus::as_str)
+                .collect();
+            c.allowed.push(from.join(","));
+            c.message_ids.push(message_id);
+        }
+        c
+    }
+
+    /// Binds $1 to $5.
+    fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.targets)
+            .bind(&self.payment_ids)
+            .bind(&self.reasons)
+            .bind(&self.allowed)
+    }
+}
 /// Why a command did not move the order: its status does not allow it, or there is no such
 /// order.
 pub async fn not_moved(conn: &mut PgConnection, id: OrderId) -> Result<Applied, sqlx::Error> {

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{incoming, TestApp};
-use messaging::{Handler as _, HandlerError, Incoming, Outbox};
+use messaging::{Handler as _, HandlerError, InboxRows, Incoming, Outbox};
 use order_svc::handler::OrderCommands;
 use proto::order::v1 as pb;
 use uuid::Uuid;
@@ -289,14 +289,24 @@ async fn replies(app: &TestApp, order_id: &str) -> Vec<(String, String)> {
 }
 
 /// Handles `messages` as one batch in one committed transaction, as the consumer does: the
-/// batch prepared (its commands applied in one statement), each message handled, then flushed.
+/// batch prepared (its inbox rows recorded and its commands applied in one statement), each new
+/// message handled, then flushed.
 async fn handle_batch(app: &TestApp, messages: &[Incoming]) -> Result<(), HandlerError> {
     let mut tx = app.pool.begin().await.unwrap();
     let commands = OrderCommands::new(Outbox::new("order-svc", app.config.kafka.clone()));
     let batch: Vec<&Incoming> = messages.iter().collect();
-    commands.prepare(&mut tx, &batch).await?;
+    let ids: Vec<(Uuid, &str, &str)> = messages
+        .iter()
+        .map(|m| (m.message_id().unwrap(), m.message_type(), m.topic.as_str()))
+        .collect();
+    let fresh = commands
+        .prepare_recording(&mut tx, &batch, &InboxRows::new(&ids))
+        .await?
+        .expect("order-svc records a batch's inbox rows with its status updates");
     for message in messages {
-        commands.handle(&mut tx, message).await?;
+        if fresh.contains(&message.message_id().unwrap()) {
+            commands.handle(&mut tx, message).await?;
+        }
     }
     commands.flush(&mut tx).await?;
     tx.commit().await.unwrap();
@@ -349,6 +359,54 @@ async fn a_batch_moves_each_order_as_its_commands_one_by_one_would() {
         replies(&app, &done.order_id).await,
         [completion.clone(), completion],
         "the late failure answered with the order's real status"
+    );
+    app.stop().await;
+}
+
+/// A batch of status commands records its messages in the inbox and moves its orders in one
+/// statement; delivered again, it moves nothing and answers nothing.
+#[tokio::test]
+async fn a_batch_records_its_messages_and_moves_its_orders_in_one_statement() {
+    let app = TestApp::start().await;
+    let (completed, failed) = (app.place_order().await, app.place_order().await);
+    let batch = [
+        complete(&completed.order_id),
+        fail(&failed.order_id, "payment declined"),
+    ];
+    let (handled, statements) =
+        test_support::statements_of(&app.pool, handle_batch(&app, &batch)).await;
+    handled.unwrap();
+    // The running service's relay reads the outbox meanwhile: only the inbox's and the
+    // orders' statements are the batch's.
+    let batch_statements: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("inbox") || q.contains("UPDATE orders"))
+        .collect();
+    assert_eq!(batch_statements.len(), 1, "{batch_statements:#?}");
+    let (statement, calls) = batch_statements[0];
+    assert!(
+        statement.contains("INSERT INTO inbox") && statement.contains("UPDATE orders"),
+        "{statement}"
+    );
+    assert_eq!(*calls, 1);
+
+    handle_batch(&app, &batch).await.unwrap();
+    assert_eq!(
+        app.get(&completed.order_id).await.unwrap().status(),
+        pb::OrderStatus::Completed
+    );
+    assert_eq!(
+        replies(&app, &completed.order_id).await,
+        [("order.v1.OrderCompleted".to_owned(), String::new())],
+        "answered once"
+    );
+    assert_eq!(
+        replies(&app, &failed.order_id).await,
+        [(
+            "order.v1.OrderFailed".to_owned(),
+            "payment declined".to_owned()
+        )],
+        "answered once"
     );
     app.stop().await;
 }

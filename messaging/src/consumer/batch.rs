@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{Consumer, Handler, HandlerError, Incoming};
-use crate::inbox;
+use crate::inbox::{self, InboxRows};
 
 impl Consumer {
     /// Handles a batch until it is committed. Returns false if cancelled first.
@@ -99,14 +99,25 @@ impl Consumer {
                 inbox::check_age(&message.envelope, id, self.inbox_retention)?;
                 ids.push((id, message.message_type(), message.topic.as_str()));
             }
-            let mut fresh = inbox::record_all(&mut tx, &ids).await?;
-            let to_handle: Vec<&Incoming> = batch
-                .iter()
-                .zip(&ids)
-                .filter(|(_, (id, ..))| fresh.contains(id))
-                .map(|(message, _)| message)
-                .collect();
-            handler.prepare(&mut tx, &to_handle).await?;
+            let all: Vec<&Incoming> = batch.iter().collect();
+            let inbox_rows = InboxRows::new(&ids);
+            let mut fresh = match handler
+                .prepare_recording(&mut tx, &all, &inbox_rows)
+                .await?
+            {
+                Some(fresh) => fresh,
+                None => {
+                    let fresh = inbox_rows.record(&mut tx).await?;
+                    let to_handle: Vec<&Incoming> = batch
+                        .iter()
+                        .zip(&ids)
+                        .filter(|(_, (id, ..))| fresh.contains(id))
+                        .map(|(message, _)| message)
+                        .collect();
+                    handler.prepare(&mut tx, &to_handle).await?;
+                    fresh
+                }
+            };
             // The messages the handlers send are recorded together, once they have all run.
             let (handled, outgoing) = crate::outbox::collect(async {
                 for (message, (id, ..)) in batch.iter().zip(&ids) {

@@ -2,6 +2,8 @@
 //! ([`Handler`]), the message as it reads it ([`Incoming`]) and why it failed
 //! ([`HandlerError`]), which decides between a retry and a dead letter.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use proto::messaging::v1::Envelope;
 use rdkafka::message::{BorrowedMessage, Message as _};
@@ -9,6 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::envelope::{self, MessageContext};
+use crate::inbox::InboxRows;
 
 /// Why a message could not be handled.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,21 @@ pub trait Handler: Send + Sync + 'static {
         _messages: &[&Incoming],
     ) -> Result<(), HandlerError> {
         Ok(())
+    }
+
+    /// In place of [`prepare`](Self::prepare), for a handler whose first statement records
+    /// the batch's inbox rows too (`inbox`: [`InboxRows::insert_sql`] in a data-modifying
+    /// `WITH`), the consumer's own statement for them saved: called with every message of the
+    /// batch (some perhaps handled before), it returns the ids that statement recorded now, and
+    /// [`handle`](Self::handle) is called for those only. Returns `None` by default: the
+    /// consumer records the inbox rows itself, then calls [`prepare`](Self::prepare).
+    async fn prepare_recording(
+        &self,
+        _conn: &mut PgConnection,
+        _messages: &[&Incoming],
+        _inbox: &InboxRows<'_>,
+    ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
+        Ok(None)
     }
 
     /// Called once per batch in its transaction, after [`handle`](Self::handle) has been
