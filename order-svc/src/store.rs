@@ -22,36 +22,20 @@ pub async fn list_products(db: impl PgExecutor<'_>) -> Result<Vec<Product>, sqlx
     rows.iter().map(product).collect()
 }
 
-/// The products among `skus` that are in the catalog, by SKU, and the order placed earlier
-/// with idempotency `key` (with its request's fingerprint), if any: one round trip.
-pub async fn products_and_key(
+/// The products among `skus` that are in the catalog, by SKU.
+pub async fn products(
     db: impl PgExecutor<'_>,
     skus: &[String],
-    key: Option<&str>,
-) -> Result<(HashMap<String, Product>, Option<(OrderId, String)>), sqlx::Error> {
+) -> Result<HashMap<String, Product>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT k.order_id, k.request_fingerprint, p.sku, p.name, p.unit_price_cents, p.currency \
-         FROM (SELECT) AS one \
-         LEFT JOIN (SELECT order_id, request_fingerprint FROM orders \
-                    WHERE idempotency_key = $2) AS k ON true \
-         LEFT JOIN products p ON p.sku = ANY($1)",
+        "SELECT sku, name, unit_price_cents, currency FROM products WHERE sku = ANY($1)",
     )
     .bind(skus)
-    .bind(key)
     .fetch_all(db)
     .await?;
-    let mut catalog = HashMap::with_capacity(rows.len());
-    let mut earlier = None;
-    for row in &rows {
-        if let Some(order_id) = row.try_get::<Option<Uuid>, _>("order_id")? {
-            earlier = Some((OrderId(order_id), row.try_get("request_fingerprint")?));
-        }
-        if row.try_get::<Option<String>, _>("sku")?.is_some() {
-            let p = product(row)?;
-            catalog.insert(p.sku.clone(), p);
-        }
-    }
-    Ok((catalog, earlier))
+    rows.iter()
+        .map(|row| product(row).map(|p| (p.sku.clone(), p)))
+        .collect()
 }
 
 fn product(row: &PgRow) -> Result<Product, sqlx::Error> {
@@ -89,9 +73,19 @@ pub struct NewOrder<'a> {
     pub request_fingerprint: &'a str,
 }
 
+/// What [`insert_order`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Inserted,
+    /// Another order holds the idempotency key; nothing was written.
+    KeyTaken,
+    /// A line's price (or currency) is not the catalog's any more; nothing was written.
+    PricesChanged,
+}
+
 /// Inserts the order, its lines and its outbox rows (`events`), in one statement: it commits
-/// by itself, with no transaction around it. Returns `false`, and writes nothing, when another
-/// order already holds the idempotency key.
+/// by itself, with no transaction around it, and only if each line's price and the currency
+/// are the catalog's (the order was priced from a copy of it).
 ///
 /// The order's timestamps are the ones in `new.order` (microseconds, as stored), so that its
 /// events can carry them before the statement runs.
@@ -99,21 +93,24 @@ pub async fn insert_order(
     conn: &mut PgConnection,
     new: &NewOrder<'_>,
     events: &OutboxRows<'_>,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Inserted, sqlx::Error> {
     static INSERT: LazyLock<String> = LazyLock::new(|| {
         // ON CONFLICT waits for a concurrent twin holding the key to commit (then does
         // nothing, and neither a line nor an event is written) or roll back (then inserts).
         format!(
-            "WITH o AS (INSERT INTO orders (order_id, customer_id, status, total_cents, currency, \
+            "WITH priced AS (SELECT count(*) = cardinality($11::text[]) AS current \
+                   FROM products p JOIN unnest($11::text[], $13::bigint[]) AS c(sku, price) \
+                     ON p.sku = c.sku AND p.unit_price_cents = c.price AND p.currency = $5), \
+             o AS (INSERT INTO orders (order_id, customer_id, status, total_cents, currency, \
                      payment_method, idempotency_key, request_fingerprint, correlation_id, \
                      created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10 FROM priced WHERE current \
                    ON CONFLICT (idempotency_key) DO NOTHING \
                    RETURNING order_id), \
              l AS (INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents) \
                    SELECT o.order_id, u.* FROM o, unnest($11::text[], $12::int[], $13::bigint[]) AS u), \
              e AS ({}) \
-             SELECT order_id FROM o",
+             SELECT EXISTS (SELECT FROM o), (SELECT current FROM priced)",
             OutboxRows::insert_sql(14, Some("EXISTS (SELECT FROM o)"))
         )
     });
@@ -139,8 +136,13 @@ pub async fn insert_order(
         .bind(&skus)
         .bind(&quantities)
         .bind(&prices);
-    let row = events.bind(query).fetch_optional(&mut *conn).await?;
-    Ok(row.is_some())
+    let (inserted, priced): (bool, bool) =
+        sqlx::FromRow::from_row(&events.bind(query).fetch_one(&mut *conn).await?)?;
+    Ok(match (inserted, priced) {
+        (true, _) => Inserted::Inserted,
+        (false, true) => Inserted::KeyTaken,
+        (false, false) => Inserted::PricesChanged,
+    })
 }
 
 /// The order with its lines, in SKU order.

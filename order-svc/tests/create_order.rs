@@ -114,6 +114,45 @@ async fn create_prices_from_the_catalog_and_records_one_order_created() {
     app.stop().await;
 }
 
+/// Placing an order is one statement: priced from the service's copy of the catalog, checked
+/// against the catalog by the statement that stores the order, its lines and its event. A price
+/// changed meanwhile is the price of the next order.
+#[tokio::test]
+async fn placing_an_order_is_one_statement_and_a_changed_price_is_the_next_orders_price() {
+    let app = TestApp::start().await;
+    let price_of_one_mouse = |order: &pb::Order| order.lines[0].unit_price_cents;
+    let first = app.place_order().await;
+    assert_eq!(price_of_one_mouse(&first), 2900);
+
+    let (placed, statements) = test_support::statements_of(&app.pool, app.place_order()).await;
+    assert_eq!(price_of_one_mouse(&placed), 2900);
+    // The running service's relay reads the outbox meanwhile: only the statements on orders
+    // and the catalog are the placing's.
+    let placing: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("orders") || q.contains("products"))
+        .collect();
+    assert_eq!(placing.len(), 1, "{placing:#?}");
+    assert!(placing[0].0.starts_with("WITH priced AS"), "{placing:#?}");
+    assert_eq!(placing[0].1, 1, "{placing:#?}");
+
+    sqlx::query("UPDATE products SET unit_price_cents = 3100 WHERE sku = 'SKU-MOUSE'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let repriced = app.place_order().await;
+    assert_eq!(price_of_one_mouse(&repriced), 3100);
+    assert_eq!(repriced.total_cents, 3100);
+    let stored: i64 =
+        sqlx::query_scalar("SELECT unit_price_cents FROM order_lines WHERE order_id = $1::uuid")
+            .bind(&repriced.order_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 3100);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_correlation_id_is_made_when_the_request_has_none() {
     let app = TestApp::start().await;
@@ -479,9 +518,12 @@ async fn a_create_racing_a_twin_with_the_same_key_returns_the_twins_order() {
         request_fingerprint: &fingerprint,
     };
     let no_events = messaging::OutboxRows::new(&[]).unwrap();
-    assert!(store::insert_order(&mut tx, &new, &no_events)
-        .await
-        .unwrap());
+    assert_eq!(
+        store::insert_order(&mut tx, &new, &no_events)
+            .await
+            .unwrap(),
+        store::Inserted::Inserted
+    );
 
     let mut client = app.client.clone();
     let create = tokio::spawn(async move {
