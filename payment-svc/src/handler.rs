@@ -4,11 +4,12 @@
 //! Idempotent by state as well as by the inbox: a command sent again (a new message, say after
 //! the orchestrator retried) finds the payment as the first one left it and replies the same.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
 use prost::Name as _;
 use proto::payment::v1 as pb;
 use proto::topics::SAGA_REPLIES;
@@ -32,6 +33,15 @@ enum Command {
 }
 
 impl Command {
+    /// The order the command is about, as the command says it.
+    fn order_id(&self) -> &str {
+        match self {
+            Self::Charge(c) => &c.order_id,
+            Self::Void(c) => &c.order_id,
+            Self::Refund(c) => &c.order_id,
+        }
+    }
+
     /// A message of a type not listed here is refused (and dead-lettered).
     fn decode(message: &Incoming) -> Result<Self, HandlerError> {
         Ok(match message.message_type() {
@@ -47,6 +57,9 @@ pub struct PaymentCommands {
     outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
     provider_timeout: Duration,
+    /// The payments a batch's charges recorded in its first statement, by message id, for
+    /// `handle` to reply with.
+    prepared: Mutex<HashMap<Uuid, Payment>>,
 }
 
 impl PaymentCommands {
@@ -59,7 +72,12 @@ impl PaymentCommands {
             outbox,
             provider,
             provider_timeout,
+            prepared: Mutex::default(),
         }
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Payment>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn reply<M: prost::Message + prost::Name>(
@@ -76,15 +94,12 @@ impl PaymentCommands {
         Ok(())
     }
 
-    /// Records a payment awaiting verification, or a declined one when the provider refuses
-    /// the method. Sent again, it replies as the recorded payment stands. After a compensation
-    /// of the order (its tombstone), it records nothing and replies that the payment failed.
-    async fn charge(
+    /// The payment a ChargePayment records, or why the command can never be applied.
+    fn new_payment(
         &self,
-        conn: &mut PgConnection,
         command: pb::ChargePayment,
         message: &Incoming,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<NewPayment, HandlerError> {
         let order_id = order_id(&command.order_id)?;
         if command.amount_cents < 0 {
             return Err(HandlerError::Permanent(format!(
@@ -107,7 +122,7 @@ impl PaymentCommands {
         } else {
             command.currency
         };
-        let new = NewPayment {
+        Ok(NewPayment {
             order_id,
             amount_cents: command.amount_cents,
             currency,
@@ -117,8 +132,28 @@ impl PaymentCommands {
             correlation_id: message.envelope.correlation_id.clone(),
             traceparent: message.envelope.traceparent.clone(),
             customer_id,
+        })
+    }
+
+    /// Records a payment awaiting verification, or a declined one when the provider refuses
+    /// the method. Sent again, it replies as the recorded payment stands. After a compensation
+    /// of the order (its tombstone), it records nothing and replies that the payment failed.
+    async fn charge(
+        &self,
+        conn: &mut PgConnection,
+        command: pb::ChargePayment,
+        message: &Incoming,
+    ) -> Result<(), HandlerError> {
+        let new = self.new_payment(command, message)?;
+        let order_id = new.order_id;
+        let prepared = message
+            .message_id()
+            .ok()
+            .and_then(|id| self.prepared().remove(&id));
+        let (payment, created) = match prepared {
+            Some(payment) => (payment, true),
+            None => store::insert(conn, &new).await?,
         };
-        let (payment, created) = store::insert(conn, &new).await?;
         if payment.tombstone {
             // A compensation came first: the saga has given this order up, so nothing may be
             // charged. A failure is what the saga's every state can take: while charging it
@@ -306,6 +341,50 @@ fn order_id(value: &str) -> Result<OrderId, HandlerError> {
 
 #[async_trait]
 impl Handler for PaymentCommands {
+    /// Records the batch's charges in the statement that records its inbox rows, the first
+    /// command of each order when it is a charge (any other, and a second command of an order,
+    /// is applied by `handle` in the batch's order).
+    async fn prepare_recording(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&Incoming],
+        inbox: &InboxRows<'_>,
+    ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
+        self.prepared().clear();
+        let mut orders = HashSet::new();
+        let mut charges: Vec<(Uuid, NewPayment)> = Vec::new();
+        for message in messages {
+            // A message that does not decode, or a charge that can never be applied, is refused
+            // by `handle`, with its error.
+            let (Ok(id), Ok(command)) = (message.message_id(), Command::decode(message)) else {
+                continue;
+            };
+            let first = orders.insert(command.order_id().to_owned());
+            if let (true, Command::Charge(charge)) = (first, command) {
+                if let Ok(new) = self.new_payment(charge, message) {
+                    charges.push((id, new));
+                }
+            }
+        }
+        let (fresh, inserted) = store::record_and_insert_all(conn, inbox, &charges).await?;
+        let by_order: HashMap<Uuid, Uuid> = charges
+            .iter()
+            .map(|(id, new)| (new.order_id.0, *id))
+            .collect();
+        let mut prepared = self.prepared();
+        for payment in inserted {
+            if let Some(id) = by_order.get(&payment.order_id.0) {
+                prepared.insert(*id, payment);
+            }
+        }
+        Ok(Some(fresh))
+    }
+
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.prepared().clear();
+        Ok(())
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

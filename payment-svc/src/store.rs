@@ -1,10 +1,11 @@
 //! The `payments` table.
 
+use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use messaging::OutboxRows;
-use sqlx::{FromRow as _, PgConnection, PgExecutor, PgPool};
+use messaging::{InboxRows, OutboxRows};
+use sqlx::{FromRow as _, PgConnection, PgExecutor, PgPool, Row as _};
 use uuid::Uuid;
 
 use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
@@ -104,6 +105,91 @@ pub async fn insert(
         Some(existing) => Ok((existing, false)),
         None => Err(sqlx::Error::RowNotFound),
     }
+}
+
+/// [`insert`] for a batch's charges (at most one per order), in the statement that records the
+/// batch's inbox rows (`inbox`): each charge with the id of its message, recorded only when that
+/// message is recorded now (not handled before) and its order has no payment yet. Returns the
+/// message ids recorded now and the payments recorded.
+pub async fn record_and_insert_all(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    charges: &[(Uuid, NewPayment)],
+) -> Result<(HashSet<Uuid>, Vec<Payment>), sqlx::Error> {
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), \
+                  inserted AS (INSERT INTO payments (payment_id, order_id, amount_cents, currency, \
+                                 payment_method, status, decline_reason, correlation_id, \
+                                 traceparent, customer_id) \
+                               SELECT c.payment_id, c.order_id, c.amount_cents, c.currency, \
+                                 c.payment_method, c.status, c.decline_reason, c.correlation_id, \
+                                 c.traceparent, c.customer_id \
+                               FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], \
+                                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+                                 $10::text[], $11::uuid[]) \
+                                 AS c(payment_id, order_id, amount_cents, currency, payment_method, \
+                                   status, decline_reason, correlation_id, traceparent, \
+                                   customer_id, message_id) \
+                               WHERE c.message_id IN (SELECT message_id FROM fresh) \
+                               ON CONFLICT (order_id) DO NOTHING \
+                               RETURNING {COLUMNS}) \
+             SELECT ARRAY(SELECT message_id FROM fresh) AS fresh, inserted.* \
+             FROM (SELECT) AS one LEFT JOIN inserted ON true",
+            InboxRows::insert_sql(12)
+        )
+    });
+    let n = charges.len();
+    let payment_ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    let order_ids: Vec<Uuid> = charges.iter().map(|(_, c)| c.order_id.0).collect();
+    let amounts: Vec<i64> = charges.iter().map(|(_, c)| c.amount_cents).collect();
+    let currencies: Vec<&str> = charges.iter().map(|(_, c)| c.currency.as_str()).collect();
+    let methods: Vec<&str> = charges
+        .iter()
+        .map(|(_, c)| c.payment_method.as_str())
+        .collect();
+    let statuses: Vec<&str> = charges.iter().map(|(_, c)| c.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = charges
+        .iter()
+        .map(|(_, c)| c.decline_reason.as_deref())
+        .collect();
+    let correlations: Vec<&str> = charges
+        .iter()
+        .map(|(_, c)| c.correlation_id.as_str())
+        .collect();
+    let traceparents: Vec<&str> = charges
+        .iter()
+        .map(|(_, c)| c.traceparent.as_str())
+        .collect();
+    let customers: Vec<Option<&str>> = charges
+        .iter()
+        .map(|(_, c)| c.customer_id.as_ref().map(|id| id.0.as_str()))
+        .collect();
+    let message_ids: Vec<Uuid> = charges.iter().map(|(id, _)| *id).collect();
+    let query = sqlx::query(&INSERT)
+        .bind(&payment_ids)
+        .bind(&order_ids)
+        .bind(&amounts)
+        .bind(&currencies)
+        .bind(&methods)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&correlations)
+        .bind(&traceparents)
+        .bind(&customers)
+        .bind(&message_ids);
+    let rows = inbox.bind(query).fetch_all(&mut *conn).await?;
+    let mut fresh = HashSet::new();
+    let mut inserted = Vec::new();
+    for row in &rows {
+        if fresh.is_empty() {
+            fresh = row.try_get::<Vec<Uuid>, _>("fresh")?.into_iter().collect();
+        }
+        if row.try_get::<Option<Uuid>, _>("payment_id")?.is_some() {
+            inserted.push(Payment::try_from(Row::from_row(row)?)?);
+        }
+    }
+    Ok((fresh, inserted))
 }
 
 pub async fn find<'e>(

@@ -382,3 +382,72 @@ async fn charge_after_a_void_of_no_payment_is_refused_and_takes_nothing() {
     let voided_again: pb::PaymentVoided = sent[3].decode();
     assert_eq!(voided_again, voided);
 }
+
+/// A batch's charges are recorded by the statement that records its inbox rows; delivered
+/// again, the batch charges nothing and replies nothing.
+#[tokio::test]
+async fn a_batch_of_charges_is_one_statement_and_delivered_again_changes_nothing() {
+    let app = TestApp::start().await;
+    let (paying, also_paying, declined) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let batch = [
+        common::incoming(paying, &charge(paying, "pm_card_visa")),
+        common::incoming(also_paying, &charge(also_paying, "pm_card_mastercard")),
+        common::incoming(declined, &charge(declined, "pm_card_unknown")),
+    ];
+    let (new, statements) = test_support::statements_of(&app.pool, app.handle_batch(&batch)).await;
+    assert_eq!(new.unwrap(), 3);
+    // The running service's relay reads the outbox meanwhile: only the statements on the inbox
+    // and the payments are the batch's.
+    let batch_statements: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("inbox") || q.contains("payments"))
+        .collect();
+    assert_eq!(batch_statements.len(), 1, "{batch_statements:#?}");
+    assert_eq!(batch_statements[0].1, 1, "{batch_statements:#?}");
+    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
+        sent.into_iter().map(|s| s.message_type).collect()
+    };
+    assert_eq!(
+        replies(app.sent(paying).await),
+        ["payment.v1.PaymentInitiated"]
+    );
+    assert_eq!(
+        replies(app.sent(also_paying).await),
+        ["payment.v1.PaymentInitiated"]
+    );
+    assert_eq!(
+        replies(app.sent(declined).await),
+        ["payment.v1.PaymentFailed"]
+    );
+    assert_eq!(app.status(declined).await.as_deref(), Some("DECLINED"));
+
+    assert_eq!(app.handle_batch(&batch).await.unwrap(), 0);
+    for order_id in [paying, also_paying, declined] {
+        assert_eq!(app.payment_count(order_id).await, 1);
+        assert_eq!(app.sent(order_id).await.len(), 1, "replied once");
+    }
+}
+
+/// In a batch, a charge that follows a void of its order is applied after it, as one by one:
+/// refused, nothing taken.
+#[tokio::test]
+async fn a_charge_after_a_void_of_its_order_in_one_batch_is_refused() {
+    let app = TestApp::start().await;
+    let order_id = Uuid::new_v4();
+    let batch = [
+        common::incoming(order_id, &void(order_id)),
+        common::incoming(order_id, &charge(order_id, "pm_card_visa")),
+    ];
+    assert_eq!(app.handle_batch(&batch).await.unwrap(), 2);
+    assert_eq!(app.payment_count(order_id).await, 0);
+    let sent: Vec<String> = app
+        .sent(order_id)
+        .await
+        .into_iter()
+        .map(|s| s.message_type)
+        .collect();
+    assert_eq!(
+        sent,
+        ["payment.v1.PaymentVoided", "payment.v1.PaymentFailed"]
+    );
+}

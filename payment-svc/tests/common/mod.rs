@@ -1,7 +1,7 @@
 //! The real App on a fresh database and its own topics, and what tests read back from it.
 #![allow(dead_code)] // Each test file uses its own part of this.
 
-use messaging::{Handler as _, HandlerError, Incoming, MessageContext};
+use messaging::{Handler as _, HandlerError, InboxRows, Incoming, MessageContext};
 use payment_svc::handler::PaymentCommands;
 use payment_svc::{App, Config};
 use prost::Message as _;
@@ -97,6 +97,31 @@ impl TestApp {
         self.handler.handle(&mut tx, &message).await?;
         tx.commit().await.unwrap();
         Ok(())
+    }
+
+    /// Hands `messages` to the handler as one batch, as the consumer does: the batch prepared
+    /// (its inbox rows recorded with its charges), each new message handled, then flushed, in
+    /// a transaction committed when it succeeds. Returns how many were new.
+    pub async fn handle_batch(&self, messages: &[Incoming]) -> Result<usize, HandlerError> {
+        let ids: Vec<(Uuid, &str, &str)> = messages
+            .iter()
+            .map(|m| (m.message_id().unwrap(), m.message_type(), m.topic.as_str()))
+            .collect();
+        let batch: Vec<&Incoming> = messages.iter().collect();
+        let mut tx = self.pool.begin().await.unwrap();
+        let fresh = self
+            .handler
+            .prepare_recording(&mut tx, &batch, &InboxRows::new(&ids))
+            .await?
+            .expect("payment-svc records a batch's inbox rows with its charges");
+        for message in messages {
+            if fresh.contains(&message.message_id().unwrap()) {
+                self.handler.handle(&mut tx, message).await?;
+            }
+        }
+        self.handler.flush(&mut tx).await?;
+        tx.commit().await.unwrap();
+        Ok(fresh.len())
     }
 
     /// Every message this service has recorded in its outbox for `order_id`, oldest first
