@@ -141,7 +141,12 @@ impl OrderService for OrderGrpc {
         // is not missed. A change's notification carries what changed, so the order is read
         // again only when one does not (see `watch`).
         let mut changes = waits.then(|| self.watch.subscribe());
-        let mut order = self.orders.get(id).await?;
+        // A long poll on an order placed here lately starts from it as kept, not read.
+        let kept = waits.then(|| self.watch.recent().get(id.0)).flatten();
+        let mut order = match kept {
+            Some(order) => order,
+            None => self.orders.get(id).await?,
+        };
         if !request.customer_id.is_empty() && order.customer_id != request.customer_id {
             // Word for word the answer for an order that does not exist.
             return Err(Error::NotFound(format!("order {id} not found")).into());

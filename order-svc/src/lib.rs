@@ -92,7 +92,12 @@ impl App {
         } = self;
         let pool = service.pool().clone();
         let watch = watch::StatusWatch::default();
-        let orders = Orders::new(pool.clone(), outbox.clone(), payments);
+        let orders = Orders::new(
+            pool.clone(),
+            outbox.clone(),
+            payments,
+            watch.recent().clone(),
+        );
         service
             .grpc(OrderServiceServer::new(OrderGrpc::new(
                 orders,

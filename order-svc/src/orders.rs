@@ -12,6 +12,7 @@ use crate::domain::{self, Order, OrderId, OrderRequest, OrderStatus, Product};
 use crate::error::Error;
 use crate::payments::PaymentMethods;
 use crate::store::{self, Inserted, NewOrder};
+use crate::watch::RecentOrders;
 
 /// The outcome of placing an order.
 #[derive(Clone, Debug)]
@@ -27,15 +28,23 @@ pub struct Orders {
     outbox: Outbox,
     payments: PaymentMethods,
     catalog: Catalog,
+    recent: RecentOrders,
 }
 
 impl Orders {
-    pub fn new(pool: PgPool, outbox: Outbox, payments: PaymentMethods) -> Self {
+    /// `recent`: where the orders placed here are kept for long polls (the status watch's).
+    pub fn new(
+        pool: PgPool,
+        outbox: Outbox,
+        payments: PaymentMethods,
+        recent: RecentOrders,
+    ) -> Self {
         Self {
             pool,
             outbox,
             payments,
             catalog: Catalog::default(),
+            recent,
         }
     }
 
@@ -96,8 +105,15 @@ impl Orders {
                 request_fingerprint: &fingerprint,
             };
             // The order, its lines and its event in one statement, which commits by itself.
+            // Kept for long polls before it commits, so that no change of it comes first.
             let mut conn = self.pool.acquire().await?;
-            match store::insert_order(&mut conn, &new, &OutboxRows::new(&messages)?).await? {
+            let events = OutboxRows::new(&messages)?;
+            self.recent.remember(&order);
+            let inserted = store::insert_order(&mut conn, &new, &events).await;
+            if !matches!(inserted, Ok(Inserted::Inserted)) {
+                self.recent.forget(order.id.0);
+            }
+            match inserted? {
                 Inserted::Inserted => {
                     self.outbox.recorded(&mut conn).await?;
                     self.outbox.committed();

@@ -4,8 +4,12 @@
 //! status, the payment id, the failure reason, the time: all that changes of an order, whose
 //! lines never do); one listener per process fans the changes out to the waiting requests,
 //! whichever replica changed the order, and they answer without reading the order again.
+//!
+//! The orders this process placed lately are kept as those changes leave them
+//! ([`RecentOrders`]), so that a long poll on one does not read it at all.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -76,22 +80,104 @@ impl StatusChange {
     }
 }
 
+/// How many orders [`RecentOrders`] keeps (the oldest placed go first): some 80 seconds of
+/// orders at 250 a second, a few megabytes.
+const RECENT_ORDERS: usize = 20_000;
+
+/// The orders this process placed lately, each as the status changes it was notified of left
+/// it. Only while the listener listens: an order is remembered before its insert commits (so no
+/// change of it can come before), and everything is forgotten whenever the listener loses its
+/// connection (changes may have been missed), until it listens again.
+#[derive(Clone, Debug, Default)]
+pub struct RecentOrders(Arc<Mutex<Recent>>);
+
+#[derive(Debug, Default)]
+struct Recent {
+    listening: bool,
+    orders: HashMap<Uuid, Order>,
+    placed: VecDeque<Uuid>,
+}
+
+impl RecentOrders {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `order`, about to be inserted (call [`forget`](Self::forget) if it is not).
+    pub fn remember(&self, order: &Order) {
+        let mut recent = self.lock();
+        if !recent.listening {
+            return;
+        }
+        if recent.placed.len() >= RECENT_ORDERS {
+            if let Some(oldest) = recent.placed.pop_front() {
+                recent.orders.remove(&oldest);
+            }
+        }
+        recent.placed.push_back(order.id.0);
+        recent.orders.insert(order.id.0, order.clone());
+    }
+
+    pub fn forget(&self, id: Uuid) {
+        self.lock().orders.remove(&id);
+    }
+
+    /// The order as its last change left it, if it is kept.
+    pub fn get(&self, id: Uuid) -> Option<Order> {
+        let recent = self.lock();
+        recent
+            .listening
+            .then(|| recent.orders.get(&id).cloned())
+            .flatten()
+    }
+
+    /// A notification of `id`: its change applied, or the order forgotten when the
+    /// notification does not carry it.
+    fn changed(&self, id: Uuid, change: Option<&StatusChange>) {
+        let mut recent = self.lock();
+        match (recent.orders.get_mut(&id), change) {
+            (Some(order), Some(change)) => {
+                change.apply(order);
+            }
+            (Some(_), None) => {
+                recent.orders.remove(&id);
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// Listening (`true`), or not, from now on; either way what is kept is forgotten.
+    fn listening(&self, listening: bool) {
+        let mut recent = self.lock();
+        recent.listening = listening;
+        recent.orders.clear();
+        recent.placed.clear();
+    }
+}
+
 /// Orders whose status changed, with the change when known; `Uuid::nil()` means "anything may
 /// have changed" (the listener reconnected and may have missed notifications).
 #[derive(Clone, Debug)]
 pub struct StatusWatch {
     changes: broadcast::Sender<(Uuid, Option<Arc<StatusChange>>)>,
+    recent: RecentOrders,
 }
 
 impl Default for StatusWatch {
     fn default() -> Self {
         Self {
             changes: broadcast::channel(4096).0,
+            recent: RecentOrders::default(),
         }
     }
 }
 
 impl StatusWatch {
+    /// The orders placed here lately, kept by this watch.
+    pub fn recent(&self) -> &RecentOrders {
+        &self.recent
+    }
+
     /// Subscribe before reading the order, so that no change between the read and the wait is
     /// missed.
     pub fn subscribe(&self) -> Changes {
@@ -115,27 +201,37 @@ impl StatusWatch {
                 tracing::warn!(error = %e, "order status listener: LISTEN failed");
                 continue;
             }
+            self.recent.listening(true);
             let _ = self.changes.send((Uuid::nil(), None));
             loop {
                 let notification = tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => break,
                     n = listener.try_recv() => n,
                 };
                 match notification {
                     Ok(Some(n)) => {
-                        if let Some(change) = StatusChange::parse(n.payload()) {
-                            let _ = self.changes.send(change);
+                        if let Some((id, change)) = StatusChange::parse(n.payload()) {
+                            // Kept orders first, so that a waiter subscribing after this
+                            // change finds it there.
+                            self.recent.changed(id, change.as_deref());
+                            let _ = self.changes.send((id, change));
                         }
                     }
-                    // The connection was lost: anything may have changed meanwhile.
+                    // The connection was lost: anything may have changed meanwhile. Connect
+                    // and listen again (the waiters are told once listening).
                     Ok(None) => {
-                        let _ = self.changes.send((Uuid::nil(), None));
+                        tracing::warn!("order status listener lost its connection; reconnecting");
+                        break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "order status listener failed; reconnecting");
                         break;
                     }
                 }
+            }
+            self.recent.listening(false);
+            if cancel.is_cancelled() {
+                return;
             }
         }
     }

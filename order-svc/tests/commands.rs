@@ -513,3 +513,52 @@ async fn a_long_poll_answers_with_the_order_as_each_change_left_it() {
     assert_eq!(answered, app.get(id).await.unwrap());
     app.stop().await;
 }
+
+/// A long poll on an order placed by this replica starts from the order as this replica keeps
+/// it, changed by the status notifications: it reads nothing.
+#[tokio::test]
+async fn a_long_poll_on_an_order_placed_here_reads_nothing() {
+    let app = TestApp::start().await;
+    // Orders are kept only while the status listener listens.
+    test_support::eventually(Duration::from_secs(10), "the status listener", || async {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (listening >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let order = app.place_order().await;
+    let id = order.order_id.as_str();
+    let payment_id = Uuid::now_v7().to_string();
+    handle(&app, &mark_payment_initiated(id, &payment_id))
+        .await
+        .unwrap();
+    let poll = async {
+        app.client
+            .clone()
+            .get_order(pb::GetOrderRequest {
+                order_id: id.to_owned(),
+                customer_id: String::new(),
+                wait_while_status: pb::OrderStatus::Pending.into(),
+                wait_timeout_ms: 20_000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let (answered, statements) = test_support::statements_of(&app.pool, poll).await;
+    assert_eq!(answered.status(), pb::OrderStatus::PaymentInitiated);
+    assert_eq!(answered.payment_id, payment_id);
+    let reads: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("FROM orders"))
+        .collect();
+    assert!(reads.is_empty(), "the long poll read the order: {reads:#?}");
+    assert_eq!(answered, app.get(id).await.unwrap());
+    app.stop().await;
+}
