@@ -140,7 +140,7 @@ impl OrderService for OrderGrpc {
         // Subscribed before the first read, so that a change between the read and the wait
         // is not missed. A change's notification carries what changed, so the order is read
         // again only when one does not (see `watch`).
-        let mut changes = waits.then(|| self.watch.subscribe());
+        let mut changes = waits.then(|| self.watch.subscribe(id.0));
         // A long poll on an order placed here lately starts from it as kept, not read.
         let kept = waits.then(|| self.watch.recent().get(id.0)).flatten();
         let mut order = match kept {
@@ -156,7 +156,7 @@ impl OrderService for OrderGrpc {
             let Some(changes) = changes.as_mut().filter(|_| answer.status() == wait_while) else {
                 return Ok(Response::new(answer));
             };
-            match changes.changed(id.0, deadline).await {
+            match changes.changed(deadline).await {
                 Changed::TimedOut => return Ok(Response::new(answer)),
                 Changed::To(change) => {
                     change.apply(&mut order);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -155,21 +155,24 @@ impl RecentOrders {
     }
 }
 
-/// Orders whose status changed, with the change when known; `Uuid::nil()` means "anything may
-/// have changed" (the listener reconnected and may have missed notifications).
-#[derive(Clone, Debug)]
-pub struct StatusWatch {
-    changes: broadcast::Sender<(Uuid, Option<Arc<StatusChange>>)>,
-    recent: RecentOrders,
+/// What a waiter of one order is told: the order's change when the notification carries it,
+/// `None` when anything may have changed (a bare notification of the order, or the listener
+/// reconnected and may have missed some).
+type Event = Option<Arc<StatusChange>>;
+
+/// The waiters of each order, each told of its own order's changes only (a notification wakes
+/// one waiter, not every waiting request).
+#[derive(Debug, Default)]
+struct Waiters {
+    next: u64,
+    by_order: HashMap<Uuid, Vec<(u64, mpsc::UnboundedSender<Event>)>>,
 }
 
-impl Default for StatusWatch {
-    fn default() -> Self {
-        Self {
-            changes: broadcast::channel(4096).0,
-            recent: RecentOrders::default(),
-        }
-    }
+/// Status changes, fanned out to the requests waiting on each order.
+#[derive(Clone, Debug, Default)]
+pub struct StatusWatch {
+    waiters: Arc<Mutex<Waiters>>,
+    recent: RecentOrders,
 }
 
 impl StatusWatch {
@@ -178,10 +181,44 @@ impl StatusWatch {
         &self.recent
     }
 
-    /// Subscribe before reading the order, so that no change between the read and the wait is
-    /// missed.
-    pub fn subscribe(&self) -> Changes {
-        Changes(self.changes.subscribe())
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribe to the changes of `order_id` before reading the order, so that no change
+    /// between the read and the wait is missed.
+    pub fn subscribe(&self, order_id: Uuid) -> Changes {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut waiters = self.waiters();
+        waiters.next += 1;
+        let key = waiters.next;
+        waiters
+            .by_order
+            .entry(order_id)
+            .or_default()
+            .push((key, sender));
+        Changes {
+            receiver,
+            watch: self.clone(),
+            order_id,
+            key,
+        }
+    }
+
+    /// Tells the waiters of `order_id` of its change.
+    fn notify(&self, order_id: Uuid, change: Event) {
+        let waiters = self.waiters();
+        for (_, sender) in waiters.by_order.get(&order_id).into_iter().flatten() {
+            let _ = sender.send(change.clone());
+        }
+    }
+
+    /// Tells every waiter that its order may have changed.
+    fn notify_all(&self) {
+        let waiters = self.waiters();
+        for (_, sender) in waiters.by_order.values().flatten() {
+            let _ = sender.send(None);
+        }
     }
 
     /// Listens for status changes until `cancel`, reconnecting as needed.
@@ -202,7 +239,7 @@ impl StatusWatch {
                 continue;
             }
             self.recent.listening(true);
-            let _ = self.changes.send((Uuid::nil(), None));
+            self.notify_all();
             loop {
                 let notification = tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -214,7 +251,7 @@ impl StatusWatch {
                             // Kept orders first, so that a waiter subscribing after this
                             // change finds it there.
                             self.recent.changed(id, change.as_deref());
-                            let _ = self.changes.send((id, change));
+                            self.notify(id, change);
                         }
                     }
                     // The connection was lost: anything may have changed meanwhile. Connect
@@ -237,8 +274,25 @@ impl StatusWatch {
     }
 }
 
-/// A subscription to status changes.
-pub struct Changes(broadcast::Receiver<(Uuid, Option<Arc<StatusChange>>)>);
+/// A subscription to the changes of one order; unsubscribed when dropped.
+pub struct Changes {
+    receiver: mpsc::UnboundedReceiver<Event>,
+    watch: StatusWatch,
+    order_id: Uuid,
+    key: u64,
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        let mut waiters = self.watch.waiters();
+        if let Some(list) = waiters.by_order.get_mut(&self.order_id) {
+            list.retain(|(key, _)| *key != self.key);
+            if list.is_empty() {
+                waiters.by_order.remove(&self.order_id);
+            }
+        }
+    }
+}
 
 /// What a waiter learns.
 #[derive(Debug)]
@@ -252,20 +306,16 @@ pub enum Changed {
 }
 
 impl Changes {
-    /// Waits until `order_id` may have changed, or until `deadline`.
-    pub async fn changed(&mut self, order_id: Uuid, deadline: tokio::time::Instant) -> Changed {
-        loop {
-            match tokio::time::timeout_at(deadline, self.0.recv()).await {
-                Err(_) => return Changed::TimedOut,
-                Ok(Ok((id, Some(change)))) if id == order_id => return Changed::To(change),
-                Ok(Ok((id, None))) if id == order_id || id.is_nil() => return Changed::Unknown,
-                Ok(Ok(_)) => continue,
-                // Missed some: ours may be among them.
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => return Changed::Unknown,
-                Ok(Err(broadcast::error::RecvError::Closed)) => {
-                    tokio::time::sleep_until(deadline).await;
-                    return Changed::TimedOut;
-                }
+    /// Waits until the order may have changed, or until `deadline`.
+    pub async fn changed(&mut self, deadline: tokio::time::Instant) -> Changed {
+        match tokio::time::timeout_at(deadline, self.receiver.recv()).await {
+            Err(_) => Changed::TimedOut,
+            Ok(Some(Some(change))) => Changed::To(change),
+            Ok(Some(None)) => Changed::Unknown,
+            // The watch is gone (the service stops): nothing more will come.
+            Ok(None) => {
+                tokio::time::sleep_until(deadline).await;
+                Changed::TimedOut
             }
         }
     }
@@ -331,6 +381,36 @@ mod tests {
             Some((id, None))
         );
         assert_eq!(StatusChange::parse("not-an-id PENDING - 1 -"), None);
+    }
+
+    #[tokio::test]
+    async fn a_change_reaches_the_waiters_of_its_order_only() {
+        let watch = StatusWatch::default();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (mut on_a, mut also_on_a, mut on_b) =
+            (watch.subscribe(a), watch.subscribe(a), watch.subscribe(b));
+        let change = Arc::new(StatusChange {
+            status: OrderStatus::PaymentInitiated,
+            payment_id: None,
+            failure_reason: None,
+            updated_at: DateTime::from_timestamp_micros(1_800_000_000_000_000).unwrap(),
+        });
+        watch.notify(a, Some(change.clone()));
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(50);
+        for waiter in [&mut on_a, &mut also_on_a] {
+            assert!(matches!(waiter.changed(soon()).await, Changed::To(c) if c == change));
+        }
+        assert!(matches!(on_b.changed(soon()).await, Changed::TimedOut));
+        // A reconnection: every waiter reads again.
+        watch.notify_all();
+        for waiter in [&mut on_a, &mut also_on_a, &mut on_b] {
+            assert!(matches!(waiter.changed(soon()).await, Changed::Unknown));
+        }
+        // A waiter gone is forgotten.
+        drop(on_a);
+        assert_eq!(watch.waiters().by_order[&a].len(), 1);
+        drop((also_on_a, on_b));
+        assert!(watch.waiters().by_order.is_empty());
     }
 
     #[test]
