@@ -68,14 +68,6 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 0)]
     pub linger_ms: u32,
 
-    /// Under load (the relay's last batch held more than one row), how long the relay waits,
-    /// once woken, before it reads the outbox: the rows committed meanwhile go in the same read
-    /// and the same produce request, and so the consumers' batches grow too. A relay that finds
-    /// one row at a time never waits; 0 never waits.
-    #[arg(long = "relay-linger-ms", env = "RELAY_LINGER_MS", default_value_t = 2,
-          value_parser = clap::value_parser!(u32).range(0..=1000))]
-    pub relay_linger_ms: u32,
-
     /// Most messages a consumer handles in one database transaction.
     #[arg(long = "consumer-batch-max", env = "CONSUMER_BATCH_MAX", default_value_t = 128,
           value_parser = clap::value_parser!(u16).range(1..))]

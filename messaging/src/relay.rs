@@ -45,8 +45,6 @@ pub struct Relay {
     wake: Arc<RelayWake>,
     batch_size: i64,
     poll_interval: Duration,
-    /// How long to wait, once woken, when the last batch held more than one row.
-    linger: Duration,
 }
 
 impl Relay {
@@ -66,7 +64,6 @@ impl Relay {
             wake: Arc::default(),
             batch_size: 500,
             poll_interval: Duration::from_millis(250),
-            linger: Duration::from_millis(u64::from(kafka.relay_linger_ms)),
         })
     }
 
@@ -85,8 +82,6 @@ impl Relay {
         let mut measured: Option<std::time::Instant> = None;
         // Rows the broker acknowledged, deleted with the next read of the outbox.
         let mut acknowledged: Vec<i64> = Vec::new();
-        // Whether the last batch held more than one row: the relay is under load.
-        let mut loaded = false;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -108,7 +103,6 @@ impl Relay {
                 match self.publish(conn, &mut acknowledged).await {
                     Ok(n) => {
                         backoff = crate::retry::backoff();
-                        loaded = n > 1;
                         if n as i64 == self.batch_size {
                             continue;
                         }
@@ -152,13 +146,6 @@ impl Relay {
                 _ = self.wake.notify.notified() => {}
                 _ = notified => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
-            }
-            // Under load, what is committed within the linger goes in the same batch.
-            if loaded && !self.linger.is_zero() {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(self.linger) => {}
-                }
             }
         }
         if let (Some(conn), false) = (publisher.as_mut(), acknowledged.is_empty()) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use messaging::consumer::dead_letter_headers;
 use messaging::envelope;
-use messaging::{Handler, HandlerError, Incoming, KafkaArgs, MessageContext, Outbox, Relay};
+use messaging::{Handler, HandlerError, Incoming, MessageContext, Relay};
 use proto::order::v1::CompleteOrder;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers as _, Message as _};
@@ -615,67 +615,4 @@ async fn a_relay_deletes_what_was_acknowledged_with_its_next_read_and_before_it_
         Vec::<i64>::new(),
         "a stopped relay left acknowledged rows behind"
     );
-}
-
-/// A relay under load (its last batch held more than one row) waits its linger once woken, so
-/// that what is committed meanwhile goes in the same read and the same produce request.
-#[tokio::test]
-async fn a_relay_under_load_reads_what_is_committed_within_its_linger_at_once() {
-    let setup = setup("relay_linger").await;
-    let kafka = KafkaArgs {
-        relay_linger_ms: 300,
-        ..setup.kafka.clone()
-    };
-    let outbox = Outbox::new("test", kafka.clone());
-    let record = |orders: &[&str]| {
-        let messages: Vec<_> = orders
-            .iter()
-            .map(|order| {
-                outbox.message(
-                    TOPIC,
-                    Uuid::now_v7(),
-                    &CompleteOrder {
-                        order_id: (*order).to_owned(),
-                    },
-                    &MessageContext::default(),
-                )
-            })
-            .collect();
-        let (pool, outbox) = (setup.pool.clone(), outbox.clone());
-        async move {
-            let mut tx = pool.begin().await.expect("begin");
-            outbox.enqueue(&mut tx, &messages).await.expect("enqueue");
-            tx.commit().await.expect("commit");
-            outbox.committed();
-        }
-    };
-    let reader = reader(&kafka, &kafka.topic(TOPIC));
-    let mut seen = Vec::new();
-    let cancel = CancellationToken::new();
-    // Woken by its writers' commits only: no poll during the test.
-    let relay = Relay::for_outbox(setup.pool.clone(), &outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let task = tokio::spawn(relay.run(cancel.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // Two rows at once: the relay is under load.
-    record(&["1", "2"]).await;
-    read_until(&reader, 2, &mut seen).await;
-
-    // Two commits 50 ms apart, within the linger: one read of the outbox.
-    let ((), statements) = test_support::statements_of(&setup.pool, async {
-        record(&["3"]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        record(&["4"]).await;
-        read_until(&reader, 4, &mut seen).await;
-    })
-    .await;
-    let reads: i64 = statements
-        .iter()
-        .filter(|(q, _)| q.starts_with("WITH deleted AS"))
-        .map(|(_, calls)| calls)
-        .sum();
-    assert_eq!(reads, 1, "the relay's reads of the outbox: {statements:#?}");
-    cancel.cancel();
-    task.await.expect("relay");
 }

@@ -20,7 +20,6 @@ fn kafka() -> KafkaArgs {
         session_timeout_ms: 6000,
         group_instance_id: None,
         linger_ms: 1,
-        relay_linger_ms: 0,
         batch_max: 16,
         batch_linger_ms: 0,
     }
