@@ -1,10 +1,12 @@
 //! The commands of `inventory.commands`, handled in the consumer's inbox transaction, with their
 //! replies to `saga.replies` recorded in the same transaction.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
 use prost::Name as _;
 use proto::inventory::v1 as pb;
 use sqlx::PgConnection;
@@ -23,6 +25,15 @@ enum Command {
 }
 
 impl Command {
+    /// The order the command is about, as the command says it.
+    fn order_id(&self) -> &str {
+        match self {
+            Self::Reserve(c) => &c.order_id,
+            Self::Commit(c) => &c.order_id,
+            Self::Release(c) => &c.order_id,
+        }
+    }
+
     /// A message of a type not listed here is refused (and dead-lettered).
     fn decode(message: &Incoming) -> Result<Self, HandlerError> {
         Ok(match message.message_type() {
@@ -39,6 +50,9 @@ impl Command {
 pub struct CommandHandler {
     outbox: Outbox,
     reservation_ttl: Duration,
+    /// The outcomes of a batch's commits, made by its first statement, by message id, for
+    /// `handle` to reply with.
+    prepared: Arc<Mutex<HashMap<Uuid, CommitOutcome>>>,
 }
 
 impl CommandHandler {
@@ -46,7 +60,12 @@ impl CommandHandler {
         Self {
             outbox,
             reservation_ttl,
+            prepared: Arc::default(),
         }
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CommitOutcome>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn dispatch(
@@ -114,7 +133,15 @@ impl CommandHandler {
         message: &Incoming,
     ) -> Result<(), HandlerError> {
         let order_id = order_id(&command.order_id)?;
-        match reservations::commit(conn, order_id).await? {
+        let prepared = message
+            .message_id()
+            .ok()
+            .and_then(|id| self.prepared().remove(&id));
+        let outcome = match prepared {
+            Some(outcome) => outcome,
+            None => reservations::commit(conn, order_id).await?,
+        };
+        match outcome {
             CommitOutcome::Committed { reservation_id } => {
                 tracing::debug!(%order_id, %reservation_id, "committed");
                 let reply = pb::InventoryCommitted {
@@ -188,6 +215,46 @@ fn order_id(value: &str) -> Result<OrderId, HandlerError> {
 
 #[async_trait]
 impl Handler for CommandHandler {
+    /// Commits the batch's orders in the statement that records its inbox rows, each order
+    /// whose first command in the batch is a commit (any other command, and a second one of an
+    /// order, is applied by `handle` in the batch's order).
+    async fn prepare_recording(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&Incoming],
+        inbox: &InboxRows<'_>,
+    ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
+        self.prepared().clear();
+        let mut orders = HashSet::new();
+        let mut commits: Vec<(Uuid, OrderId)> = Vec::new();
+        for message in messages {
+            // A message that does not decode is refused by `handle`, with its error.
+            let (Ok(id), Ok(command)) = (message.message_id(), Command::decode(message)) else {
+                continue;
+            };
+            let first = orders.insert(command.order_id().to_owned());
+            if let (true, Command::Commit(commit)) = (first, &command) {
+                if let Ok(order) = order_id(&commit.order_id) {
+                    commits.push((id, order));
+                }
+            }
+        }
+        let (fresh, mut outcomes) =
+            reservations::record_and_commit_all(conn, inbox, &commits).await?;
+        let mut prepared = self.prepared();
+        for (message, order) in &commits {
+            if let Some(outcome) = outcomes.remove(&order.0) {
+                prepared.insert(*message, outcome);
+            }
+        }
+        Ok(Some(fresh))
+    }
+
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.prepared().clear();
+        Ok(())
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

@@ -553,3 +553,80 @@ async fn a_reserve_resent_after_a_refusal_replies_the_same_refusal_and_holds_not
     );
     assert_eq!(stock(pool, "SKU-NOPE").await, (1000, 0, 0));
 }
+
+/// A batch's commits are made by the statement that records its inbox rows: sold, released
+/// when expired, refused when there is no reservation, as one by one; delivered again, the batch
+/// changes nothing and replies nothing.
+#[tokio::test]
+async fn a_batch_of_commits_is_one_statement_and_delivered_again_changes_nothing() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let (sold, expired, unknown) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for order in [sold, expired] {
+        handle(
+            pool,
+            &handler,
+            &reserve(order, &[("SKU-MONITOR", 2), ("SKU-HEADSET", 1)]),
+        )
+        .await
+        .unwrap();
+    }
+    expire(pool, expired).await;
+    let batch = [commit(sold), commit(expired), commit(unknown)];
+    let (new, statements) =
+        test_support::statements_of(pool, handle_batch(pool, &handler, &batch)).await;
+    assert_eq!(new.unwrap(), 3);
+    // Not the transaction, the replies (their outbox rows, and the wake-up of a relay
+    // elsewhere), nor the settings of a connection the pool opens meanwhile.
+    let own: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| {
+            !(q == "BEGIN"
+                || q == "COMMIT"
+                || q.starts_with("SET ")
+                || q.starts_with("INSERT INTO outbox")
+                || q.starts_with("SELECT pg_notify"))
+        })
+        .collect();
+    assert_eq!(own.len(), 1, "the batch's statements: {own:#?}");
+    assert_eq!(own[0].1, 1, "{own:#?}");
+    // One pair sold, the expired one's returned: (available, reserved, committed).
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (999, 0, 1));
+    let committed: pb::InventoryCommitted = last_reply(pool, app.config(), sold).await;
+    assert_eq!(committed.order_id, sold.to_string());
+    let late: pb::InventoryCommitFailed = last_reply(pool, app.config(), expired).await;
+    assert_eq!(late.reason, "reservation expired");
+    assert_eq!(
+        reservation_status(pool, expired).await,
+        Some(("RELEASED".to_owned(), Some("expired".to_owned())))
+    );
+    let none: pb::InventoryCommitFailed = last_reply(pool, app.config(), unknown).await;
+    assert_eq!(none.reason, "no reservation for order");
+
+    assert_eq!(handle_batch(pool, &handler, &batch).await.unwrap(), 0);
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (998, 0, 2));
+    for order in [sold, expired, unknown] {
+        assert_eq!(
+            replies(pool, app.config(), order).await.len(),
+            if order == unknown { 1 } else { 2 }
+        );
+    }
+}
+
+/// In a batch, a commit that follows a release of its order is applied after it, as one by
+/// one: refused, nothing sold.
+#[tokio::test]
+async fn a_commit_after_a_release_of_its_order_in_one_batch_is_refused() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let order = Uuid::new_v4();
+    handle(pool, &handler, &reserve(order, &[("SKU-MONITOR", 2)]))
+        .await
+        .unwrap();
+    let batch = [release(order, "payment declined"), commit(order)];
+    assert_eq!(handle_batch(pool, &handler, &batch).await.unwrap(), 2);
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (1000, 0, 0));
+    let refused: pb::InventoryCommitFailed = last_reply(pool, app.config(), order).await;
+    assert_eq!(refused.reason, "reservation was released: payment declined");
+}

@@ -2,11 +2,13 @@
 //! sweep, and reading one back. Every change is idempotent by state: repeating a command
 //! repeats its outcome without a second effect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use messaging::InboxRows;
+use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
 
 use crate::domain::{
@@ -250,33 +252,111 @@ pub async fn commit(
     conn: &mut PgConnection,
     order_id: OrderId,
 ) -> Result<CommitOutcome, sqlx::Error> {
-    let Some(head) = settle_head(conn, order_id, Settle::Sell).await? else {
-        return Ok(CommitOutcome::Failed {
+    let head = settle_head(conn, order_id, Settle::Sell).await?;
+    Ok(commit_outcome(head))
+}
+
+/// What a commit answers, from the reservation as it was before the commit settled it.
+fn commit_outcome(head: Option<Head>) -> CommitOutcome {
+    let Some(head) = head else {
+        return CommitOutcome::Failed {
             reason: "no reservation for order".to_owned(),
-        });
+        };
     };
-    // What the reservation was before the statement settled it.
     match head.status {
-        ReservationStatus::Committed => Ok(CommitOutcome::Committed {
+        ReservationStatus::Committed => CommitOutcome::Committed {
             reservation_id: head.id,
-        }),
-        ReservationStatus::Released if head.refusal.is_some() => Ok(CommitOutcome::Failed {
+        },
+        ReservationStatus::Released if head.refusal.is_some() => CommitOutcome::Failed {
             reason: format!(
                 "reservation was refused: {}",
                 head.release_reason.as_deref().unwrap_or_default()
             ),
-        }),
-        ReservationStatus::Released => Ok(CommitOutcome::Failed {
+        },
+        ReservationStatus::Released => CommitOutcome::Failed {
             reason: released_reason(head.release_reason.as_deref()),
-        }),
-        // Released as expired by the statement.
-        ReservationStatus::Reserved if head.expired => Ok(CommitOutcome::Failed {
+        },
+        // Released as expired by the commit.
+        ReservationStatus::Reserved if head.expired => CommitOutcome::Failed {
             reason: released_reason(Some(EXPIRED)),
-        }),
-        ReservationStatus::Reserved => Ok(CommitOutcome::Committed {
+        },
+        ReservationStatus::Reserved => CommitOutcome::Committed {
             reservation_id: head.id,
-        }),
+        },
     }
+}
+
+/// [`commit`] for a batch's commits (at most one per order), in the statement that records the
+/// batch's inbox rows (`inbox`): each order with the id of its message, committed only when that
+/// message is recorded now (not handled before). The reservations are locked in order id order,
+/// then their stock rows in SKU order. Returns the message ids recorded now and the outcome of
+/// each order committed.
+pub async fn record_and_commit_all(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    commits: &[(Uuid, OrderId)],
+) -> Result<(HashSet<Uuid>, HashMap<Uuid, CommitOutcome>), sqlx::Error> {
+    static COMMIT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), \
+                  c AS (SELECT c.order_id FROM unnest($1::uuid[], $2::uuid[]) AS c(order_id, message_id) \
+                        WHERE c.message_id IN (SELECT message_id FROM fresh)), \
+                  h AS (SELECT reservation_id, order_id, status, expires_at, release_reason, refusal, \
+                               COALESCE(expires_at <= now(), false) AS expired \
+                        FROM reservations WHERE order_id IN (SELECT order_id FROM c) \
+                        ORDER BY order_id FOR UPDATE), \
+                  settled AS (SELECT reservation_id, NOT expired AS sold FROM h \
+                              WHERE status = 'RESERVED'), \
+                  held AS (SELECT l.sku, \
+                                  COALESCE(sum(l.quantity) FILTER (WHERE settled.sold), 0)::bigint AS sold, \
+                                  COALESCE(sum(l.quantity) FILTER (WHERE NOT settled.sold), 0)::bigint AS returned \
+                           FROM settled JOIN reservation_lines l USING (reservation_id) GROUP BY l.sku), \
+                  k AS (SELECT sku FROM stock WHERE sku IN (SELECT sku FROM held) ORDER BY sku FOR UPDATE), \
+                  s AS (UPDATE stock s SET reserved = s.reserved - held.sold - held.returned, \
+                          available = s.available + held.returned, \
+                          committed = s.committed + held.sold, \
+                          updated_at = now() \
+                        FROM held WHERE s.sku = held.sku AND (SELECT count(*) FROM k) > 0), \
+                  r AS (UPDATE reservations r \
+                        SET status = CASE WHEN settled.sold THEN 'COMMITTED' ELSE 'RELEASED' END, \
+                            release_reason = CASE WHEN settled.sold THEN r.release_reason ELSE $6 END, \
+                            updated_at = now() \
+                        FROM settled WHERE r.reservation_id = settled.reservation_id) \
+             SELECT ARRAY(SELECT message_id FROM fresh) AS fresh, h.order_id, h.reservation_id, \
+                    h.status, h.expires_at, h.release_reason, h.refusal, h.expired \
+             FROM (SELECT) AS one LEFT JOIN h ON true",
+            InboxRows::insert_sql(3)
+        )
+    });
+    let order_ids: Vec<Uuid> = commits.iter().map(|(_, order)| order.0).collect();
+    let message_ids: Vec<Uuid> = commits.iter().map(|(message, _)| *message).collect();
+    let query = sqlx::query(&COMMIT).bind(&order_ids).bind(&message_ids);
+    let rows = inbox.bind(query).bind(EXPIRED).fetch_all(conn).await?;
+    let mut fresh: HashSet<Uuid> = HashSet::new();
+    let mut heads: HashMap<Uuid, Head> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        if fresh.is_empty() {
+            fresh = row.try_get::<Vec<Uuid>, _>("fresh")?.into_iter().collect();
+        }
+        if let Some(order_id) = row.try_get::<Option<Uuid>, _>("order_id")? {
+            let head = head_of((
+                row.try_get("reservation_id")?,
+                row.try_get("status")?,
+                row.try_get("expires_at")?,
+                row.try_get("release_reason")?,
+                row.try_get("refusal")?,
+                row.try_get("expired")?,
+            ))?;
+            heads.insert(order_id, head);
+        }
+    }
+    // Every order committed now has an outcome: its reservation's, or none.
+    let outcomes = commits
+        .iter()
+        .filter(|(message, _)| fresh.contains(message))
+        .map(|(_, order)| (order.0, commit_outcome(heads.remove(&order.0))))
+        .collect();
+    Ok((fresh, outcomes))
 }
 
 /// Why a commit fails on a released reservation.

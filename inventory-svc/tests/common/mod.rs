@@ -169,6 +169,34 @@ pub async fn handle(
     Ok(())
 }
 
+/// Hands `messages` to the handler as one batch, as the consumer does: the batch prepared (its
+/// inbox rows recorded with its commits), each new message handled, then flushed, in one
+/// committed transaction. Returns how many were new.
+pub async fn handle_batch(
+    pool: &PgPool,
+    handler: &CommandHandler,
+    messages: &[Incoming],
+) -> Result<usize, HandlerError> {
+    let ids: Vec<(Uuid, &str, &str)> = messages
+        .iter()
+        .map(|m| (m.message_id().unwrap(), m.message_type(), m.topic.as_str()))
+        .collect();
+    let batch: Vec<&Incoming> = messages.iter().collect();
+    let mut tx = pool.begin().await.expect("begin");
+    let fresh = handler
+        .prepare_recording(&mut tx, &batch, &messaging::InboxRows::new(&ids))
+        .await?
+        .expect("inventory-svc records a batch's inbox rows with its commits");
+    for message in messages {
+        if fresh.contains(&message.message_id().unwrap()) {
+            handler.handle(&mut tx, message).await?;
+        }
+    }
+    handler.flush(&mut tx).await?;
+    tx.commit().await.expect("commit");
+    Ok(fresh.len())
+}
+
 /// (available, reserved, committed) of `sku`.
 pub async fn stock(pool: &PgPool, sku: &str) -> (i64, i64, i64) {
     sqlx::query_as("SELECT available, reserved, committed FROM stock WHERE sku = $1")
