@@ -225,20 +225,20 @@ impl Handler for CommandHandler {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared().clear();
-        let mut orders = HashSet::new();
-        let mut commits: Vec<(Uuid, OrderId)> = Vec::new();
-        for message in messages {
-            // A message that does not decode is refused by `handle`, with its error.
-            let (Ok(id), Ok(command)) = (message.message_id(), Command::decode(message)) else {
-                continue;
-            };
-            let first = orders.insert(command.order_id().to_owned());
-            if let (true, Command::Commit(commit)) = (first, &command) {
-                if let Ok(order) = order_id(&commit.order_id) {
-                    commits.push((id, order));
+        // A message that does not decode is refused by `handle`, with its error.
+        let first = messaging::first_of_each(messages, |m| {
+            let command = Command::decode(m).ok()?;
+            Some((command.order_id().to_owned(), command))
+        });
+        let commits: Vec<(Uuid, OrderId)> = first
+            .into_iter()
+            .filter_map(|(message, command)| match command {
+                Command::Commit(commit) => {
+                    Some((message.message_id().ok()?, order_id(&commit.order_id).ok()?))
                 }
-            }
-        }
+                _ => None,
+            })
+            .collect();
         let (fresh, mut outcomes) =
             reservations::record_and_commit_all(conn, inbox, &commits).await?;
         let mut prepared = self.prepared();

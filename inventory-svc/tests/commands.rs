@@ -202,20 +202,7 @@ async fn a_commit_and_a_release_are_one_statement_each() {
         .await
         .unwrap();
     }
-    // Not the transaction, the reply (its outbox row, and the wake-up of a relay elsewhere),
-    // nor the settings of a connection the pool opens meanwhile.
-    let own = |statements: Vec<(String, i64)>| -> Vec<(String, i64)> {
-        statements
-            .into_iter()
-            .filter(|(q, _)| {
-                !(q == "BEGIN"
-                    || q == "COMMIT"
-                    || q.starts_with("SET ")
-                    || q.starts_with("INSERT INTO outbox")
-                    || q.starts_with("SELECT pg_notify"))
-            })
-            .collect()
-    };
+    let own = test_support::own_statements;
     let ((), statements) = test_support::statements_of(pool, async {
         handle(pool, &handler, &commit(sold)).await.unwrap()
     })
@@ -576,18 +563,7 @@ async fn a_batch_of_commits_is_one_statement_and_delivered_again_changes_nothing
     let (new, statements) =
         test_support::statements_of(pool, handle_batch(pool, &handler, &batch)).await;
     assert_eq!(new.unwrap(), 3);
-    // Not the transaction, the replies (their outbox rows, and the wake-up of a relay
-    // elsewhere), nor the settings of a connection the pool opens meanwhile.
-    let own: Vec<&(String, i64)> = statements
-        .iter()
-        .filter(|(q, _)| {
-            !(q == "BEGIN"
-                || q == "COMMIT"
-                || q.starts_with("SET ")
-                || q.starts_with("INSERT INTO outbox")
-                || q.starts_with("SELECT pg_notify"))
-        })
-        .collect();
+    let own = test_support::own_statements(statements);
     assert_eq!(own.len(), 1, "the batch's statements: {own:#?}");
     assert_eq!(own[0].1, 1, "{own:#?}");
     // One pair sold, the expired one's returned: (available, reserved, committed).

@@ -1199,16 +1199,13 @@ async fn a_batch_is_one_statement_to_record_and_read_and_one_to_write() {
         tx.commit().await.expect("commit");
     })
     .await;
-    // Not the transaction, the wake-up of a relay elsewhere, nor a new connection's settings.
-    let own: Vec<(String, i64)> = statements
-        .into_iter()
-        .filter(|(q, _)| {
-            !(q == "BEGIN"
-                || q == "COMMIT"
-                || q.starts_with("SET ")
-                || q.starts_with("SELECT pg_notify"))
-        })
-        .collect();
+    assert!(
+        !statements
+            .iter()
+            .any(|(q, _)| q.starts_with("INSERT INTO outbox")),
+        "the commands were recorded in a statement of their own: {statements:#?}"
+    );
+    let own = test_support::own_statements(statements);
     assert_eq!(own.len(), 2, "the batch's statements: {own:#?}");
     assert!(
         own[0].0.starts_with("WITH fresh AS (INSERT INTO inbox"),

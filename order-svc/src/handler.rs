@@ -90,18 +90,15 @@ impl Handler for OrderCommands {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared().clear();
-        let mut orders = HashSet::new();
         // A message that does not decode is refused by `handle`, with its error.
-        let commands: Vec<(Uuid, OrderId, OrderCommand)> = messages
-            .iter()
-            .filter_map(|m| {
+        let commands: Vec<(Uuid, OrderId, OrderCommand)> =
+            messaging::first_of_each(messages, |m| {
                 let (order_id, command) = decode(m).ok()?;
                 let order_id = OrderId(uuid("order_id", &order_id).ok()?);
-                let message_id = m.message_id().ok()?;
-                orders
-                    .insert(order_id)
-                    .then_some((message_id, order_id, command))
+                Some((order_id, (m.message_id().ok()?, order_id, command)))
             })
+            .into_iter()
+            .map(|(_, command)| command)
             .collect();
         let applying: Vec<(Uuid, OrderId, &OrderCommand)> =
             commands.iter().map(|(m, o, c)| (*m, *o, c)).collect();

@@ -464,20 +464,7 @@ async fn a_long_poll_answers_with_the_order_as_each_change_left_it() {
         tokio::spawn(async move { client.get_order(request).await.map(|r| r.into_inner()) })
     };
     // Until the poll waits (it answers at once otherwise, and proves nothing).
-    let waiting = || async {
-        test_support::eventually(Duration::from_secs(10), "the long poll to wait", || async {
-            let listening: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND query LIKE 'LISTEN%'",
-            )
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-            (listening >= 1).then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let waiting = || app.status_listener_listening();
 
     // The change carried by the notification: the answer is what a read finds.
     let order = app.place_order().await;
@@ -520,18 +507,7 @@ async fn a_long_poll_answers_with_the_order_as_each_change_left_it() {
 async fn a_long_poll_on_an_order_placed_here_reads_nothing() {
     let app = TestApp::start().await;
     // Orders are kept only while the status listener listens.
-    test_support::eventually(Duration::from_secs(10), "the status listener", || async {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND query LIKE 'LISTEN%'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        (listening >= 1).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.status_listener_listening().await;
     let order = app.place_order().await;
     let id = order.order_id.as_str();
     let payment_id = Uuid::now_v7().to_string();

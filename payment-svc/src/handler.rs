@@ -351,21 +351,22 @@ impl Handler for PaymentCommands {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared().clear();
-        let mut orders = HashSet::new();
-        let mut charges: Vec<(Uuid, NewPayment)> = Vec::new();
-        for message in messages {
-            // A message that does not decode, or a charge that can never be applied, is refused
-            // by `handle`, with its error.
-            let (Ok(id), Ok(command)) = (message.message_id(), Command::decode(message)) else {
-                continue;
-            };
-            let first = orders.insert(command.order_id().to_owned());
-            if let (true, Command::Charge(charge)) = (first, command) {
-                if let Ok(new) = self.new_payment(charge, message) {
-                    charges.push((id, new));
-                }
-            }
-        }
+        // A message that does not decode, or a charge that can never be applied, is refused by
+        // `handle`, with its error.
+        let first = messaging::first_of_each(messages, |m| {
+            let command = Command::decode(m).ok()?;
+            Some((command.order_id().to_owned(), command))
+        });
+        let charges: Vec<(Uuid, NewPayment)> = first
+            .into_iter()
+            .filter_map(|(message, command)| match command {
+                Command::Charge(charge) => Some((
+                    message.message_id().ok()?,
+                    self.new_payment(charge, message).ok()?,
+                )),
+                _ => None,
+            })
+            .collect();
         let (fresh, inserted) = store::record_and_insert_all(conn, inbox, &charges).await?;
         let by_order: HashMap<Uuid, Uuid> = charges
             .iter()

@@ -3,6 +3,7 @@
 //! ([`HandlerError`]), which decides between a retry and a dead letter.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 
 use async_trait::async_trait;
 use proto::messaging::v1::Envelope;
@@ -114,6 +115,25 @@ impl Incoming {
             self.envelope.message_type, self.topic
         ))
     }
+}
+
+/// The first message of each key in a batch (`messages`, in its order), with what `read` read of
+/// it; `read` names a message's key (its order, say) and reads it, and a message it cannot read
+/// is left out (its handler refuses it). For a handler that applies the first command of each
+/// order in its batch's first statement ([`Handler::prepare_recording`]), leaving a second
+/// command of an order to [`Handler::handle`], after the first.
+pub fn first_of_each<'m, K: Eq + Hash, T>(
+    messages: &[&'m Incoming],
+    read: impl Fn(&Incoming) -> Option<(K, T)>,
+) -> Vec<(&'m Incoming, T)> {
+    let mut keys = HashSet::new();
+    messages
+        .iter()
+        .filter_map(|m| {
+            let (key, value) = read(m)?;
+            keys.insert(key).then_some((*m, value))
+        })
+        .collect()
 }
 
 /// What a service does with each message, inside the transaction that records it in the inbox.

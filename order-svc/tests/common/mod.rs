@@ -206,6 +206,24 @@ impl TestApp {
             .map(Response::into_inner)
     }
 
+    /// Waits until the service's status listener listens (a long poll then waits for a change
+    /// rather than answering at once, and orders placed are kept for long polls).
+    pub async fn status_listener_listening(&self) {
+        test_support::eventually(Duration::from_secs(10), "the status listener", || async {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE 'LISTEN%'",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            (listening >= 1).then_some(())
+        })
+        .await;
+        // Its LISTEN is seen here a moment before the listener takes its answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     /// Places a valid order and returns it.
     pub async fn place_order(&self) -> pb::Order {
         self.create(order_request(

@@ -133,6 +133,22 @@ pub async fn statements_of<T>(
     (out, statements)
 }
 
+/// Of `statements` ([`statements_of`]), the operation's own: not its transaction's `BEGIN`
+/// and `COMMIT`, the outbox rows and the relay's wake-up every writer adds, nor the settings of
+/// a connection the pool opened meanwhile.
+pub fn own_statements(statements: Vec<(String, i64)>) -> Vec<(String, i64)> {
+    statements
+        .into_iter()
+        .filter(|(q, _)| {
+            !(q == "BEGIN"
+                || q == "COMMIT"
+                || q.starts_with("SET ")
+                || q.starts_with("INSERT INTO outbox")
+                || q.starts_with("SELECT pg_notify"))
+        })
+        .collect()
+}
+
 /// The broker's address, after checking that it answers. Panics with directions otherwise.
 pub fn kafka_brokers() -> String {
     let brokers = std::env::var(KAFKA_ENV).unwrap_or_else(|_| DEFAULT_KAFKA_BROKERS.to_owned());
