@@ -1,12 +1,12 @@
 //! The commands of `inventory.commands`, handled in the consumer's inbox transaction, with their
 //! replies to `saga.replies` recorded in the same transaction.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
 use prost::Name as _;
 use proto::inventory::v1 as pb;
 use sqlx::PgConnection;
@@ -52,7 +52,7 @@ pub struct CommandHandler {
     reservation_ttl: Duration,
     /// The outcomes of a batch's commits, made by its first statement, by message id, for
     /// `handle` to reply with.
-    prepared: Arc<Mutex<HashMap<Uuid, CommitOutcome>>>,
+    prepared: Arc<Prepared<CommitOutcome>>,
 }
 
 impl CommandHandler {
@@ -62,10 +62,6 @@ impl CommandHandler {
             reservation_ttl,
             prepared: Arc::default(),
         }
-    }
-
-    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CommitOutcome>> {
-        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn dispatch(
@@ -133,11 +129,7 @@ impl CommandHandler {
         message: &Incoming,
     ) -> Result<(), HandlerError> {
         let order_id = order_id(&command.order_id)?;
-        let prepared = message
-            .message_id()
-            .ok()
-            .and_then(|id| self.prepared().remove(&id));
-        let outcome = match prepared {
+        let outcome = match self.prepared.take(message) {
             Some(outcome) => outcome,
             None => reservations::commit(conn, order_id).await?,
         };
@@ -224,7 +216,7 @@ impl Handler for CommandHandler {
         messages: &[&Incoming],
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         // A message that does not decode is refused by `handle`, with its error.
         let first = messaging::first_of_each(messages, |m| {
             let command = Command::decode(m).ok()?;
@@ -241,17 +233,15 @@ impl Handler for CommandHandler {
             .collect();
         let (fresh, mut outcomes) =
             reservations::record_and_commit_all(conn, inbox, &commits).await?;
-        let mut prepared = self.prepared();
-        for (message, order) in &commits {
-            if let Some(outcome) = outcomes.remove(&order.0) {
-                prepared.insert(*message, outcome);
-            }
-        }
+        self.prepared
+            .set(commits.iter().filter_map(|(message, order)| {
+                outcomes.remove(&order.0).map(|outcome| (*message, outcome))
+            }));
         Ok(Some(fresh))
     }
 
     async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         Ok(())
     }
 

@@ -21,7 +21,7 @@ mod retry;
 pub mod service;
 
 pub use after_commit::after_commit;
-pub use consumer::{first_of_each, Consumer, Handler, HandlerError, Incoming};
+pub use consumer::{first_of_each, Consumer, Handler, HandlerError, Incoming, Prepared};
 pub use envelope::MessageContext;
 pub use inbox::InboxRows;
 pub use kafka::KafkaArgs;

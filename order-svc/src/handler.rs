@@ -1,10 +1,9 @@
 //! The saga's commands to order-svc, from `order.commands`.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashSet;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
 use prost::Name as _;
 use proto::order::v1::{
     CompleteOrder, FailOrder, MarkPaymentInitiated, OrderCompleted, OrderFailed,
@@ -25,21 +24,16 @@ use crate::store::{self, Applied};
 #[derive(Debug)]
 pub struct OrderCommands {
     outbox: Outbox,
-    /// The batch's commands applied by [`Handler::prepare`], by message id: whether each
-    /// moved its order.
-    prepared: Mutex<HashMap<Uuid, bool>>,
+    /// The batch's commands applied by its first statement: whether each moved its order.
+    prepared: Prepared<bool>,
 }
 
 impl OrderCommands {
     pub fn new(outbox: Outbox) -> Self {
         Self {
             outbox,
-            prepared: Mutex::default(),
+            prepared: Prepared::default(),
         }
-    }
-
-    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, bool>> {
-        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Confirms the order's final status to the saga; a status that is not final (a
@@ -89,7 +83,7 @@ impl Handler for OrderCommands {
         messages: &[&Incoming],
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         // A message that does not decode is refused by `handle`, with its error.
         let commands: Vec<(Uuid, OrderId, OrderCommand)> =
             messaging::first_of_each(messages, |m| {
@@ -103,7 +97,7 @@ impl Handler for OrderCommands {
         let applying: Vec<(Uuid, OrderId, &OrderCommand)> =
             commands.iter().map(|(m, o, c)| (*m, *o, c)).collect();
         let (fresh, moved) = store::record_and_apply_all(conn, inbox, &applying).await?;
-        self.prepared().extend(
+        self.prepared.set(
             commands
                 .iter()
                 .filter(|(message, ..)| fresh.contains(message))
@@ -113,7 +107,7 @@ impl Handler for OrderCommands {
     }
 
     async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         Ok(())
     }
 
@@ -126,11 +120,7 @@ impl Handler for OrderCommands {
         let (order_id, command) = decode(message)?;
         let order_id = OrderId(uuid("order_id", &order_id)?);
         let final_command = !matches!(command, OrderCommand::MarkPaymentInitiated { .. });
-        let prepared = message
-            .message_id()
-            .ok()
-            .and_then(|id| self.prepared().remove(&id));
-        let applied = match prepared {
+        let applied = match self.prepared.take(message) {
             Some(true) => Applied::Moved,
             Some(false) => store::not_moved(conn, order_id).await?,
             None => store::apply(conn, order_id, &command).await?,

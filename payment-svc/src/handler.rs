@@ -5,11 +5,11 @@
 //! the orchestrator retried) finds the payment as the first one left it and replies the same.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
 use prost::Name as _;
 use proto::payment::v1 as pb;
 use proto::topics::SAGA_REPLIES;
@@ -59,7 +59,7 @@ pub struct PaymentCommands {
     provider_timeout: Duration,
     /// The payments a batch's charges recorded in its first statement, by message id, for
     /// `handle` to reply with.
-    prepared: Mutex<HashMap<Uuid, Payment>>,
+    prepared: Prepared<Payment>,
 }
 
 impl PaymentCommands {
@@ -72,12 +72,8 @@ impl PaymentCommands {
             outbox,
             provider,
             provider_timeout,
-            prepared: Mutex::default(),
+            prepared: Prepared::default(),
         }
-    }
-
-    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Payment>> {
-        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn reply<M: prost::Message + prost::Name>(
@@ -144,16 +140,12 @@ impl PaymentCommands {
         command: pb::ChargePayment,
         message: &Incoming,
     ) -> Result<(), HandlerError> {
-        let new = self.new_payment(command, message)?;
-        let order_id = new.order_id;
-        let prepared = message
-            .message_id()
-            .ok()
-            .and_then(|id| self.prepared().remove(&id));
-        let (payment, created) = match prepared {
+        // Recorded by the batch's first statement, or now.
+        let (payment, created) = match self.prepared.take(message) {
             Some(payment) => (payment, true),
-            None => store::insert(conn, &new).await?,
+            None => store::insert(conn, &self.new_payment(command, message)?).await?,
         };
+        let order_id = payment.order_id;
         if payment.tombstone {
             // A compensation came first: the saga has given this order up, so nothing may be
             // charged. A failure is what the saga's every state can take: while charging it
@@ -350,7 +342,7 @@ impl Handler for PaymentCommands {
         messages: &[&Incoming],
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         // A message that does not decode, or a charge that can never be applied, is refused by
         // `handle`, with its error.
         let first = messaging::first_of_each(messages, |m| {
@@ -372,17 +364,16 @@ impl Handler for PaymentCommands {
             .iter()
             .map(|(id, new)| (new.order_id.0, *id))
             .collect();
-        let mut prepared = self.prepared();
-        for payment in inserted {
-            if let Some(id) = by_order.get(&payment.order_id.0) {
-                prepared.insert(*id, payment);
-            }
-        }
+        self.prepared.set(
+            inserted
+                .into_iter()
+                .filter_map(|payment| by_order.get(&payment.order_id.0).map(|id| (*id, payment))),
+        );
         Ok(Some(fresh))
     }
 
     async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
-        self.prepared().clear();
+        self.prepared.clear();
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //! ([`Handler`]), the message as it reads it ([`Incoming`]) and why it failed
 //! ([`HandlerError`]), which decides between a retry and a dead letter.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use proto::messaging::v1::Envelope;
@@ -134,6 +135,41 @@ pub fn first_of_each<'m, K: Eq + Hash, T>(
             keys.insert(key).then_some((*m, value))
         })
         .collect()
+}
+
+/// What a handler's first statement decided for some of a batch's messages
+/// ([`Handler::prepare_recording`]), by message id, for [`Handler::handle`] to take as it
+/// reaches each; cleared when the next batch is prepared and when a batch is flushed.
+#[derive(Debug)]
+pub struct Prepared<T>(Mutex<HashMap<Uuid, T>>);
+
+impl<T> Default for Prepared<T> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<T> Prepared<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, T>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The batch's decisions, by message id, in place of the last batch's.
+    pub fn set(&self, decided: impl IntoIterator<Item = (Uuid, T)>) {
+        let mut prepared = self.lock();
+        prepared.clear();
+        prepared.extend(decided);
+    }
+
+    /// What was decided for `message`, taken; `None` when nothing was.
+    pub fn take(&self, message: &Incoming) -> Option<T> {
+        let id = message.message_id().ok()?;
+        self.lock().remove(&id)
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
 }
 
 /// What a service does with each message, inside the transaction that records it in the inbox.

@@ -30,7 +30,7 @@ use telemetry::metric;
 use tokio_util::sync::CancellationToken;
 
 pub use dead_letter::dead_letter_headers;
-pub use handler::{first_of_each, Handler, HandlerError, Incoming};
+pub use handler::{first_of_each, Handler, HandlerError, Incoming, Prepared};
 
 use crate::envelope;
 use crate::inbox;
