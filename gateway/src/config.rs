@@ -15,6 +15,9 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:3000")]
     pub http_addr: SocketAddr,
 
+    #[command(flatten)]
+    pub threads: runtime::config::ThreadsArgs,
+
     /// gRPC address of order-svc.
     #[arg(long, env = "ORDER_SVC_URL", default_value = "http://127.0.0.1:50051", value_parser = grpc_url)]
     pub order_svc_url: String,
@@ -113,6 +116,7 @@ impl Config {
     pub fn log(&self) {
         tracing::info!(
             http_addr = %self.http_addr,
+            worker_threads = self.threads.worker_threads,
             order_svc_url = %runtime::redact_url(&self.order_svc_url),
             inventory_svc_url = %runtime::redact_url(&self.inventory_svc_url),
             payment_svc_url = %runtime::redact_url(&self.payment_svc_url),

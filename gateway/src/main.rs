@@ -1,15 +1,8 @@
-use clap::Parser as _;
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let telemetry = telemetry::init("gateway");
-    let config = gateway::Config::parse();
-    config.log();
-    let result = async {
-        let app = gateway::App::build(config).await?;
-        app.run(runtime::shutdown::on_signal()).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    result
+fn main() -> anyhow::Result<()> {
+    runtime::service::main(
+        || telemetry::init("gateway"),
+        |config: &gateway::Config| &config.threads,
+        gateway::Config::log,
+        |config, cancel| async move { gateway::App::build(config).await?.run(cancel).await },
+    )
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runtime::config::{DatabaseArgs, GrpcArgs};
+use runtime::config::{DatabaseArgs, GrpcArgs, ThreadsArgs};
 
 /// inventory-svc: stock and reservations of the order saga.
 #[derive(clap::Parser, Clone, Debug)]
@@ -19,6 +19,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub grpc: GrpcArgs,
+
+    #[command(flatten)]
+    pub threads: ThreadsArgs,
 
     /// How long a reservation holds stock before the sweep releases it.
     #[arg(long, env = "RESERVATION_TTL_SECS", default_value_t = 900,
@@ -45,7 +48,7 @@ impl Config {
 
     /// Logs the settings, with the database password masked.
     pub fn log(&self) {
-        runtime::config::log(&self.database, &self.grpc);
+        runtime::config::log(&self.database, &self.grpc, &self.threads);
         tracing::info!(
             reservation_ttl_secs = self.reservation_ttl_secs,
             reservation_sweep_interval_ms = self.reservation_sweep_interval_ms,

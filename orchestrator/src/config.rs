@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use messaging::KafkaArgs;
-use runtime::config::{DatabaseArgs, GrpcArgs};
+use runtime::config::{DatabaseArgs, GrpcArgs, ThreadsArgs};
 
 /// The saga orchestrator. Every setting can also be given by the environment variable shown.
 #[derive(clap::Parser, Clone, Debug)]
@@ -20,6 +20,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub grpc: GrpcArgs,
+
+    #[command(flatten)]
+    pub threads: ThreadsArgs,
 
     /// Address of the operators' gRPC API (SagaAdmin, with health and reflection), apart from
     /// anything customers reach (0 as port picks a free one).
@@ -80,7 +83,7 @@ impl Config {
 
     /// Logs the settings, with the database password masked.
     pub fn log(&self) {
-        runtime::config::log(&self.database, &self.grpc);
+        runtime::config::log(&self.database, &self.grpc, &self.threads);
         tracing::info!(
             admin_addr = %self.admin_addr,
             admin_token = if self.admin_token().1 { "development default" } else { "***" },

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use messaging::KafkaArgs;
-use runtime::config::{DatabaseArgs, GrpcArgs};
+use runtime::config::{DatabaseArgs, GrpcArgs, ThreadsArgs};
 
 #[derive(clap::Parser, Clone, Debug)]
 #[command(
@@ -18,6 +18,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub grpc: GrpcArgs,
+
+    #[command(flatten)]
+    pub threads: ThreadsArgs,
 
     /// payment-svc's gRPC endpoint, which checks payment methods.
     #[arg(
@@ -53,7 +56,7 @@ impl Config {
 
     /// Prints the settings, with the database password masked.
     pub fn log(&self) {
-        runtime::config::log(&self.database, &self.grpc);
+        runtime::config::log(&self.database, &self.grpc, &self.threads);
         tracing::info!(
             payment_svc_url = %runtime::redact_url(&self.payment_svc_url),
             payment_svc_timeout_ms = self.payment_svc_timeout_ms,

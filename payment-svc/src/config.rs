@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime::config::{DatabaseArgs, GrpcArgs};
+use runtime::config::{DatabaseArgs, GrpcArgs, ThreadsArgs};
 
 use crate::provider::{PaymentProvider, Simulator};
 
@@ -20,6 +20,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub grpc: GrpcArgs,
+
+    #[command(flatten)]
+    pub threads: ThreadsArgs,
 
     /// Who decides payments.
     #[arg(long, env = "PAYMENT_PROVIDER", value_enum, default_value_t = ProviderKind::Simulator)]
@@ -57,7 +60,7 @@ impl Config {
 
     /// Prints the settings, with the database password masked.
     pub fn log(&self) {
-        runtime::config::log(&self.database, &self.grpc);
+        runtime::config::log(&self.database, &self.grpc, &self.threads);
         tracing::info!(
             payment_provider = ?self.payment_provider,
             payment_provider_timeout_ms = self.payment_provider_timeout_ms,

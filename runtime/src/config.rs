@@ -54,12 +54,41 @@ pub struct GrpcArgs {
     pub addr: SocketAddr,
 }
 
+/// The threads a service's tasks run on.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ThreadsArgs {
+    /// Threads that run the service's tasks. One by default: a service mostly waits on
+    /// PostgreSQL, Kafka and its peers, and where it shares the machine's cores with them,
+    /// more threads cost more in waking each other than they add (README, "Figures"). Raise it
+    /// for a replica that has cores of its own.
+    #[arg(long = "worker-threads", env = "WORKER_THREADS", value_name = "COUNT",
+          default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
+}
+
+impl Default for ThreadsArgs {
+    fn default() -> Self {
+        ThreadsArgs { worker_threads: 1 }
+    }
+}
+
+impl ThreadsArgs {
+    /// A Tokio runtime with this many worker threads, its I/O and timers enabled.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.worker_threads.into())
+            .enable_all()
+            .build()
+    }
+}
+
 /// Prints the settings every service has, with the database password masked.
-pub fn log(database: &DatabaseArgs, grpc: &GrpcArgs) {
+pub fn log(database: &DatabaseArgs, grpc: &GrpcArgs, threads: &ThreadsArgs) {
     tracing::info!(
         database_url = %crate::redact_url(&database.url),
         database_max_connections = database.max_connections,
         grpc_addr = %grpc.addr,
+        worker_threads = threads.worker_threads,
         "configuration"
     );
 }
@@ -81,6 +110,8 @@ mod tests {
         database: DatabaseArgs,
         #[command(flatten)]
         grpc: GrpcArgs,
+        #[command(flatten)]
+        threads: ThreadsArgs,
     }
 
     #[test]
@@ -96,5 +127,24 @@ mod tests {
         assert!(help.contains("[default: 127.0.0.1:50099]"), "{help}");
         assert!(help.contains("[env: DATABASE_URL="), "{help}");
         assert!(Config::try_parse_from(["test-svc", "--database-max-connections", "0"]).is_err());
+    }
+
+    #[test]
+    fn a_service_runs_on_one_worker_thread_unless_told_otherwise() {
+        let config = Config::try_parse_from(["test-svc"]).expect("defaults");
+        let runtime = config.threads.runtime().expect("a runtime");
+        assert_eq!(runtime.metrics().num_workers(), 1);
+
+        let config = Config::try_parse_from(["test-svc", "--worker-threads", "3"]).expect("3");
+        let runtime = config.threads.runtime().expect("a runtime");
+        assert_eq!(runtime.metrics().num_workers(), 3);
+
+        let refused = Config::try_parse_from(["test-svc", "--worker-threads", "0"]).unwrap_err();
+        assert!(
+            refused.to_string().contains("--worker-threads"),
+            "{refused}"
+        );
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("[env: WORKER_THREADS=]"), "{help}");
     }
 }

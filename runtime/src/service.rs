@@ -265,11 +265,13 @@ pub async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding the {what} address {addr}"))
 }
 
-/// What every service's `main` does with its settings `C` once `telemetry` is set up: parses
-/// them from the command line and the environment, prints them with `log`, then `run`s them
-/// until SIGINT or SIGTERM; telemetry is flushed whatever the outcome.
-pub async fn main<C, F, Fut>(
-    telemetry: telemetry::Telemetry,
+/// What every service's `main` does: parses its settings `C` from the command line and the
+/// environment, starts a runtime with the worker threads they say (`threads`), sets up
+/// `telemetry` in it, prints the settings with `log`, then `run`s them until SIGINT or
+/// SIGTERM; telemetry is flushed whatever the outcome.
+pub fn main<C, F, Fut>(
+    telemetry: fn() -> telemetry::Telemetry,
+    threads: fn(&C) -> &crate::config::ThreadsArgs,
     log: fn(&C),
     run: F,
 ) -> anyhow::Result<()>
@@ -279,8 +281,14 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = C::parse();
-    log(&config);
-    let result = run(config, crate::shutdown::on_signal()).await;
-    telemetry.shutdown().await;
-    result
+    let runtime = threads(&config)
+        .runtime()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let telemetry = telemetry();
+        log(&config);
+        let result = run(config, crate::shutdown::on_signal()).await;
+        telemetry.shutdown().await;
+        result
+    })
 }

@@ -46,6 +46,7 @@ impl Gateway {
             payment_svc_url: payment.to_owned(),
             request_timeout_ms,
             jwt: JwtConfig::hs256(SECRET),
+            threads: Default::default(),
         };
         let app = App::build(config).await.expect("gateway builds");
         let base = format!("http://{}", app.http_addr());
