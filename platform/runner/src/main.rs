@@ -437,7 +437,8 @@ async fn run_services(
             });
             children.push((service, child));
         }
-        services::wait_ready(&format!("http://{http_addr}"), Duration::from_secs(120)).await
+        let gateway = format!("http://{http_addr}");
+        services::wait_ready_while_running(&gateway, Duration::from_secs(120), &mut children).await
     };
     let code = tokio::select! {
         ready = started => match ready {
@@ -450,11 +451,6 @@ async fn run_services(
             }
             Err(e) => {
                 eprintln!("platform: {e:#}; stopping the platform");
-                for (service, child) in children.iter_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        eprintln!("platform: {service} exited while starting ({status})");
-                    }
-                }
                 ExitCode::FAILURE
             }
         },
@@ -476,22 +472,12 @@ async fn watch(
     children: &mut [(&'static str, tokio::process::Child)],
     stop: &mut signals::Stop,
 ) -> ExitCode {
-    let exited = async {
-        loop {
-            for (service, child) in children.iter_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return (*service, status);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    };
     tokio::select! {
         signal = stop.next() => {
             eprintln!("platform: {signal}: stopping");
             signal.exit_code()
         }
-        (service, status) = exited => {
+        (service, status) = services::first_exit(children) => {
             eprintln!("platform: {service} exited ({status}); stopping the platform");
             ExitCode::FAILURE
         }

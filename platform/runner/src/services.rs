@@ -333,11 +333,72 @@ pub async fn wait_ready(gateway: &str, timeout: std::time::Duration) -> anyhow::
     anyhow::bail!("the services did not become ready within {timeout:?}; {last}")
 }
 
+/// [`wait_ready`], unless one of `children` (a service and its process) exits first: then
+/// the error names it and how it exited, at once rather than when the wait times out (a
+/// service that cannot bind its port exits at start, and the gateway would never be ready).
+pub async fn wait_ready_while_running(
+    gateway: &str,
+    timeout: std::time::Duration,
+    children: &mut [(&'static str, Child)],
+) -> anyhow::Result<()> {
+    tokio::select! {
+        ready = wait_ready(gateway, timeout) => ready,
+        (service, status) = first_exit(children) => {
+            anyhow::bail!("{service} exited while starting ({status})")
+        }
+    }
+}
+
+/// The first of `children` to exit, and how (checked every 200 ms).
+pub async fn first_exit(
+    children: &mut [(&'static str, Child)],
+) -> (&'static str, std::process::ExitStatus) {
+    loop {
+        for (service, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (*service, status);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_service_that_exits_while_starting_ends_the_wait_at_once_naming_it() {
+        let gateway = format!("http://{}", free_port().expect("a free port"));
+        let spawn = |script: &str| {
+            Command::new("sh")
+                .args(["-c", script])
+                .kill_on_drop(true)
+                .spawn()
+                .expect("sh")
+        };
+        let mut children = [
+            ("order-svc", spawn("sleep 30")),
+            ("inventory-svc", spawn("sleep 0.3; exit 3")),
+        ];
+        let started = std::time::Instant::now();
+        let error = wait_ready_while_running(&gateway, Duration::from_secs(60), &mut children)
+            .await
+            .expect_err("not ready");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let said = format!("{error:#}");
+        assert!(
+            said.contains("inventory-svc exited while starting"),
+            "{said}"
+        );
+        assert!(said.contains("exit status: 3"), "{said}");
+    }
 
     fn touch(path: &Path, at: SystemTime) {
         std::fs::create_dir_all(path.parent().expect("a parent")).expect("dir");
