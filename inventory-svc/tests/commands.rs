@@ -440,7 +440,7 @@ async fn concurrent_reserves_commits_and_releases_keep_every_unit() {
     set_available(&pool, "SKU-MOUSE", 1000).await;
     // Lines in both orders.
     let lines = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             vec![("SKU-WEBCAM", 1), ("SKU-MOUSE", 2)]
         } else {
             vec![("SKU-MOUSE", 2), ("SKU-WEBCAM", 1)]

@@ -350,7 +350,10 @@ async fn a_batch_moves_each_order_as_its_commands_one_by_one_would() {
     assert_eq!(got.failure_reason, "");
 
     let completion = ("order.v1.OrderCompleted".to_owned(), String::new());
-    assert_eq!(replies(&app, &paid.order_id).await, [completion.clone()]);
+    assert_eq!(
+        replies(&app, &paid.order_id).await,
+        std::slice::from_ref(&completion)
+    );
     assert_eq!(
         replies(&app, &failed.order_id).await,
         [("order.v1.OrderFailed".to_owned(), "out of stock".to_owned())]
