@@ -1149,10 +1149,14 @@ async fn a_sagas_steps_update_its_row_in_place_until_it_ends() {
     )
     .await;
     assert_eq!(updates, 50, "five steps of ten sagas after their start");
-    // All but each saga's last (which ends it) can be: 40, unless a snapshot held elsewhere
-    // meanwhile (an autovacuum's) kept a page from being pruned of its dead versions.
+    // All but each saga's last (which ends it) can be: 40. The first step of each saga always
+    // is (the room the table keeps in each page); the later ones as far as the page can be
+    // pruned of the versions before, which a transaction running meanwhile anywhere in the
+    // cluster can prevent (another test's, in its own database: a snapshot's horizon counts
+    // every database's transactions). Before the table kept room and its indexes read the
+    // generated `outcome`, none was.
     assert!(
-        (30..=40).contains(&in_place),
+        (10..=40).contains(&in_place),
         "of 50 updates, {in_place} were in place (40 can be: all but each saga's last)"
     );
     let completed: i64 = sqlx::query_scalar(
