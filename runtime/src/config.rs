@@ -54,6 +54,9 @@ pub struct GrpcArgs {
     pub addr: SocketAddr,
 }
 
+/// Worker threads of a service unless told otherwise ([`ThreadsArgs`]).
+pub const DEFAULT_WORKER_THREADS: u16 = 1;
+
 /// The threads a service's tasks run on.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ThreadsArgs {
@@ -62,13 +65,16 @@ pub struct ThreadsArgs {
     /// more threads cost more in waking each other than they add (README, "Figures"). Raise it
     /// for a replica that has cores of its own.
     #[arg(long = "worker-threads", env = "WORKER_THREADS", value_name = "COUNT",
-          default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+          default_value_t = DEFAULT_WORKER_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
 }
 
 impl Default for ThreadsArgs {
     fn default() -> Self {
-        ThreadsArgs { worker_threads: 1 }
+        ThreadsArgs {
+            worker_threads: DEFAULT_WORKER_THREADS,
+        }
     }
 }
 

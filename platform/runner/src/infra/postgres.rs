@@ -21,14 +21,19 @@ pub async fn check(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The URL of the local cluster in `root`, through its Unix socket (in `root/run`): on one
+/// Where the local cluster in `root` makes its Unix socket (`-k`).
+fn socket_dir(root: &Path) -> PathBuf {
+    root.join("run")
+}
+
+/// The URL of the local cluster in `root`, through its Unix socket ([`socket_dir`]): on one
 /// machine a statement's round trip costs the kernel less than over loopback TCP (which the
 /// cluster also listens on, at `localhost:port`, for other clients).
 pub fn local_url(root: &Path, port: u16) -> String {
     let mut url = url::Url::parse(&format!("postgres://postgres@localhost:{port}/postgres"))
         .expect("a constant URL");
     url.query_pairs_mut()
-        .append_pair("host", &root.join("run").to_string_lossy());
+        .append_pair("host", &socket_dir(root).to_string_lossy());
     url.into()
 }
 
@@ -125,7 +130,7 @@ fn pg_command(program: &str) -> anyhow::Result<Command> {
 pub async fn start(root: &Path, port: u16, fast: bool) -> anyhow::Result<String> {
     let url = local_url(root, port);
     let data = root.join("data");
-    let run = root.join("run");
+    let run = socket_dir(root);
     fs::create_dir_all(&run)?;
     if running_as_root() {
         chown_to_postgres(root).await?;
