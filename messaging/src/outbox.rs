@@ -4,21 +4,24 @@
 //!
 //! Waking the relay costs no `NOTIFY` on the hot path: the process whose relay publishes (the
 //! service's one relay holding the publishing lock) wakes it in memory after each commit that
-//! wrote to the outbox ([`Outbox::committed`]); only the writers of other replicas, whose
-//! relay stands by, send a `NOTIFY outbox` with their transaction. (A `NOTIFY` takes a lock
-//! that serializes every notifying commit of the cluster, WAL flush included.)
+//! wrote to the outbox; only the writers of other replicas, whose relay stands by, send a
+//! `NOTIFY outbox` with their transaction. (A `NOTIFY` takes a lock that serializes every
+//! notifying commit of the cluster, WAL flush included.) A writer that knows what it recorded
+//! hands its messages to the relay with the wake ([`Outbox::committed_messages`]), and the
+//! relay publishes them without reading them back when it has published everything committed
+//! before them (see `relay.rs`); [`Outbox::committed`] only wakes it to read the outbox.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prost::{Message, Name};
 use proto::messaging::v1::Envelope;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::{PgConnection, Postgres};
+use sqlx::{PgConnection, Postgres, Row as _};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -30,6 +33,10 @@ use crate::kafka::KafkaArgs;
 /// Channel on which writers of a replica whose relay stands by notify the publishing one.
 pub(crate) const CHANNEL: &str = "outbox";
 
+/// Most transactions' messages waiting in memory for the relay: past them (the relay stuck on
+/// an absent broker, say), they are dropped, and the relay reads them from the outbox.
+const MAX_HANDED: usize = 10_000;
+
 /// How the writers of one process reach its relay.
 #[derive(Debug, Default)]
 pub(crate) struct RelayWake {
@@ -37,6 +44,33 @@ pub(crate) struct RelayWake {
     pub(crate) notify: Notify,
     /// Whether this process's relay is the one publishing (holds the lock).
     pub(crate) publishing: AtomicBool,
+    /// Messages of committed transactions, in the order they committed, for the relay to
+    /// publish without reading them back.
+    handed: Mutex<Vec<Handed>>,
+    /// Whether a transaction committed rows that were not handed over: the relay has to read
+    /// the outbox before it publishes anything handed over after them.
+    unread: AtomicBool,
+}
+
+/// The messages of one committed transaction, handed to the relay.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub(crate) messages: Vec<OutboxMessage>,
+    /// The rows of the same keys that were in the outbox when the transaction recorded them
+    /// (by message id): published before these, or these wait for a read of the outbox.
+    pub(crate) earlier: Vec<Uuid>,
+}
+
+impl RelayWake {
+    /// The messages handed over since the last call, in order.
+    pub(crate) fn take_handed(&self) -> Vec<Handed> {
+        std::mem::take(&mut *self.handed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether rows were committed that the relay has to read from the outbox; cleared.
+    pub(crate) fn take_unread(&self) -> bool {
+        self.unread.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// One message to record in the outbox.
@@ -73,9 +107,40 @@ impl Outbox {
     }
 
     /// To call once a transaction that [`enqueue`](Self::enqueue)d messages has committed:
-    /// wakes this process's relay. (Forgetting it costs latency, not messages: the relay also
-    /// polls.)
+    /// wakes this process's relay, which reads them from the outbox. (Forgetting it costs
+    /// latency, not messages: the relay also polls.)
     pub fn committed(&self) {
+        self.wake.unread.store(true, Ordering::Release);
+        self.wake.notify.notify_one();
+    }
+
+    /// In place of [`committed`](Self::committed), for a writer that knows every message its
+    /// committed transaction recorded (`messages`, in the order recorded) and which rows of
+    /// their keys its statements found in the outbox (`earlier`, by message id: what
+    /// [`OutboxRows::earlier_sql`] returned): hands them to this process's relay with the wake.
+    /// The relay publishes them without reading the outbox back when it has published those
+    /// earlier rows already; otherwise it reads the outbox, where they wait behind them.
+    pub fn committed_messages(
+        &self,
+        messages: impl IntoIterator<Item = OutboxMessage>,
+        earlier: Vec<Uuid>,
+    ) {
+        if !self.wake.publishing.load(Ordering::Relaxed) {
+            // Another replica's relay publishes: it reads the rows (`recorded` notified it).
+            self.committed();
+            return;
+        }
+        let messages: Vec<OutboxMessage> = messages.into_iter().collect();
+        if messages.is_empty() {
+            return;
+        }
+        let mut handed = self.wake.handed.lock().unwrap_or_else(|e| e.into_inner());
+        handed.push(Handed { messages, earlier });
+        if handed.len() > MAX_HANDED {
+            handed.clear();
+            self.wake.unread.store(true, Ordering::Release);
+        }
+        drop(handed);
         self.wake.notify.notify_one();
     }
 
@@ -142,15 +207,40 @@ impl Outbox {
             return Ok(());
         }
         let held = HELD
-            .try_with(|held| held.borrow_mut().extend_from_slice(messages))
+            .try_with(|held| held.borrow_mut().held.extend_from_slice(messages))
             .is_ok();
         if held {
             return Ok(());
         }
+        self.record(conn, messages).await.map(drop)
+    }
+
+    /// As [`enqueue`](Self::enqueue) outside [`collect`]: records `messages` in a statement of
+    /// their own, and returns the rows of their keys the statement found in the outbox
+    /// ([`OutboxRows::earlier_sql`]), for [`committed_messages`](Self::committed_messages).
+    pub async fn record(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[OutboxMessage],
+    ) -> Result<Vec<Uuid>, sqlx::Error> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = OutboxRows::new(messages)?;
-        static INSERT: LazyLock<String> = LazyLock::new(|| OutboxRows::insert_sql(1, None));
-        rows.bind(sqlx::query(&INSERT)).execute(&mut *conn).await?;
-        self.recorded(conn).await
+        static INSERT: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH i AS ({}) SELECT {}",
+                OutboxRows::insert_sql(1, None),
+                OutboxRows::earlier_sql(1)
+            )
+        });
+        let earlier: Vec<Uuid> = rows
+            .bind(sqlx::query(&INSERT))
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        self.recorded(conn).await?;
+        Ok(earlier)
     }
 
     /// To call after a statement of the caller's own recorded messages ([`OutboxRows`]), on
@@ -231,6 +321,17 @@ impl<'a> OutboxRows<'a> {
         )
     }
 
+    /// An expression (for the statement's result) of the message ids of the rows of the same
+    /// keys as the rows bound from parameter `$first` on that were in the outbox when the
+    /// statement began (the statement's own are not, being inserted by it): for
+    /// [`Outbox::committed_messages`]. One lookup by key per message.
+    pub fn earlier_sql(first: usize) -> String {
+        format!(
+            "(SELECT COALESCE(array_agg(o.message_id), '{{}}') FROM outbox o                WHERE o.message_key = ANY(${}::text[]))",
+            first + 2
+        )
+    }
+
     /// Binds the rows' arrays, in the order [`insert_sql`](Self::insert_sql) numbers them.
     pub fn bind<'q>(
         &'q self,
@@ -247,28 +348,78 @@ impl<'a> OutboxRows<'a> {
     }
 }
 
+/// What [`collect`] keeps of the messages enqueued inside it.
+#[derive(Default)]
+struct Held {
+    /// Enqueued and not recorded yet, in the order they were enqueued.
+    held: Vec<OutboxMessage>,
+    /// Taken by a handler that recorded them itself ([`take_held`]), in the order taken.
+    recorded: Vec<OutboxMessage>,
+    /// What the statements that recorded them found in the outbox ([`recorded_after`]).
+    earlier: Vec<Uuid>,
+}
+
 tokio::task_local! {
-    /// Messages enqueued inside [`collect`], in the order they were enqueued.
-    static HELD: RefCell<Vec<OutboxMessage>>;
+    static HELD: RefCell<Held>;
+}
+
+/// What [`collect`]'s work sent.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// For the caller to record with one [`Outbox::enqueue`] before it commits.
+    pub unrecorded: Vec<OutboxMessage>,
+    /// Recorded by the handlers themselves ([`take_held`]), before `unrecorded` is.
+    pub recorded: Vec<OutboxMessage>,
+    /// The rows of their keys the handlers' statements found in the outbox
+    /// ([`recorded_after`]).
+    pub earlier: Vec<Uuid>,
+}
+
+impl Collected {
+    /// Every message, in the order the outbox holds them once `unrecorded` is recorded: for
+    /// [`Outbox::committed_messages`].
+    pub fn into_all(self) -> impl Iterator<Item = OutboxMessage> {
+        self.recorded.into_iter().chain(self.unrecorded)
+    }
 }
 
 /// Runs `work` (handlers writing in one transaction) holding back the messages it enqueues,
 /// and returns them with its result, in order, for the caller to record in that transaction
 /// with one [`Outbox::enqueue`] before it commits. The consumer runs each batch's handlers so.
-pub async fn collect<T>(work: impl Future<Output = T>) -> (T, Vec<OutboxMessage>) {
-    HELD.scope(RefCell::new(Vec::new()), async {
+pub async fn collect<T>(work: impl Future<Output = T>) -> (T, Collected) {
+    HELD.scope(RefCell::new(Held::default()), async {
         let result = work.await;
         let held = HELD.with(|held| std::mem::take(&mut *held.borrow_mut()));
-        (result, held)
+        (
+            result,
+            Collected {
+                unrecorded: held.held,
+                recorded: held.recorded,
+                earlier: held.earlier,
+            },
+        )
     })
     .await
 }
 
 /// The messages held so far inside [`collect`] (a consumer's batch), taken: for a handler
 /// that records them in a statement of its own ([`OutboxRows`] in the statement that saves its
-/// state, one round trip fewer), then calls [`Outbox::recorded`]. The batch records only what
-/// is held after. Outside [`collect`] there are none: [`Outbox::enqueue`] recorded them.
+/// state, one round trip fewer), then calls [`Outbox::recorded`] and [`recorded_after`]. The
+/// batch records only what is held after (and hands both to the relay once it has
+/// committed). Outside [`collect`] there are none: [`Outbox::enqueue`] recorded them.
 pub fn take_held() -> Vec<OutboxMessage> {
-    HELD.try_with(|held| std::mem::take(&mut *held.borrow_mut()))
-        .unwrap_or_default()
+    HELD.try_with(|held| {
+        let mut held = held.borrow_mut();
+        let taken = std::mem::take(&mut held.held);
+        held.recorded.extend_from_slice(&taken);
+        taken
+    })
+    .unwrap_or_default()
+}
+
+/// Inside [`collect`]: what the statement that recorded messages of [`take_held`] found in the
+/// outbox ([`OutboxRows::earlier_sql`]), for the relay to publish those messages after.
+/// Outside, nothing.
+pub fn recorded_after(earlier: Vec<Uuid>) {
+    let _ = HELD.try_with(|held| held.borrow_mut().earlier.extend(earlier));
 }

@@ -524,7 +524,7 @@ async fn a_services_statements_are_planned_once_per_connection() {
     }
     let (generic, custom): (i64, i64) = sqlx::query_as(
         "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
-         WHERE statement LIKE 'INSERT INTO outbox%'",
+         WHERE statement LIKE 'WITH i AS (INSERT INTO outbox%'",
     )
     .fetch_one(&mut *conn)
     .await
@@ -548,7 +548,7 @@ async fn outbox_scans(pool: &sqlx::PgPool) -> (i64, i64) {
 }
 
 /// The relay deletes a batch the broker acknowledged with its next read of the outbox (one
-/// round trip a batch), and before it stops.
+/// round trip a batch), and before it stops (and a moment after, on its own: the next test).
 #[tokio::test]
 async fn a_relay_deletes_what_was_acknowledged_with_its_next_read_and_before_it_stops() {
     let setup = setup("relay_ack").await;
@@ -578,10 +578,11 @@ async fn a_relay_deletes_what_was_acknowledged_with_its_next_read_and_before_it_
     let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = Vec::new();
     let cancel = CancellationToken::new();
-    // Woken by its writers' commits only: no poll during the test.
+    // Woken by its writers' commits only: no poll during the test, and no delete on its own.
     let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
         .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
+        .with_poll_interval(Duration::from_secs(3600))
+        .with_delete_after(Duration::from_secs(3600));
     let task = tokio::spawn(relay.run(cancel.clone()));
     // Time to take the publishing lock.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -615,4 +616,186 @@ async fn a_relay_deletes_what_was_acknowledged_with_its_next_read_and_before_it_
         Vec::<i64>::new(),
         "a stopped relay left acknowledged rows behind"
     );
+}
+
+/// A writer that hands its committed messages to its process's relay
+/// (`Outbox::committed_messages`) has them published without the relay reading the outbox
+/// back: no read between the commit and the broker, and the rows deleted a moment later, in
+/// one statement, with no read either.
+#[tokio::test]
+async fn a_message_handed_to_the_relay_is_published_without_reading_the_outbox() {
+    let setup = setup("relay_handed").await;
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
+    let mut seen = Vec::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    // Time to take the publishing lock, and to read the (empty) outbox once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let ((), statements) = test_support::statements_of(&setup.pool, async {
+        for n in 1..=3u32 {
+            let message = setup.outbox.message(
+                TOPIC,
+                Uuid::from_u128(7),
+                &CompleteOrder {
+                    order_id: n.to_string(),
+                },
+                &MessageContext::default(),
+            );
+            let mut tx = setup.pool.begin().await.expect("begin");
+            let earlier = setup
+                .outbox
+                .record(&mut tx, std::slice::from_ref(&message))
+                .await
+                .expect("record");
+            tx.commit().await.expect("commit");
+            setup.outbox.committed_messages([message], earlier);
+            read_until(&reader, n as usize, &mut seen).await;
+        }
+        wait_for_empty_outbox(&setup.pool, Duration::from_secs(10)).await;
+    })
+    .await;
+    let numbers: Vec<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(numbers, [1, 2, 3], "published once each, in order");
+    let relay_reads: Vec<_> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("FROM outbox WHERE id <> ALL"))
+        .collect();
+    assert!(
+        relay_reads.is_empty(),
+        "the relay read back what was handed to it: {statements:#?}"
+    );
+    let deletes: i64 = statements
+        .iter()
+        .filter(|(q, _)| q.starts_with("DELETE FROM outbox"))
+        .map(|(_, calls)| calls)
+        .sum();
+    assert!(
+        (1..=3).contains(&deletes),
+        "the acknowledged rows deleted in {deletes} statements: {statements:#?}"
+    );
+    cancel.cancel();
+    task.await.expect("relay");
+}
+
+/// A message a writer hands over is published after the rows committed before it that were
+/// not handed over (a timer's step, a dead letter: `Outbox::committed`), which the relay
+/// reads from the outbox first, as a relay that only reads would (by the outbox's order).
+#[tokio::test]
+async fn what_is_handed_to_the_relay_waits_for_the_rows_committed_before_it() {
+    let setup = setup("relay_handed_order").await;
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
+    let mut seen = Vec::new();
+    let cancel = CancellationToken::new();
+    // No poll: only the writers' wake-ups make it read the outbox.
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let message = |n: u32| {
+        setup.outbox.message(
+            TOPIC,
+            Uuid::from_u128(9),
+            &CompleteOrder {
+                order_id: n.to_string(),
+            },
+            &MessageContext::default(),
+        )
+    };
+    for round in 0..5u32 {
+        let (unread, handed) = (message(2 * round + 1), message(2 * round + 2));
+        // Both committed before the relay runs again (this test's runtime has one thread, and
+        // nothing below waits), the first not handed over.
+        let mut first = setup.pool.begin().await.expect("begin");
+        setup
+            .outbox
+            .enqueue(&mut first, std::slice::from_ref(&unread))
+            .await
+            .expect("enqueue");
+        let mut second = setup.pool.begin().await.expect("begin");
+        setup
+            .outbox
+            .enqueue(&mut second, std::slice::from_ref(&handed))
+            .await
+            .expect("enqueue");
+        first.commit().await.expect("commit");
+        second.commit().await.expect("commit");
+        setup.outbox.committed();
+        setup.outbox.committed_messages([handed], Vec::new());
+        read_until(&reader, 2 * round as usize + 2, &mut seen).await;
+    }
+    let numbers: Vec<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        numbers,
+        (1..=10).collect::<Vec<_>>(),
+        "published once each, in order"
+    );
+    cancel.cancel();
+    task.await.expect("relay");
+}
+
+/// A writer whose statement finds a row of its message's key in the outbox that the relay has
+/// not published (another replica's, whose notification has not arrived: here, none is sent)
+/// hands its message over behind it: the relay reads the outbox and publishes that row first.
+/// A message caused by another's effects is never published before it, whichever replica
+/// wrote either.
+#[tokio::test]
+async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer_found() {
+    let setup = setup("relay_handed_after").await;
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
+    let mut seen = Vec::new();
+    let cancel = CancellationToken::new();
+    // No poll: nothing but this test's writers makes it read the outbox.
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let message = |key: u128, n: u32| {
+        setup.outbox.message(
+            TOPIC,
+            Uuid::from_u128(key),
+            &CompleteOrder {
+                order_id: n.to_string(),
+            },
+            &MessageContext::default(),
+        )
+    };
+    for round in 0..3u32 {
+        let (first, second) = (2 * round + 1, 2 * round + 2);
+        // Another replica's row, committed with no wake-up for this relay.
+        let theirs = [message(11, first)];
+        let rows = messaging::OutboxRows::new(&theirs).expect("rows");
+        rows.bind(sqlx::query(&messaging::OutboxRows::insert_sql(1, None)))
+            .execute(&setup.pool)
+            .await
+            .expect("another replica's row");
+        // This process's writer, after it: its statement finds that row.
+        let ours = message(11, second);
+        let mut tx = setup.pool.begin().await.expect("begin");
+        let earlier = setup
+            .outbox
+            .record(&mut tx, std::slice::from_ref(&ours))
+            .await
+            .expect("record");
+        tx.commit().await.expect("commit");
+        assert!(
+            !earlier.is_empty(),
+            "the writer's statement did not find the other replica's row"
+        );
+        setup.outbox.committed_messages([ours], earlier);
+        read_until(&reader, second as usize, &mut seen).await;
+    }
+    let numbers: Vec<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        numbers,
+        (1..=6).collect::<Vec<_>>(),
+        "published once each, in order"
+    );
+    cancel.cancel();
+    task.await.expect("relay");
 }

@@ -165,11 +165,12 @@ impl Engine {
             return Ok(());
         }
         let commands = messaging::outbox::take_held();
-        store::save_all(conn, writes, &OutboxRows::new(&commands)?)
+        let earlier = store::save_all(conn, writes, &OutboxRows::new(&commands)?)
             .await
             .map_err(store_error)?;
         if !commands.is_empty() {
             self.outbox.recorded(conn).await?;
+            messaging::outbox::recorded_after(earlier);
         }
         Ok(())
     }

@@ -183,14 +183,15 @@ impl SagaWrite {
 /// locked before its timers, as in every path that touches both. Fails with
 /// [`StoreError::Conflict`] when any saga changed since it was read; the caller's transaction
 /// then rolls back and nothing of the batch is saved. `outgoing` (the messages the steps send)
-/// are recorded in the outbox by the same statement.
+/// are recorded in the outbox by the same statement. Returns the rows of the commands' keys
+/// the statement found in the outbox ([`OutboxRows::earlier_sql`]).
 pub async fn save_all(
     conn: &mut PgConnection,
     writes: &[SagaWrite],
     outgoing: &OutboxRows<'_>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<Uuid>, StoreError> {
     if writes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let now = Utc::now();
     let n = writes.len();
@@ -290,8 +291,9 @@ pub async fn save_all(
          disarmed AS (DELETE FROM saga_timers t USING unnest($20::uuid[], $21::text[]) AS d(saga_id, kind), s \
                WHERE t.saga_id = d.saga_id AND t.kind = d.kind AND s.saga_id = d.saga_id), \
          outgoing AS ({}) \
-         SELECT count(*) FROM s",
-        OutboxRows::insert_sql(22, None)
+         SELECT (SELECT count(*) FROM s), {}",
+        OutboxRows::insert_sql(22, None),
+        OutboxRows::earlier_sql(22)
     )
     });
     let query = sqlx::query(&SAVE)
@@ -316,13 +318,10 @@ pub async fn save_all(
         .bind(&arm_at)
         .bind(&disarm_ids)
         .bind(&disarm_kinds);
-    let written: i64 = outgoing
-        .bind(query)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
+    let row = outgoing.bind(query).fetch_one(&mut *conn).await?;
+    let written: i64 = row.try_get(0)?;
     if written == n as i64 {
-        return Ok(());
+        return Ok(row.try_get(1)?);
     }
     // Which one: the first whose row is not at the version written (for the error only).
     let found: Vec<(Uuid, i64)> =

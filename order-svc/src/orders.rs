@@ -116,7 +116,8 @@ impl Orders {
             match inserted? {
                 Inserted::Inserted => {
                     self.outbox.recorded(&mut conn).await?;
-                    self.outbox.committed();
+                    // The order's id was made for it: no row of its key came before.
+                    self.outbox.committed_messages(messages, Vec::new());
                     tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
                     return Ok(Placed {
                         order,

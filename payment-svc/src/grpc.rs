@@ -164,7 +164,7 @@ impl PaymentGrpc {
             &OutboxRows::new(&messages)?,
         )
         .await?;
-        let Some(updated) = settled else {
+        let Some((updated, earlier)) = settled else {
             // Settled meanwhile: by another try of this attempt, or by the deadline's void,
             // which settles the attempt itself.
             drop(conn);
@@ -179,7 +179,7 @@ impl PaymentGrpc {
             return decided(current);
         };
         self.outbox.recorded(&mut conn).await?;
-        self.outbox.committed();
+        self.outbox.committed_messages(messages, earlier);
         tracing::debug!(
             payment_id = %id,
             %order_id,

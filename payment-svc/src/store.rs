@@ -286,7 +286,7 @@ pub async fn settle(
     status: PaymentStatus,
     decline_reason: Option<&str>,
     events: &OutboxRows<'_>,
-) -> Result<Option<Payment>, sqlx::Error> {
+) -> Result<Option<(Payment, Vec<Uuid>)>, sqlx::Error> {
     static SETTLE: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH u AS (UPDATE payments SET status = $3, \
@@ -295,8 +295,9 @@ pub async fn settle(
                           AND status = 'AWAITING_VERIFICATION' \
                         RETURNING {COLUMNS}), \
                   e AS ({}) \
-             SELECT * FROM u",
-            OutboxRows::insert_sql(5, Some("EXISTS (SELECT FROM u)"))
+             SELECT *, {} AS earlier FROM u",
+            OutboxRows::insert_sql(5, Some("EXISTS (SELECT FROM u)")),
+            OutboxRows::earlier_sql(5)
         )
     });
     let query = sqlx::query(&SETTLE)
@@ -304,8 +305,11 @@ pub async fn settle(
         .bind(key)
         .bind(status.as_str())
         .bind(decline_reason);
-    let row = events.bind(query).fetch_optional(conn).await?;
-    payment(row.as_ref().map(Row::from_row).transpose()?)
+    let Some(row) = events.bind(query).fetch_optional(conn).await? else {
+        return Ok(None);
+    };
+    let earlier = row.try_get("earlier")?;
+    Ok(payment(Some(Row::from_row(&row)?))?.map(|payment| (payment, earlier)))
 }
 
 /// Records a tombstone for an order with no payment: a compensation came first, so a charge

@@ -24,7 +24,7 @@ pub const OUTBOX_PARKED_ROWS: &str = "outbox_parked_rows";
 /// Messages on the consumer's partitions not yet consumed, by `topic` (every consumer).
 pub const CONSUMER_LAG: &str = "consumer_lag";
 /// One Kafka crossing, stage 1: from a message's creation in its writer's transaction to the
-/// relay reading its outbox row.
+/// relay taking it (handed over in memory, or read from its outbox row).
 pub const OUTBOX_WAIT: &str = "outbox_wait_seconds";
 /// Stage 2: from the relay sending a batch to the broker's last acknowledgement of it.
 pub const OUTBOX_PUBLISH: &str = "outbox_publish_seconds";
@@ -96,8 +96,9 @@ pub(crate) fn describe() {
     describe_histogram!(
         OUTBOX_WAIT,
         Unit::Seconds,
-        "From a message's creation in its writer's transaction to the relay reading it: the \
-         rest of that transaction, its commit and the relay's wake."
+        "From a message's creation in its writer's transaction to the relay taking it: the \
+         rest of that transaction, its commit, the relay's wake and its read of the outbox when \
+         it reads one."
     );
     describe_histogram!(
         OUTBOX_PUBLISH,

@@ -89,7 +89,7 @@ impl Consumer {
         batch: &[Incoming],
     ) -> Result<(), HandlerError> {
         let started = std::time::Instant::now();
-        crate::after_commit::scope::<(), HandlerError, _>(async {
+        let mut outgoing = crate::after_commit::scope::<_, HandlerError, _>(async {
             let mut tx = self.pool.begin().await?;
             // The batch's inbox rows in one statement; a message handled before, or twice in
             // the batch, is skipped.
@@ -138,12 +138,15 @@ impl Consumer {
             })
             .await;
             handled?;
-            self.outbox.enqueue(&mut tx, &outgoing).await?;
+            let mut outgoing = outgoing;
+            let earlier = self.outbox.record(&mut tx, &outgoing.unrecorded).await?;
+            outgoing.earlier.extend(earlier);
             tx.commit().await?;
-            Ok(())
+            Ok(outgoing)
         })
         .await?;
-        self.outbox.committed();
+        let earlier = std::mem::take(&mut outgoing.earlier);
+        self.outbox.committed_messages(outgoing.into_all(), earlier);
         metrics::histogram!(metric::CONSUMER_BATCH).record(started.elapsed().as_secs_f64());
         metrics::histogram!(metric::CONSUMER_BATCH_SIZE).record(batch.len() as f64);
         for message in batch {

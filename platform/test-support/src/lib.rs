@@ -143,7 +143,7 @@ pub fn own_statements(statements: Vec<(String, i64)>) -> Vec<(String, i64)> {
             !(q == "BEGIN"
                 || q == "COMMIT"
                 || q.starts_with("SET ")
-                || q.starts_with("INSERT INTO outbox")
+                || q.starts_with("WITH i AS (INSERT INTO outbox")
                 || q.starts_with("SELECT pg_notify"))
         })
         .collect()
