@@ -627,24 +627,11 @@ async fn a_message_handed_to_the_relay_is_published_without_reading_the_outbox()
     let setup = setup("relay_handed").await;
     let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = Vec::new();
-    let cancel = CancellationToken::new();
-    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let task = tokio::spawn(relay.run(cancel.clone()));
-    // Time to take the publishing lock, and to read the (empty) outbox once.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cancel, task) = relay_without_poll(&setup).await;
 
     let ((), statements) = test_support::statements_of(&setup.pool, async {
         for n in 1..=3u32 {
-            let message = setup.outbox.message(
-                TOPIC,
-                Uuid::from_u128(7),
-                &CompleteOrder {
-                    order_id: n.to_string(),
-                },
-                &MessageContext::default(),
-            );
+            let message = numbered(&setup, 7, n);
             let mut tx = setup.pool.begin().await.expect("begin");
             let earlier = setup
                 .outbox
@@ -689,23 +676,8 @@ async fn what_is_handed_to_the_relay_waits_for_the_rows_committed_before_it() {
     let setup = setup("relay_handed_order").await;
     let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = Vec::new();
-    let cancel = CancellationToken::new();
-    // No poll: only the writers' wake-ups make it read the outbox.
-    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let task = tokio::spawn(relay.run(cancel.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let message = |n: u32| {
-        setup.outbox.message(
-            TOPIC,
-            Uuid::from_u128(9),
-            &CompleteOrder {
-                order_id: n.to_string(),
-            },
-            &MessageContext::default(),
-        )
-    };
+    let (cancel, task) = relay_without_poll(&setup).await;
+    let message = |n: u32| numbered(&setup, 9, n);
     for round in 0..5u32 {
         let (unread, handed) = (message(2 * round + 1), message(2 * round + 2));
         // Both committed before the relay runs again (this test's runtime has one thread, and
@@ -748,23 +720,8 @@ async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer
     let setup = setup("relay_handed_after").await;
     let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = Vec::new();
-    let cancel = CancellationToken::new();
-    // No poll: nothing but this test's writers makes it read the outbox.
-    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let task = tokio::spawn(relay.run(cancel.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let message = |key: u128, n: u32| {
-        setup.outbox.message(
-            TOPIC,
-            Uuid::from_u128(key),
-            &CompleteOrder {
-                order_id: n.to_string(),
-            },
-            &MessageContext::default(),
-        )
-    };
+    let (cancel, task) = relay_without_poll(&setup).await;
+    let message = |key: u128, n: u32| numbered(&setup, key, n);
     for round in 0..3u32 {
         let (first, second) = (2 * round + 1, 2 * round + 2);
         // Another replica's row, committed with no wake-up for this relay.
@@ -798,4 +755,28 @@ async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer
     );
     cancel.cancel();
     task.await.expect("relay");
+}
+
+/// The relay of `setup`'s outbox, with no poll (only its writers' wake-ups make it read the
+/// outbox), once it has taken the publishing lock and read the outbox a first time.
+async fn relay_without_poll(setup: &Setup) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (cancel, task)
+}
+
+/// A message of `TOPIC` keyed by `key`, numbered `n` (`read_until` reads the number back).
+fn numbered(setup: &Setup, key: u128, n: u32) -> messaging::OutboxMessage {
+    setup.outbox.message(
+        TOPIC,
+        Uuid::from_u128(key),
+        &CompleteOrder {
+            order_id: n.to_string(),
+        },
+        &MessageContext::default(),
+    )
 }
