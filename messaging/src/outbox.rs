@@ -8,8 +8,9 @@
 //! `NOTIFY outbox` with their transaction. (A `NOTIFY` takes a lock that serializes every
 //! notifying commit of the cluster, WAL flush included.) A writer that knows what it recorded
 //! hands its messages to the relay with the wake ([`Outbox::committed_messages`]), and the
-//! relay publishes them without reading them back when it has published everything committed
-//! before them (see `relay.rs`); [`Outbox::committed`] only wakes it to read the outbox.
+//! relay publishes them without reading them back when it has published the rows of their
+//! keys that the writer found in the outbox (see `relay.rs`); [`Outbox::committed`] only wakes
+//! it to read the outbox.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -327,7 +328,8 @@ impl<'a> OutboxRows<'a> {
     /// [`Outbox::committed_messages`]. One lookup by key per message.
     pub fn earlier_sql(first: usize) -> String {
         format!(
-            "(SELECT COALESCE(array_agg(o.message_id), '{{}}') FROM outbox o                WHERE o.message_key = ANY(${}::text[]))",
+            "(SELECT COALESCE(array_agg(o.message_id), '{{}}') FROM outbox o \
+               WHERE o.message_key = ANY(${}::text[]))",
             first + 2
         )
     }
