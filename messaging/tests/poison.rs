@@ -203,6 +203,71 @@ async fn an_outbox_row_the_broker_refuses_is_parked_and_the_rest_is_published_on
     assert!(parked[1].1.contains("envelope"), "{}", parked[1].1);
 }
 
+/// A message handed to the relay in memory that the broker refuses is not lost with the
+/// hand-over: the relay reads the outbox, which parks it, and what was handed with it and after
+/// it is published once.
+#[tokio::test]
+async fn a_handed_over_message_the_broker_refuses_is_parked_and_the_rest_is_published_once() {
+    let setup = setup("poison_handed").await;
+    let context = MessageContext::default();
+    let message = |key: u128, body: String| {
+        setup.outbox.message(
+            TOPIC,
+            Uuid::from_u128(key),
+            &CompleteOrder { order_id: body },
+            &context,
+        )
+    };
+    let cancel = CancellationToken::new();
+    // No poll: only the writers' hand-overs and what follows a refusal make it read.
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let relay_task = tokio::spawn(relay.run(cancel.clone()));
+    // Time to take the publishing lock: from then on its writers hand their messages over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = message(1, "first".into());
+    // Far above the producer's message.max.bytes (1,000,000).
+    let huge = message(2, "x".repeat(2_000_000));
+    let after = message(1, "after".into());
+    for batch in [vec![first.clone(), huge.clone()], vec![after.clone()]] {
+        let mut tx = setup.pool.begin().await.expect("begin");
+        let earlier = setup.outbox.record(&mut tx, &batch).await.expect("record");
+        tx.commit().await.expect("commit");
+        setup.outbox.committed_messages(batch, earlier);
+    }
+    let published = read_for(
+        &reader(&setup.kafka, &setup.kafka.topic(TOPIC)),
+        Duration::from_secs(4),
+    )
+    .await;
+    cancel.cancel();
+    relay_task.await.expect("join");
+
+    for (name, m) in [("first", &first), ("after", &after)] {
+        assert_eq!(
+            published.get(&m.envelope.message_id).map(|p| p.0),
+            Some(1),
+            "{name} published exactly once: {published:?}"
+        );
+    }
+    assert!(!published.contains_key(&huge.envelope.message_id));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("outbox");
+    assert_eq!(left, 0, "nothing left in the outbox");
+    let parked: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM outbox_parked")
+        .fetch_all(&setup.pool)
+        .await
+        .expect("parked rows");
+    assert_eq!(
+        parked.iter().map(Uuid::to_string).collect::<Vec<_>>(),
+        [huge.envelope.message_id.clone()],
+        "the refused message parked"
+    );
+}
+
 #[tokio::test]
 async fn the_inbox_forgets_after_its_retention_and_an_older_redelivery_has_no_second_effect() {
     let setup = setup("inbox_retention").await;
