@@ -261,9 +261,10 @@ async fn a_handed_over_message_the_broker_refuses_is_parked_and_the_rest_is_publ
         .fetch_all(&setup.pool)
         .await
         .expect("parked rows");
+    let parked: Vec<String> = parked.iter().map(Uuid::to_string).collect();
     assert_eq!(
-        parked.iter().map(Uuid::to_string).collect::<Vec<_>>(),
-        [huge.envelope.message_id.clone()],
+        parked,
+        std::slice::from_ref(&huge.envelope.message_id),
         "the refused message parked"
     );
 }
