@@ -355,9 +355,10 @@ impl<'a> OutboxRows<'a> {
 struct Held {
     /// Enqueued and not recorded yet, in the order they were enqueued.
     held: Vec<OutboxMessage>,
-    /// Taken by a handler that recorded them itself ([`take_held`]), in the order taken.
+    /// Taken by a handler that recorded them itself and gave them back ([`held_recorded`]),
+    /// in the order recorded.
     recorded: Vec<OutboxMessage>,
-    /// What the statements that recorded them found in the outbox ([`recorded_after`]).
+    /// What the statements that recorded them found in the outbox ([`held_recorded`]).
     earlier: Vec<Uuid>,
 }
 
@@ -370,10 +371,11 @@ tokio::task_local! {
 pub struct Collected {
     /// For the caller to record with one [`Outbox::enqueue`] before it commits.
     pub unrecorded: Vec<OutboxMessage>,
-    /// Recorded by the handlers themselves ([`take_held`]), before `unrecorded` is.
+    /// Recorded by the handlers themselves ([`take_held`], [`held_recorded`]), before
+    /// `unrecorded` is.
     pub recorded: Vec<OutboxMessage>,
     /// The rows of their keys the handlers' statements found in the outbox
-    /// ([`recorded_after`]).
+    /// ([`held_recorded`]).
     pub earlier: Vec<Uuid>,
 }
 
@@ -406,22 +408,23 @@ pub async fn collect<T>(work: impl Future<Output = T>) -> (T, Collected) {
 
 /// The messages held so far inside [`collect`] (a consumer's batch), taken: for a handler
 /// that records them in a statement of its own ([`OutboxRows`] in the statement that saves its
-/// state, one round trip fewer), then calls [`Outbox::recorded`] and [`recorded_after`]. The
-/// batch records only what is held after (and hands both to the relay once it has
-/// committed). Outside [`collect`] there are none: [`Outbox::enqueue`] recorded them.
+/// state, one round trip fewer), then calls [`Outbox::recorded`] and gives them back with
+/// [`held_recorded`]. The batch records only what is held after (and hands both to the relay
+/// once it has committed). Outside [`collect`] there are none: [`Outbox::enqueue`] recorded
+/// them.
 pub fn take_held() -> Vec<OutboxMessage> {
-    HELD.try_with(|held| {
-        let mut held = held.borrow_mut();
-        let taken = std::mem::take(&mut held.held);
-        held.recorded.extend_from_slice(&taken);
-        taken
-    })
-    .unwrap_or_default()
+    HELD.try_with(|held| std::mem::take(&mut held.borrow_mut().held))
+        .unwrap_or_default()
 }
 
-/// Inside [`collect`]: what the statement that recorded messages of [`take_held`] found in the
-/// outbox ([`OutboxRows::earlier_sql`]), for the relay to publish those messages after.
-/// Outside, nothing.
-pub fn recorded_after(earlier: Vec<Uuid>) {
-    let _ = HELD.try_with(|held| held.borrow_mut().earlier.extend(earlier));
+/// Inside [`collect`]: gives back the messages of [`take_held`] once a statement has recorded
+/// them, with what that statement found in the outbox ([`OutboxRows::earlier_sql`]), for the
+/// relay to publish them after it. Outside, nothing. (Messages taken and never given back are
+/// not handed to the relay, which then reads them from the outbox: later, never out of order.)
+pub fn held_recorded(recorded: Vec<OutboxMessage>, earlier: Vec<Uuid>) {
+    let _ = HELD.try_with(|held| {
+        let mut held = held.borrow_mut();
+        held.recorded.extend(recorded);
+        held.earlier.extend(earlier);
+    });
 }

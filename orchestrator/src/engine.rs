@@ -170,7 +170,7 @@ impl Engine {
             .map_err(store_error)?;
         if !commands.is_empty() {
             self.outbox.recorded(conn).await?;
-            messaging::outbox::recorded_after(earlier);
+            messaging::outbox::held_recorded(commands, earlier);
         }
         Ok(())
     }
