@@ -101,6 +101,37 @@ async fn a_database_error_that_repeats_dead_letters_its_message_and_the_rest_goe
     relay_task.await.expect("join");
 }
 
+/// After a refusal: reads what the relay publishes within 4 s of the first message, stops
+/// it, and checks that each of `named` was published exactly once, `refused` never, and that
+/// the outbox holds nothing (published rows deleted, the refused one parked).
+async fn published_once_and_nothing_left<const N: usize>(
+    setup: &Setup,
+    (cancel, relay_task): (CancellationToken, tokio::task::JoinHandle<()>),
+    named: [(&str, &messaging::OutboxMessage); N],
+    refused: &messaging::OutboxMessage,
+) {
+    let published = read_for(
+        &reader(&setup.kafka, &setup.kafka.topic(TOPIC)),
+        Duration::from_secs(4),
+    )
+    .await;
+    cancel.cancel();
+    relay_task.await.expect("join");
+    for (name, message) in named {
+        assert_eq!(
+            published.get(&message.envelope.message_id).map(|p| p.0),
+            Some(1),
+            "{name} published exactly once: {published:?}"
+        );
+    }
+    assert!(!published.contains_key(&refused.envelope.message_id));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&setup.pool)
+        .await
+        .expect("outbox");
+    assert_eq!(left, 0, "nothing left in the outbox");
+}
+
 #[tokio::test]
 async fn an_outbox_row_the_broker_refuses_is_parked_and_the_rest_is_published_once() {
     let setup = setup("poison_outbox").await;
@@ -166,27 +197,13 @@ async fn an_outbox_row_the_broker_refuses_is_parked_and_the_rest_is_published_on
     let cancel = CancellationToken::new();
     let relay = Relay::new(setup.pool.clone(), &setup.kafka).expect("relay");
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
-    let published = read_for(
-        &reader(&setup.kafka, &setup.kafka.topic(TOPIC)),
-        Duration::from_secs(4),
+    published_once_and_nothing_left(
+        &setup,
+        (cancel, relay_task),
+        [("first", &first), ("after", &after), ("other", &other)],
+        &huge,
     )
     .await;
-    cancel.cancel();
-    relay_task.await.expect("join");
-
-    for (name, message) in [("first", &first), ("after", &after), ("other", &other)] {
-        assert_eq!(
-            published.get(&message.envelope.message_id).map(|p| p.0),
-            Some(1),
-            "{name} published exactly once: {published:?}"
-        );
-    }
-    assert!(!published.contains_key(&huge.envelope.message_id));
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&setup.pool)
-        .await
-        .expect("outbox");
-    assert_eq!(left, 0, "nothing left in the outbox");
     let parked: Vec<(Uuid, String)> =
         sqlx::query_as("SELECT message_id, error FROM outbox_parked ORDER BY id")
             .fetch_all(&setup.pool)
@@ -218,14 +235,9 @@ async fn a_handed_over_message_the_broker_refuses_is_parked_and_the_rest_is_publ
             &context,
         )
     };
-    let cancel = CancellationToken::new();
-    // No poll: only the writers' hand-overs and what follows a refusal make it read.
-    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let relay_task = tokio::spawn(relay.run(cancel.clone()));
-    // Time to take the publishing lock: from then on its writers hand their messages over.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // No poll: only the writers' hand-overs and what follows a refusal make it read. From
+    // when it holds the publishing lock, its writers hand their messages over.
+    let (cancel, relay_task) = relay_without_poll(&setup).await;
     let first = message(1, "first".into());
     // Far above the producer's message.max.bytes (1,000,000).
     let huge = message(2, "x".repeat(2_000_000));
@@ -236,27 +248,13 @@ async fn a_handed_over_message_the_broker_refuses_is_parked_and_the_rest_is_publ
         tx.commit().await.expect("commit");
         setup.outbox.committed_messages(batch, earlier);
     }
-    let published = read_for(
-        &reader(&setup.kafka, &setup.kafka.topic(TOPIC)),
-        Duration::from_secs(4),
+    published_once_and_nothing_left(
+        &setup,
+        (cancel, relay_task),
+        [("first", &first), ("after", &after)],
+        &huge,
     )
     .await;
-    cancel.cancel();
-    relay_task.await.expect("join");
-
-    for (name, m) in [("first", &first), ("after", &after)] {
-        assert_eq!(
-            published.get(&m.envelope.message_id).map(|p| p.0),
-            Some(1),
-            "{name} published exactly once: {published:?}"
-        );
-    }
-    assert!(!published.contains_key(&huge.envelope.message_id));
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&setup.pool)
-        .await
-        .expect("outbox");
-    assert_eq!(left, 0, "nothing left in the outbox");
     let parked: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM outbox_parked")
         .fetch_all(&setup.pool)
         .await

@@ -757,18 +757,6 @@ async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer
     task.await.expect("relay");
 }
 
-/// The relay of `setup`'s outbox, with no poll (only its writers' wake-ups make it read the
-/// outbox), once it has taken the publishing lock and read the outbox a first time.
-async fn relay_without_poll(setup: &Setup) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let cancel = CancellationToken::new();
-    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
-        .expect("relay")
-        .with_poll_interval(Duration::from_secs(3600));
-    let task = tokio::spawn(relay.run(cancel.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    (cancel, task)
-}
-
 /// A message of `TOPIC` keyed by `key`, numbered `n` (`read_until` reads the number back).
 fn numbered(setup: &Setup, key: u128, n: u32) -> messaging::OutboxMessage {
     setup.outbox.message(

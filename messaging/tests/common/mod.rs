@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use messaging::envelope;
-use messaging::{Consumer, Handler, HandlerError, Incoming, KafkaArgs, Outbox};
+use messaging::{Consumer, Handler, HandlerError, Incoming, KafkaArgs, Outbox, Relay};
 use proto::order::v1::CompleteOrder;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -226,4 +226,16 @@ pub fn start_consumer<H: Handler>(setup: &Setup, group: &str, handler: H) -> Run
     );
     let task = tokio::spawn(consumer.run(handler, cancel.clone()));
     RunningConsumer { cancel, task }
+}
+
+/// The relay of `setup`'s outbox, with no poll (only its writers' wake-ups make it read the
+/// outbox), once it has taken the publishing lock and read the outbox a first time.
+pub async fn relay_without_poll(setup: &Setup) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let relay = Relay::for_outbox(setup.pool.clone(), &setup.outbox)
+        .expect("relay")
+        .with_poll_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(relay.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (cancel, task)
 }
