@@ -161,11 +161,33 @@ impl Engine {
         conn: &mut PgConnection,
         writes: &[SagaWrite],
     ) -> Result<(), HandlerError> {
+        self.save(conn, writes, None).await
+    }
+
+    /// Like [`Engine::save_all`], for a consumer batch taken alone
+    /// ([`messaging::Handler::takes_alone`]): on a connection with no transaction, one step a
+    /// message of `inbox` (the batch's inbox rows, recorded by the same statement), all
+    /// written or none ([`store::save_all`]).
+    pub async fn save_all_alone(
+        &self,
+        conn: &mut PgConnection,
+        writes: &[SagaWrite],
+        inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
+        self.save(conn, writes, Some(inbox)).await
+    }
+
+    async fn save(
+        &self,
+        conn: &mut PgConnection,
+        writes: &[SagaWrite],
+        alone: Option<&InboxRows<'_>>,
+    ) -> Result<(), HandlerError> {
         if writes.is_empty() {
             return Ok(());
         }
         let commands = messaging::outbox::take_held();
-        let earlier = store::save_all(conn, writes, &OutboxRows::new(&commands)?)
+        let earlier = store::save_all(conn, writes, &OutboxRows::new(&commands)?, alone)
             .await
             .map_err(store_error)?;
         if !commands.is_empty() {

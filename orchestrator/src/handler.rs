@@ -2,7 +2,7 @@
 //! confirmations included), as saga inputs.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use messaging::{Handler, HandlerError, InboxRows, Incoming};
@@ -20,6 +20,8 @@ use crate::store::{SagaWrite, StoredSaga};
 pub struct SagaHandler {
     engine: Engine,
     batch: Mutex<Batch>,
+    /// The sagas as this handler last wrote them, for the batches it takes alone.
+    memory: Arc<Mutex<Memory>>,
 }
 
 /// What the handler holds between [`Handler::prepare`] and [`Handler::flush`] of one batch.
@@ -27,11 +29,51 @@ pub struct SagaHandler {
 struct Batch {
     /// Whether a batch is open: outside one, each step is saved at once.
     open: bool,
+    /// The inbox rows of a batch taken alone ([`Handler::takes_alone`]): one message a saga,
+    /// each saga read from memory.
+    alone: Option<Vec<(Uuid, String, String)>>,
     /// The batch's sagas as they stand in it: read together by `prepare` (`None`: no saga
     /// yet), then as each step left them.
     sagas: HashMap<Uuid, Option<StoredSaga>>,
     /// The steps not saved yet, at most one per saga (one statement cannot write a row twice).
     unsaved: Vec<SagaWrite>,
+    /// The sagas the batch's statements saved so far.
+    saved: Vec<Uuid>,
+}
+
+/// The sagas as this handler's committed batches left them, by id, so that the next reply of
+/// a saga is applied without reading it: the replies of a saga come to the consumer that sent
+/// its command (one partition a saga). Only a hint: the statement of a batch taken alone writes
+/// nothing unless every saga is still at the version remembered here.
+#[derive(Default)]
+struct Memory {
+    sagas: HashMap<Uuid, StoredSaga>,
+}
+
+impl Memory {
+    /// Sagas remembered at most: some hundreds of bytes each.
+    const CAPACITY: usize = 10_000;
+
+    fn remember(&mut self, sagas: impl IntoIterator<Item = StoredSaga>) {
+        for stored in sagas {
+            if stored.saga.state.is_terminal() {
+                // Nothing more is expected of an ended saga.
+                self.sagas.remove(&stored.saga.order_id);
+                continue;
+            }
+            if self.sagas.len() >= Self::CAPACITY {
+                // Sagas abandoned halfway (their replies went to another replica): start over.
+                self.sagas.clear();
+            }
+            self.sagas.insert(stored.saga.order_id, stored);
+        }
+    }
+
+    fn forget(&mut self, ids: impl IntoIterator<Item = Uuid>) {
+        for id in ids {
+            self.sagas.remove(&id);
+        }
+    }
 }
 
 impl SagaHandler {
@@ -39,6 +81,7 @@ impl SagaHandler {
         Self {
             engine,
             batch: Mutex::default(),
+            memory: Arc::default(),
         }
     }
 
@@ -46,15 +89,91 @@ impl SagaHandler {
         self.batch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        lock(&self.memory)
+    }
+
     /// Saves the batch's unsaved steps, in one statement.
     async fn save_unsaved(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
         let unsaved = std::mem::take(&mut self.batch().unsaved);
-        self.engine.save_all(conn, &unsaved).await
+        self.engine.save_all(conn, &unsaved).await?;
+        self.batch()
+            .saved
+            .extend(unsaved.iter().map(|w| w.next.order_id));
+        Ok(())
     }
+}
+
+impl SagaHandler {
+    /// Saves a batch taken alone: one step a message, in one statement that records the inbox
+    /// rows too and writes all or nothing.
+    async fn save_alone(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &[(Uuid, String, String)],
+    ) -> Result<(), HandlerError> {
+        let unsaved = std::mem::take(&mut self.batch().unsaved);
+        if unsaved.len() != inbox.len() {
+            // An input ignored in the state remembered: whether it is ignored in the state
+            // stored is for the transaction to tell.
+            return Err(HandlerError::Transient(format!(
+                "{} of {} messages step their sagas as remembered",
+                unsaved.len(),
+                inbox.len()
+            )));
+        }
+        let rows: Vec<(Uuid, &str, &str)> = inbox
+            .iter()
+            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
+            .collect();
+        self.engine
+            .save_all_alone(conn, &unsaved, &InboxRows::new(&rows))
+            .await?;
+        self.batch()
+            .saved
+            .extend(unsaved.iter().map(|w| w.next.order_id));
+        Ok(())
+    }
+}
+
+fn lock(memory: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+    memory.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[async_trait]
 impl Handler for SagaHandler {
+    /// Takes a batch alone when each of its messages is of a different saga, remembered as this
+    /// handler last wrote it or started by the message.
+    fn takes_alone(&self, messages: &[&Incoming]) -> bool {
+        let mut sagas = HashMap::with_capacity(messages.len());
+        let mut inbox = Vec::with_capacity(messages.len());
+        {
+            let memory = self.memory();
+            for message in messages {
+                let (Ok(id), Ok((order_id, input))) = (message.message_id(), decode(message))
+                else {
+                    return false;
+                };
+                let stored = match memory.sagas.get(&order_id) {
+                    Some(stored) => Some(stored.clone()),
+                    None if matches!(input, Input::OrderCreated { .. }) => None,
+                    None => return false,
+                };
+                if sagas.insert(order_id, stored).is_some() {
+                    return false;
+                }
+                inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
+            }
+        }
+        *self.batch() = Batch {
+            open: true,
+            alone: Some(inbox),
+            sagas,
+            ..Batch::default()
+        };
+        true
+    }
+
     /// Reads the batch's sagas in one statement; their steps are saved together by `flush`.
     async fn prepare_recording(
         &self,
@@ -131,13 +250,30 @@ impl Handler for SagaHandler {
         Ok(())
     }
 
-    /// Saves the steps of the batch, in one statement.
+    /// Saves the steps of the batch, in one statement; once it has committed, remembers the
+    /// sagas as they left them.
     async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
-        self.save_unsaved(conn).await?;
-        *self.batch() = Batch::default();
+        let alone = self.batch().alone.take();
+        let saved = match alone {
+            None => self.save_unsaved(conn).await,
+            Some(inbox) => self.save_alone(conn, &inbox).await,
+        };
+        let batch = std::mem::take(&mut *self.batch());
+        if let Err(error) = saved {
+            // What memory said may be out of date: the batch's sagas are read again.
+            self.memory().forget(batch.sagas.into_keys());
+            return Err(error);
+        }
+        let mut sagas = batch.sagas;
+        let after: Vec<StoredSaga> = batch
+            .saved
+            .iter()
+            .filter_map(|id| sagas.remove(id).flatten())
+            .collect();
+        let memory = self.memory.clone();
+        messaging::after_commit(move || lock(&memory).remember(after));
         Ok(())
     }
-
     /// A message of a saga that can never be handled leaves the saga waiting: flag it.
     async fn on_dead_letter(
         &self,

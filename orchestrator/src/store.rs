@@ -185,10 +185,16 @@ impl SagaWrite {
 /// then rolls back and nothing of the batch is saved. `outgoing` (the messages the steps send)
 /// are recorded in the outbox by the same statement. Returns the rows of the commands' keys
 /// the statement found in the outbox ([`OutboxRows::earlier_sql`]).
+///
+/// With `alone` (a consumer batch's inbox rows, one message a step), the statement runs with
+/// no transaction around it and writes all or nothing by itself: it records the inbox rows too,
+/// and when a saga is not at the version read or a message was recorded before, it fails (the
+/// `consumer_batch_refused` of the messaging migrations, a serialization failure) having written nothing.
 pub async fn save_all(
     conn: &mut PgConnection,
     writes: &[SagaWrite],
     outgoing: &OutboxRows<'_>,
+    alone: Option<&InboxRows<'_>>,
 ) -> Result<Vec<Uuid>, StoreError> {
     if writes.is_empty() {
         return Ok(Vec::new());
@@ -263,6 +269,8 @@ pub async fn save_all(
             disarm_kinds.push(STEP_TIMER);
         }
     }
+    /// The first parameter of the inbox rows, after the outbox's.
+    const INBOX: usize = 22 + OutboxRows::PARAMETERS;
     static SAVE: LazyLock<String> = LazyLock::new(|| {
         format!(
         "WITH w AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], \
@@ -290,10 +298,18 @@ pub async fn save_all(
                ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = EXCLUDED.fire_at, failures = 0, last_error = NULL), \
          disarmed AS (DELETE FROM saga_timers t USING unnest($20::uuid[], $21::text[]) AS d(saga_id, kind), s \
                WHERE t.saga_id = d.saga_id AND t.kind = d.kind AND s.saga_id = d.saga_id), \
-         outgoing AS ({}) \
-         SELECT (SELECT count(*) FROM s), {}",
+         outgoing AS ({}), \
+         fresh AS ({}), \
+         counts AS (SELECT (SELECT count(*) FROM s) AS written, (SELECT count(*) FROM fresh) AS recorded) \
+         SELECT written, {}, \
+           CASE WHEN ${alone} AND (written <> cardinality($1::uuid[]) OR recorded <> cardinality(${inbox}::uuid[])) \
+             THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality(${inbox}::uuid[])) END \
+         FROM counts",
         OutboxRows::insert_sql(22, None),
-        OutboxRows::earlier_sql(22)
+        InboxRows::insert_sql(INBOX),
+        OutboxRows::earlier_sql(22),
+        inbox = INBOX,
+        alone = INBOX + InboxRows::PARAMETERS,
     )
     });
     let query = sqlx::query(&SAVE)
@@ -318,7 +334,10 @@ pub async fn save_all(
         .bind(&arm_at)
         .bind(&disarm_ids)
         .bind(&disarm_kinds);
-    let row = outgoing.bind(query).fetch_one(&mut *conn).await?;
+    let none = InboxRows::new(&[]);
+    let query = outgoing.bind(query);
+    let query = alone.unwrap_or(&none).bind(query).bind(alone.is_some());
+    let row = query.fetch_one(&mut *conn).await?;
     let written: i64 = row.try_get(0)?;
     if written == n as i64 {
         return Ok(row.try_get(1)?);

@@ -1236,3 +1236,217 @@ async fn a_batch_is_one_statement_to_record_and_read_and_one_to_write() {
         "the existing saga's reserve (sent before the batch), the two new sagas' and the charge"
     );
 }
+
+/// The orchestrator's consumer over `pool`, to hand batches to as if received.
+fn consumer(pool: &PgPool) -> messaging::Consumer {
+    messaging::Consumer::new(
+        &kafka(),
+        "orchestrator",
+        &[proto::topics::ORDER_EVENTS, proto::topics::SAGA_REPLIES],
+        pool.clone(),
+        Outbox::new("orchestrator", kafka()),
+    )
+}
+
+/// `batch` handled by the consumer as one batch, with the statements it ran.
+async fn handled(
+    pool: &PgPool,
+    consumer: &messaging::Consumer,
+    handler: &orchestrator::handler::SagaHandler,
+    batch: &[messaging::Incoming],
+) -> Vec<(String, i64)> {
+    let (handled, statements) =
+        test_support::statements_of(pool, consumer.handle_received(handler, batch)).await;
+    handled.expect("the batch is handled");
+    statements
+}
+
+/// Checks that `statements` are one statement that saves the sagas, with no transaction.
+fn assert_alone(statements: Vec<(String, i64)>) {
+    assert!(
+        !statements
+            .iter()
+            .any(|(q, _)| q == "BEGIN" || q == "COMMIT"),
+        "no transaction: {statements:#?}"
+    );
+    let own = test_support::own_statements(statements);
+    assert_eq!(own.len(), 1, "{own:#?}");
+    assert!(own[0].0.starts_with("WITH w AS"), "{own:#?}");
+    assert_eq!(own[0].1, 1, "{own:#?}");
+}
+
+/// Each saga's (state, version) and its history's versions, by saga.
+async fn sagas_and_history(pool: &PgPool, ids: &[Uuid]) -> Vec<(String, i64, Vec<i64>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let (state, version): (String, i64) =
+            sqlx::query_as("SELECT state, version FROM sagas WHERE saga_id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .expect("saga");
+        let history: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM saga_history WHERE saga_id = $1 ORDER BY version",
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await
+        .expect("history");
+        out.push((state, version, history));
+    }
+    out
+}
+
+/// A batch of new sagas, then one of their replies, is each written by one statement with no
+/// transaction around it: the steps, their history, timers and commands, and the batch's inbox
+/// rows. The handler remembers the sagas as it wrote them, so it reads nothing.
+#[tokio::test]
+async fn a_batch_of_sagas_the_orchestrator_wrote_last_is_one_statement_without_a_transaction() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let consumer = consumer(&pool);
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    for batch in [
+        [order_created(first), order_created(second)],
+        [inventory_reserved(first), inventory_reserved(second)],
+    ] {
+        let statements = handled(&pool, &consumer, &handler, &batch).await;
+        assert_alone(statements);
+    }
+    assert_eq!(
+        sagas_and_history(&pool, &[first, second]).await,
+        vec![("CHARGING".to_owned(), 2, vec![1, 2]); 2]
+    );
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .expect("inbox");
+    assert_eq!(recorded, 4, "the four messages are in the inbox");
+    let mut sent = outbox_types(&pool).await;
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("inventory.commands", "inventory.v1.ReserveInventory"),
+            ("payment.commands", "payment.v1.ChargePayment"),
+            ("payment.commands", "payment.v1.ChargePayment"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    assert_eq!(
+        timer_kinds(&pool).await,
+        ["payment_deadline", "payment_deadline", "step", "step"]
+    );
+}
+
+/// A saga another writer stepped since the handler wrote it (an operator, a timer, another
+/// replica) is not at the version the handler remembers: the batch's one statement writes
+/// nothing of the batch, and the batch is applied in a transaction, from the saga as stored.
+#[tokio::test]
+async fn a_batch_whose_saga_changed_since_the_orchestrator_wrote_it_is_applied_from_the_stored_saga(
+) {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let consumer = consumer(&pool);
+    let (untouched, raced) = (Uuid::now_v7(), Uuid::now_v7());
+    handled(
+        &pool,
+        &consumer,
+        &handler,
+        &[order_created(untouched), order_created(raced)],
+    )
+    .await;
+    step(
+        &pool,
+        &engine,
+        raced,
+        Input::InventoryReservationFailed {
+            reason: "out of stock".into(),
+        },
+    )
+    .await
+    .expect("the other writer");
+    let statements = handled(
+        &pool,
+        &consumer,
+        &handler,
+        &[inventory_reserved(untouched), inventory_reserved(raced)],
+    )
+    .await;
+    assert!(
+        statements.iter().any(|(q, _)| q == "BEGIN"),
+        "applied in a transaction after the statement alone refused it: {statements:#?}"
+    );
+    // The reservation reply finds the raced saga failing (compensating): ignored there, with
+    // no step; the untouched one steps once.
+    assert_eq!(
+        sagas_and_history(&pool, &[untouched, raced]).await,
+        [
+            ("CHARGING".to_owned(), 2, vec![1, 2]),
+            ("FAILING".to_owned(), 2, vec![1, 2]),
+        ]
+    );
+    let charges: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE message_type = 'payment.v1.ChargePayment'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("outbox");
+    assert_eq!(charges, 1, "the untouched saga's charge, once");
+    // Remembered afresh: the next batch of both is alone again.
+    let statements = handled(
+        &pool,
+        &consumer,
+        &handler,
+        &[incoming(
+            untouched,
+            proto::topics::SAGA_REPLIES,
+            &proto::payment::v1::PaymentInitiated {
+                order_id: untouched.to_string(),
+                payment_id: Uuid::now_v7().to_string(),
+            },
+        )],
+    )
+    .await;
+    assert_alone(statements);
+}
+
+/// A message the inbox holds already (handled before, by another replica, say) is not applied
+/// again, even when its saga stands, as the handler remembers it, where the message would
+/// step it.
+#[tokio::test]
+async fn a_message_handled_before_is_not_applied_again_by_a_batch_written_alone() {
+    let (pool, engine) = setup(Duration::from_secs(600)).await;
+    let handler = orchestrator::handler::SagaHandler::new(engine.clone());
+    let consumer = consumer(&pool);
+    let order_id = Uuid::now_v7();
+    handled(&pool, &consumer, &handler, &[order_created(order_id)]).await;
+    let reply = inventory_reserved(order_id);
+    messaging::inbox::record(
+        &mut pool.acquire().await.expect("connection"),
+        reply.message_id().expect("id"),
+        reply.message_type(),
+        &reply.topic,
+    )
+    .await
+    .expect("recorded as handled");
+    let statements = handled(&pool, &consumer, &handler, std::slice::from_ref(&reply)).await;
+    assert!(
+        statements.iter().any(|(q, _)| q == "BEGIN"),
+        "decided in a transaction after the statement alone refused it: {statements:#?}"
+    );
+    assert_eq!(
+        sagas_and_history(&pool, &[order_id]).await,
+        [("RESERVING".to_owned(), 1, vec![1])],
+        "not stepped"
+    );
+    assert_eq!(
+        outbox_types(&pool).await,
+        [(
+            "inventory.commands".to_owned(),
+            "inventory.v1.ReserveInventory".to_owned()
+        )],
+        "no charge sent"
+    );
+}
