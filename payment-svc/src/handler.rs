@@ -5,11 +5,11 @@
 //! the orchestrator retried) finds the payment as the first one left it and replies the same.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, OutboxRows, Prepared};
 use prost::Name as _;
 use proto::payment::v1 as pb;
 use proto::topics::SAGA_REPLIES;
@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::convert;
-use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentStatus};
+use crate::payment::{CustomerId, NewPayment, OrderId, Payment, PaymentId, PaymentStatus};
 use crate::provider::{Decision, PaymentProvider};
 use crate::store;
 
@@ -57,9 +57,18 @@ pub struct PaymentCommands {
     outbox: Outbox,
     provider: Arc<dyn PaymentProvider>,
     provider_timeout: Duration,
-    /// The payments a batch's charges recorded in its first statement, by message id, for
-    /// `handle` to reply with.
+    /// The payments a batch's charges recorded in its first statement (or, for a batch taken
+    /// alone, will record in its one statement), by message id, for `handle` to reply with.
     prepared: Prepared<Payment>,
+    /// The charges of a batch taken alone, recorded by `flush`.
+    alone: Mutex<Option<AloneCharges>>,
+}
+
+/// A batch of charges taken alone ([`Handler::takes_alone`]): its inbox rows, and each charge
+/// with its message's id and the payment id it gets.
+struct AloneCharges {
+    inbox: Vec<(Uuid, String, String)>,
+    charges: Vec<(Uuid, PaymentId, NewPayment)>,
 }
 
 impl PaymentCommands {
@@ -73,7 +82,12 @@ impl PaymentCommands {
             provider,
             provider_timeout,
             prepared: Prepared::default(),
+            alone: Mutex::default(),
         }
+    }
+
+    fn alone(&self) -> std::sync::MutexGuard<'_, Option<AloneCharges>> {
+        self.alone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn reply<M: prost::Message + prost::Name>(
@@ -343,6 +357,7 @@ impl Handler for PaymentCommands {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared.clear();
+        *self.alone() = None;
         // A message that does not decode, or a charge that can never be applied, is refused by
         // `handle`, with its error.
         let first = messaging::first_of_each(messages, |m| {
@@ -372,8 +387,64 @@ impl Handler for PaymentCommands {
         Ok(Some(fresh))
     }
 
-    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+    /// Takes a batch alone when it is charges only, of different orders, each one that can be
+    /// applied: its replies are known before its statement runs (the payment ids are made
+    /// here), so the charges, the inbox rows and the replies are one statement. A charge of an
+    /// order that has a payment already makes that statement refuse the batch, and the
+    /// transaction replies as that payment stands.
+    fn takes_alone(&self, messages: &[&Incoming]) -> bool {
+        let mut orders = HashSet::with_capacity(messages.len());
+        let mut inbox = Vec::with_capacity(messages.len());
+        let mut charges = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (Ok(id), Ok(Command::Charge(charge))) =
+                (message.message_id(), Command::decode(message))
+            else {
+                return false;
+            };
+            let Ok(new) = self.new_payment(charge, message) else {
+                return false;
+            };
+            if !orders.insert(new.order_id) {
+                return false;
+            }
+            inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
+            charges.push((id, PaymentId(Uuid::now_v7()), new));
+        }
+        self.prepared.set(
+            charges
+                .iter()
+                .map(|(message, payment_id, new)| (*message, new.recorded_as(*payment_id))),
+        );
+        *self.alone() = Some(AloneCharges { inbox, charges });
+        true
+    }
+
+    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
         self.prepared.clear();
+        let Some(alone) = self.alone().take() else {
+            return Ok(());
+        };
+        let replies = messaging::outbox::take_held();
+        let inbox: Vec<(Uuid, &str, &str)> = alone
+            .inbox
+            .iter()
+            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
+            .collect();
+        let charges: Vec<(Uuid, PaymentId, &NewPayment)> = alone
+            .charges
+            .iter()
+            .map(|(message, payment_id, new)| (*message, *payment_id, new))
+            .collect();
+        let earlier = store::charge_all_alone(
+            conn,
+            &InboxRows::new(&inbox),
+            &charges,
+            &OutboxRows::new(&replies)?,
+        )
+        .await?;
+        self.outbox.recorded(conn).await?;
+        messaging::outbox::held_recorded(replies, earlier);
         Ok(())
     }
 

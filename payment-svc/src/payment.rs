@@ -154,6 +154,29 @@ pub struct NewPayment {
     pub customer_id: Option<CustomerId>,
 }
 
+impl NewPayment {
+    /// The payment as recording it under `payment_id` makes it, now.
+    pub fn recorded_as(&self, payment_id: PaymentId) -> Payment {
+        let now = Utc::now();
+        Payment {
+            payment_id,
+            order_id: self.order_id,
+            amount_cents: self.amount_cents,
+            currency: self.currency.clone(),
+            payment_method: self.payment_method.clone(),
+            status: self.status,
+            decline_reason: self.decline_reason.clone(),
+            correlation_id: self.correlation_id.clone(),
+            traceparent: self.traceparent.clone(),
+            customer_id: self.customer_id.clone(),
+            tombstone: false,
+            attempt_key: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::PaymentStatus::{self, *};

@@ -118,67 +118,21 @@ pub async fn record_and_insert_all(
 ) -> Result<(HashSet<Uuid>, Vec<Payment>), sqlx::Error> {
     static INSERT: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH fresh AS ({}), \
-                  inserted AS (INSERT INTO payments (payment_id, order_id, amount_cents, currency, \
-                                 payment_method, status, decline_reason, correlation_id, \
-                                 traceparent, customer_id) \
-                               SELECT c.payment_id, c.order_id, c.amount_cents, c.currency, \
-                                 c.payment_method, c.status, c.decline_reason, c.correlation_id, \
-                                 c.traceparent, c.customer_id \
-                               FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], \
-                                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-                                 $10::text[], $11::uuid[]) \
-                                 AS c(payment_id, order_id, amount_cents, currency, payment_method, \
-                                   status, decline_reason, correlation_id, traceparent, \
-                                   customer_id, message_id) \
-                               WHERE c.message_id IN (SELECT message_id FROM fresh) \
-                               ON CONFLICT (order_id) DO NOTHING \
-                               RETURNING {COLUMNS}) \
+            "WITH fresh AS ({}), inserted AS ({INSERT_CHARGES} RETURNING {COLUMNS}) \
              SELECT ARRAY(SELECT message_id FROM fresh) AS fresh, inserted.* \
              FROM (SELECT) AS one LEFT JOIN inserted ON true",
-            InboxRows::insert_sql(12)
+            InboxRows::insert_sql(CHARGE_PARAMETERS + 1)
         )
     });
-    let n = charges.len();
-    let payment_ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-    let order_ids: Vec<Uuid> = charges.iter().map(|(_, c)| c.order_id.0).collect();
-    let amounts: Vec<i64> = charges.iter().map(|(_, c)| c.amount_cents).collect();
-    let currencies: Vec<&str> = charges.iter().map(|(_, c)| c.currency.as_str()).collect();
-    let methods: Vec<&str> = charges
+    let charges: Vec<(Uuid, PaymentId, &NewPayment)> = charges
         .iter()
-        .map(|(_, c)| c.payment_method.as_str())
+        .map(|(message, new)| (*message, PaymentId(Uuid::now_v7()), new))
         .collect();
-    let statuses: Vec<&str> = charges.iter().map(|(_, c)| c.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = charges
-        .iter()
-        .map(|(_, c)| c.decline_reason.as_deref())
-        .collect();
-    let correlations: Vec<&str> = charges
-        .iter()
-        .map(|(_, c)| c.correlation_id.as_str())
-        .collect();
-    let traceparents: Vec<&str> = charges
-        .iter()
-        .map(|(_, c)| c.traceparent.as_str())
-        .collect();
-    let customers: Vec<Option<&str>> = charges
-        .iter()
-        .map(|(_, c)| c.customer_id.as_ref().map(|id| id.0.as_str()))
-        .collect();
-    let message_ids: Vec<Uuid> = charges.iter().map(|(id, _)| *id).collect();
-    let query = sqlx::query(&INSERT)
-        .bind(&payment_ids)
-        .bind(&order_ids)
-        .bind(&amounts)
-        .bind(&currencies)
-        .bind(&methods)
-        .bind(&statuses)
-        .bind(&reasons)
-        .bind(&correlations)
-        .bind(&traceparents)
-        .bind(&customers)
-        .bind(&message_ids);
-    let rows = inbox.bind(query).fetch_all(&mut *conn).await?;
+    let arrays = ChargeArrays::new(&charges);
+    let rows = inbox
+        .bind(arrays.bind(sqlx::query(&INSERT)))
+        .fetch_all(&mut *conn)
+        .await?;
     let mut fresh = HashSet::new();
     let mut inserted = Vec::new();
     for row in &rows {
@@ -190,6 +144,123 @@ pub async fn record_and_insert_all(
         }
     }
     Ok((fresh, inserted))
+}
+
+/// A consumer batch of charges taken alone ([`messaging::Handler::takes_alone`]), one per
+/// order, each with the id of its message and the payment id it gets: records them, the
+/// batch's inbox rows and their replies (`replies`) in one statement with no transaction
+/// around it, all of it or nothing. When an order has a payment already (or a tombstone) or a
+/// message was handled before, it fails (`consumer_batch_refused`, a serialization failure)
+/// having written nothing, and the consumer handles the batch in a transaction. Returns the
+/// rows of the replies' keys the statement found in the outbox ([`OutboxRows::earlier_sql`]).
+pub async fn charge_all_alone(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    charges: &[(Uuid, PaymentId, &NewPayment)],
+    replies: &OutboxRows<'_>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    const INBOX: usize = CHARGE_PARAMETERS + 1;
+    const REPLIES: usize = INBOX + InboxRows::PARAMETERS;
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), inserted AS ({INSERT_CHARGES} RETURNING order_id), \
+                  replies AS ({}), \
+                  counts AS (SELECT (SELECT count(*) FROM inserted) AS written, \
+                                    (SELECT count(*) FROM fresh) AS recorded) \
+             SELECT {}, \
+               CASE WHEN written <> cardinality($2::uuid[]) OR recorded <> cardinality(${INBOX}::uuid[]) \
+                 THEN consumer_batch_refused(written, cardinality($2::uuid[]), recorded, cardinality(${INBOX}::uuid[])) END \
+             FROM counts",
+            InboxRows::insert_sql(INBOX),
+            OutboxRows::insert_sql(REPLIES, None),
+            OutboxRows::earlier_sql(REPLIES),
+        )
+    });
+    let arrays = ChargeArrays::new(charges);
+    let query = inbox.bind(arrays.bind(sqlx::query(&INSERT)));
+    replies.bind(query).fetch_one(&mut *conn).await?.try_get(0)
+}
+
+/// The `INSERT` of a batch's charges bound from `$1` ([`ChargeArrays`]), each only when its
+/// message is in `fresh` (recorded now in the inbox) and its order has no payment yet.
+const INSERT_CHARGES: &str = "INSERT INTO payments (payment_id, order_id, amount_cents, currency, \
+       payment_method, status, decline_reason, correlation_id, traceparent, customer_id) \
+     SELECT c.payment_id, c.order_id, c.amount_cents, c.currency, c.payment_method, c.status, \
+       c.decline_reason, c.correlation_id, c.traceparent, c.customer_id \
+     FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], \
+       $7::text[], $8::text[], $9::text[], $10::text[], $11::uuid[]) \
+       AS c(payment_id, order_id, amount_cents, currency, payment_method, status, \
+         decline_reason, correlation_id, traceparent, customer_id, message_id) \
+     WHERE c.message_id IN (SELECT message_id FROM fresh) \
+     ON CONFLICT (order_id) DO NOTHING";
+
+/// The parameters [`ChargeArrays::bind`] adds.
+const CHARGE_PARAMETERS: usize = 11;
+
+/// Charges (message id, payment id, payment) as the arrays [`INSERT_CHARGES`] binds.
+struct ChargeArrays<'a> {
+    payment_ids: Vec<Uuid>,
+    order_ids: Vec<Uuid>,
+    amounts: Vec<i64>,
+    currencies: Vec<&'a str>,
+    methods: Vec<&'a str>,
+    statuses: Vec<&'a str>,
+    reasons: Vec<Option<&'a str>>,
+    correlations: Vec<&'a str>,
+    traceparents: Vec<&'a str>,
+    customers: Vec<Option<&'a str>>,
+    message_ids: Vec<Uuid>,
+}
+
+impl<'a> ChargeArrays<'a> {
+    fn new(charges: &[(Uuid, PaymentId, &'a NewPayment)]) -> Self {
+        Self {
+            payment_ids: charges.iter().map(|(_, id, _)| id.0).collect(),
+            order_ids: charges.iter().map(|(.., c)| c.order_id.0).collect(),
+            amounts: charges.iter().map(|(.., c)| c.amount_cents).collect(),
+            currencies: charges.iter().map(|(.., c)| c.currency.as_str()).collect(),
+            methods: charges
+                .iter()
+                .map(|(.., c)| c.payment_method.as_str())
+                .collect(),
+            statuses: charges.iter().map(|(.., c)| c.status.as_str()).collect(),
+            reasons: charges
+                .iter()
+                .map(|(.., c)| c.decline_reason.as_deref())
+                .collect(),
+            correlations: charges
+                .iter()
+                .map(|(.., c)| c.correlation_id.as_str())
+                .collect(),
+            traceparents: charges
+                .iter()
+                .map(|(.., c)| c.traceparent.as_str())
+                .collect(),
+            customers: charges
+                .iter()
+                .map(|(.., c)| c.customer_id.as_ref().map(|id| id.0.as_str()))
+                .collect(),
+            message_ids: charges.iter().map(|(message, ..)| *message).collect(),
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.payment_ids)
+            .bind(&self.order_ids)
+            .bind(&self.amounts)
+            .bind(&self.currencies)
+            .bind(&self.methods)
+            .bind(&self.statuses)
+            .bind(&self.reasons)
+            .bind(&self.correlations)
+            .bind(&self.traceparents)
+            .bind(&self.customers)
+            .bind(&self.message_ids)
+    }
 }
 
 pub async fn find<'e>(

@@ -451,3 +451,98 @@ async fn a_charge_after_a_void_of_its_order_in_one_batch_is_refused() {
         ["payment.v1.PaymentVoided", "payment.v1.PaymentFailed"]
     );
 }
+
+/// A batch of charges of new orders is one statement with no transaction around it: the
+/// payments, the batch's inbox rows and the replies. Delivered again, that statement refuses it
+/// (the orders have their payments, the messages are in the inbox), and the consumer's
+/// transaction finds it handled: nothing is charged or replied twice.
+#[tokio::test]
+async fn a_batch_of_new_charges_is_one_statement_without_a_transaction_and_delivered_again_changes_nothing(
+) {
+    let app = TestApp::start().await;
+    let (paying, declined) = (Uuid::new_v4(), Uuid::new_v4());
+    let batch = [
+        common::incoming(paying, &charge(paying, "pm_card_visa")),
+        common::incoming(declined, &charge(declined, "pm_card_unknown")),
+    ];
+    let (handled, statements) =
+        test_support::statements_of(&app.pool, app.handle_received(&batch)).await;
+    handled.expect("handled");
+    // The running service's relay reads the outbox meanwhile: only the statements on the inbox
+    // and the payments, and transactions, are the batch's.
+    let batch_statements: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("inbox") || q.contains("payments") || q == "BEGIN")
+        .collect();
+    assert_eq!(batch_statements.len(), 1, "{batch_statements:#?}");
+    assert!(
+        batch_statements[0].0.contains("INSERT INTO outbox"),
+        "the replies in the same statement: {batch_statements:#?}"
+    );
+    assert_eq!(batch_statements[0].1, 1, "{batch_statements:#?}");
+    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
+        sent.into_iter().map(|s| s.message_type).collect()
+    };
+    assert_eq!(
+        replies(app.sent(paying).await),
+        ["payment.v1.PaymentInitiated"]
+    );
+    assert_eq!(
+        replies(app.sent(declined).await),
+        ["payment.v1.PaymentFailed"]
+    );
+    assert_eq!(app.status(declined).await.as_deref(), Some("DECLINED"));
+    let initiated: pb::PaymentInitiated = app.sent(paying).await[0].decode();
+    let recorded: Uuid = sqlx::query_scalar("SELECT payment_id FROM payments WHERE order_id = $1")
+        .bind(paying)
+        .fetch_one(&app.pool)
+        .await
+        .expect("payment");
+    assert_eq!(
+        initiated.payment_id,
+        recorded.to_string(),
+        "the reply names the payment recorded"
+    );
+
+    let (handled, statements) =
+        test_support::statements_of(&app.pool, app.handle_received(&batch)).await;
+    handled.expect("handled again");
+    assert!(
+        statements.iter().any(|(q, _)| q == "BEGIN"),
+        "refused alone, decided in a transaction: {statements:#?}"
+    );
+    for order_id in [paying, declined] {
+        assert_eq!(app.payment_count(order_id).await, 1);
+        assert_eq!(app.sent(order_id).await.len(), 1, "replied once");
+    }
+}
+
+/// A charge of an order voided in an earlier batch (its tombstone) makes the one statement of
+/// a batch of charges refuse the whole batch, which is then applied in a transaction: that
+/// charge refused, nothing taken, the other charged.
+#[tokio::test]
+async fn a_charge_of_an_order_voided_before_is_refused_and_the_rest_of_its_batch_charged() {
+    let app = TestApp::start().await;
+    let (voided, paying) = (Uuid::new_v4(), Uuid::new_v4());
+    app.handle_received(&[common::incoming(voided, &void(voided))])
+        .await
+        .expect("void");
+    let batch = [
+        common::incoming(voided, &charge(voided, "pm_card_visa")),
+        common::incoming(paying, &charge(paying, "pm_card_visa")),
+    ];
+    app.handle_received(&batch).await.expect("charges");
+    assert_eq!(app.payment_count(voided).await, 0, "nothing taken");
+    assert_eq!(app.payment_count(paying).await, 1);
+    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
+        sent.into_iter().map(|s| s.message_type).collect()
+    };
+    assert_eq!(
+        replies(app.sent(voided).await),
+        ["payment.v1.PaymentVoided", "payment.v1.PaymentFailed"]
+    );
+    assert_eq!(
+        replies(app.sent(paying).await),
+        ["payment.v1.PaymentInitiated"]
+    );
+}

@@ -85,6 +85,20 @@ impl TestApp {
         }
     }
 
+    /// Hands `messages` to a consumer as one batch it received: it applies them alone or in a
+    /// transaction, as it decides ([`messaging::Handler::takes_alone`]).
+    pub async fn handle_received(&self, messages: &[Incoming]) -> Result<(), HandlerError> {
+        messaging::Consumer::new(
+            &self.config.kafka,
+            "payment-svc-test",
+            &[proto::topics::PAYMENT_COMMANDS],
+            self.pool.clone(),
+            messaging::Outbox::new("payment-svc", self.config.kafka.clone()),
+        )
+        .handle_received(&self.handler, messages)
+        .await
+    }
+
     /// Hands `command` for `order_id` to the handler, as the consumer would (a new message id),
     /// in a transaction committed when it succeeds.
     pub async fn handle<M: prost::Message + prost::Name>(
