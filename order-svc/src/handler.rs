@@ -1,9 +1,10 @@
 //! The saga's commands to order-svc, from `order.commands`.
 
 use std::collections::HashSet;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, OutboxRows, Prepared};
 use prost::Name as _;
 use proto::order::v1::{
     CompleteOrder, FailOrder, MarkPaymentInitiated, OrderCompleted, OrderFailed,
@@ -24,8 +25,19 @@ use crate::store::{self, Applied};
 #[derive(Debug)]
 pub struct OrderCommands {
     outbox: Outbox,
-    /// The batch's commands applied by its first statement: whether each moved its order.
+    /// The batch's commands applied by its first statement (or, for a batch taken alone, to
+    /// be applied by its one statement): whether each moved its order.
     prepared: Prepared<bool>,
+    /// The commands of a batch taken alone, applied by `flush`.
+    alone: Mutex<Option<AloneCommands>>,
+}
+
+/// A batch of commands taken alone ([`Handler::takes_alone`]): its inbox rows, and each command
+/// with its message's id and its order.
+#[derive(Debug)]
+struct AloneCommands {
+    inbox: Vec<(Uuid, String, String)>,
+    commands: Vec<(Uuid, OrderId, OrderCommand)>,
 }
 
 impl OrderCommands {
@@ -33,7 +45,12 @@ impl OrderCommands {
         Self {
             outbox,
             prepared: Prepared::default(),
+            alone: Mutex::default(),
         }
+    }
+
+    fn alone(&self) -> std::sync::MutexGuard<'_, Option<AloneCommands>> {
+        self.alone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Confirms the order's final status to the saga; a status that is not final (a
@@ -84,6 +101,7 @@ impl Handler for OrderCommands {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared.clear();
+        *self.alone() = None;
         // A message that does not decode is refused by `handle`, with its error.
         let commands: Vec<(Uuid, OrderId, OrderCommand)> =
             messaging::first_of_each(messages, |m| {
@@ -106,8 +124,59 @@ impl Handler for OrderCommands {
         Ok(Some(fresh))
     }
 
-    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+    /// Takes a batch alone when its commands are of different orders: each is taken to move
+    /// its order, so its reply is known before the statement runs, and the commands, the inbox
+    /// rows and the replies are one statement. A command that finds its order there or past it
+    /// already makes that statement refuse the batch, and the transaction replies as the order
+    /// stands.
+    fn takes_alone(&self, messages: &[&Incoming]) -> bool {
+        let mut orders = HashSet::with_capacity(messages.len());
+        let mut inbox = Vec::with_capacity(messages.len());
+        let mut commands = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (Ok(id), Ok((order_id, command))) = (message.message_id(), decode(message)) else {
+                return false;
+            };
+            let Ok(order_id) = uuid("order_id", &order_id).map(OrderId) else {
+                return false;
+            };
+            if !orders.insert(order_id) {
+                return false;
+            }
+            inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
+            commands.push((id, order_id, command));
+        }
+        self.prepared
+            .set(commands.iter().map(|(message, ..)| (*message, true)));
+        *self.alone() = Some(AloneCommands { inbox, commands });
+        true
+    }
+
+    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
         self.prepared.clear();
+        let Some(alone) = self.alone().take() else {
+            return Ok(());
+        };
+        let replies = messaging::outbox::take_held();
+        let inbox: Vec<(Uuid, &str, &str)> = alone
+            .inbox
+            .iter()
+            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
+            .collect();
+        let commands: Vec<(Uuid, OrderId, &OrderCommand)> = alone
+            .commands
+            .iter()
+            .map(|(message, order, command)| (*message, *order, command))
+            .collect();
+        let earlier = store::apply_all_alone(
+            conn,
+            &InboxRows::new(&inbox),
+            &commands,
+            &OutboxRows::new(&replies)?,
+        )
+        .await?;
+        self.outbox.recorded(conn).await?;
+        messaging::outbox::held_recorded(replies, earlier);
         Ok(())
     }
 

@@ -262,18 +262,7 @@ pub async fn record_and_apply_all(
 ) -> Result<(HashSet<Uuid>, Vec<Uuid>), sqlx::Error> {
     static APPLY: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH fresh AS ({}), \
-                  moved AS (UPDATE orders o SET status = c.target, \
-                                payment_id = COALESCE(c.payment_id, o.payment_id), \
-                                failure_reason = COALESCE(c.reason, o.failure_reason), \
-                                updated_at = now() \
-                            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], \
-                                        $6::uuid[]) \
-                              AS c(order_id, target, payment_id, reason, allowed, message_id) \
-                            WHERE o.order_id = c.order_id \
-                              AND o.status = ANY(string_to_array(c.allowed, ',')) \
-                              AND c.message_id IN (SELECT message_id FROM fresh) \
-                            RETURNING o.order_id) \
+            "WITH fresh AS ({}), moved AS ({MOVE}) \
              SELECT ARRAY(SELECT message_id FROM fresh), ARRAY(SELECT order_id FROM moved)",
             InboxRows::insert_sql(7)
         )
@@ -284,6 +273,54 @@ pub async fn record_and_apply_all(
     let fresh: Vec<Uuid> = row.try_get(0)?;
     Ok((fresh.into_iter().collect(), row.try_get(1)?))
 }
+
+/// A consumer batch of commands taken alone ([`messaging::Handler::takes_alone`]), one per
+/// order, each with the id of its message: applies them, records the batch's inbox rows and the
+/// replies of the commands as moving their orders (`replies`), in one statement with no
+/// transaction around it, all of it or nothing. When a command would not move its order (it
+/// is there or past it already, or unknown) or a message was handled before, it fails
+/// (`consumer_batch_refused`, a serialization failure) having written nothing, and the
+/// consumer handles the batch in a transaction. Returns the rows of the replies' keys the
+/// statement found in the outbox ([`OutboxRows::earlier_sql`]).
+pub async fn apply_all_alone(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    commands: &[(Uuid, OrderId, &OrderCommand)],
+    replies: &OutboxRows<'_>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    const REPLIES: usize = 7 + InboxRows::PARAMETERS;
+    static APPLY: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), moved AS ({MOVE}), replies AS ({}), \
+                  counts AS (SELECT (SELECT count(*) FROM moved) AS written, \
+                                    (SELECT count(*) FROM fresh) AS recorded) \
+             SELECT {}, \
+               CASE WHEN written <> cardinality($1::uuid[]) OR recorded <> cardinality($7::uuid[]) \
+                 THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality($7::uuid[])) END \
+             FROM counts",
+            InboxRows::insert_sql(7),
+            OutboxRows::insert_sql(REPLIES, None),
+            OutboxRows::earlier_sql(REPLIES),
+        )
+    });
+    let c = CommandArrays::new(commands.iter().copied());
+    let query = inbox.bind(c.bind(sqlx::query(&APPLY)).bind(&c.message_ids));
+    replies.bind(query).fetch_one(conn).await?.try_get(0)
+}
+
+/// The `UPDATE` of a batch's commands bound from `$1` ([`CommandArrays`], then the message
+/// ids): each moves its order when the order's status allows it and its message is in
+/// `fresh` (recorded now in the inbox); returns the orders moved.
+const MOVE: &str = "UPDATE orders o SET status = c.target, \
+         payment_id = COALESCE(c.payment_id, o.payment_id), \
+         failure_reason = COALESCE(c.reason, o.failure_reason), \
+         updated_at = now() \
+     FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::uuid[]) \
+       AS c(order_id, target, payment_id, reason, allowed, message_id) \
+     WHERE o.order_id = c.order_id \
+       AND o.status = ANY(string_to_array(c.allowed, ',')) \
+       AND c.message_id IN (SELECT message_id FROM fresh) \
+     RETURNING o.order_id";
 
 /// Commands as the arrays the statements above bind.
 struct CommandArrays<'a> {

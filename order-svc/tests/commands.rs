@@ -541,3 +541,117 @@ async fn a_long_poll_on_an_order_placed_here_reads_nothing() {
     assert_eq!(answered, app.get(id).await.unwrap());
     app.stop().await;
 }
+
+/// Hands `messages` to a consumer as one batch it received: it applies them alone or in a
+/// transaction, as it decides ([`messaging::Handler::takes_alone`]).
+async fn handle_received(app: &TestApp, messages: &[Incoming]) -> Result<(), HandlerError> {
+    let outbox = || Outbox::new("order-svc", app.config.kafka.clone());
+    messaging::Consumer::new(
+        &app.config.kafka,
+        "order-svc-test",
+        &[proto::topics::ORDER_COMMANDS],
+        app.pool.clone(),
+        outbox(),
+    )
+    .handle_received(&OrderCommands::new(outbox()), messages)
+    .await
+}
+
+/// A batch of commands that each move their order is one statement with no transaction
+/// around it: the status changes, the batch's inbox rows and the replies. Delivered again,
+/// that statement refuses it, and the consumer's transaction finds it handled: answered once.
+#[tokio::test]
+async fn a_batch_of_commands_moving_their_orders_is_one_statement_without_a_transaction() {
+    let app = TestApp::start().await;
+    let (paid, completed, failed) = (
+        app.place_order().await,
+        app.place_order().await,
+        app.place_order().await,
+    );
+    let payment_id = Uuid::now_v7().to_string();
+    let batch = [
+        mark_payment_initiated(&paid.order_id, &payment_id),
+        complete(&completed.order_id),
+        fail(&failed.order_id, "payment declined"),
+    ];
+    let (handled, statements) =
+        test_support::statements_of(&app.pool, handle_received(&app, &batch)).await;
+    handled.unwrap();
+    // The running service's relay reads the outbox meanwhile: only the inbox's and the
+    // orders' statements, and transactions, are the batch's.
+    let batch_statements: Vec<&(String, i64)> = statements
+        .iter()
+        .filter(|(q, _)| q.contains("inbox") || q.contains("UPDATE orders") || q == "BEGIN")
+        .collect();
+    assert_eq!(batch_statements.len(), 1, "{batch_statements:#?}");
+    let (statement, calls) = batch_statements[0];
+    assert!(
+        statement.contains("INSERT INTO inbox")
+            && statement.contains("UPDATE orders")
+            && statement.contains("INSERT INTO outbox"),
+        "{statement}"
+    );
+    assert_eq!(*calls, 1);
+    let got = app.get(&paid.order_id).await.unwrap();
+    assert_eq!(got.status(), pb::OrderStatus::PaymentInitiated);
+    assert_eq!(got.payment_id, payment_id);
+    assert!(
+        replies(&app, &paid.order_id).await.is_empty(),
+        "not a final status: no reply"
+    );
+
+    let (handled, statements) =
+        test_support::statements_of(&app.pool, handle_received(&app, &batch)).await;
+    handled.unwrap();
+    assert!(
+        statements.iter().any(|(q, _)| q == "BEGIN"),
+        "refused alone, decided in a transaction: {statements:#?}"
+    );
+    assert_eq!(
+        replies(&app, &completed.order_id).await,
+        [("order.v1.OrderCompleted".to_owned(), String::new())],
+        "answered once"
+    );
+    assert_eq!(
+        replies(&app, &failed.order_id).await,
+        [(
+            "order.v1.OrderFailed".to_owned(),
+            "payment declined".to_owned()
+        )],
+        "answered once"
+    );
+    app.stop().await;
+}
+
+/// A command whose order is past it already (a late failure of a completed order) makes the
+/// one statement of its batch refuse the batch, which is then applied in a transaction: that
+/// command answered with the order's real status, the other order moved.
+#[tokio::test]
+async fn a_command_its_order_is_past_is_answered_with_the_orders_status_when_its_batch_is_refused_alone(
+) {
+    let app = TestApp::start().await;
+    let (done, other) = (app.place_order().await, app.place_order().await);
+    handle(&app, &complete(&done.order_id)).await.unwrap();
+    handle_received(
+        &app,
+        &[fail(&done.order_id, "too late"), complete(&other.order_id)],
+    )
+    .await
+    .unwrap();
+    let completion = ("order.v1.OrderCompleted".to_owned(), String::new());
+    assert_eq!(
+        app.get(&done.order_id).await.unwrap().status(),
+        pb::OrderStatus::Completed
+    );
+    assert_eq!(
+        replies(&app, &done.order_id).await,
+        [completion.clone(), completion.clone()],
+        "the late failure answered with the order's real status"
+    );
+    assert_eq!(
+        app.get(&other.order_id).await.unwrap().status(),
+        pb::OrderStatus::Completed
+    );
+    assert_eq!(replies(&app, &other.order_id).await, [completion]);
+    app.stop().await;
+}
