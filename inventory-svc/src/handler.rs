@@ -1,12 +1,12 @@
 //! The commands of `inventory.commands`, handled in the consumer's inbox transaction, with their
 //! replies to `saga.replies` recorded in the same transaction.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, Prepared};
+use messaging::{Handler, HandlerError, InboxRows, Incoming, Outbox, OutboxRows, Prepared};
 use prost::Name as _;
 use proto::inventory::v1 as pb;
 use sqlx::PgConnection;
@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::convert;
-use crate::domain::{CommitOutcome, Lines, OrderId, ReleaseOutcome, ReserveOutcome};
+use crate::domain::{CommitOutcome, Lines, OrderId, ReleaseOutcome, ReservationId, ReserveOutcome};
 use crate::store::reservations;
 
 /// A command of `inventory.commands`, decoded.
@@ -50,9 +50,29 @@ impl Command {
 pub struct CommandHandler {
     outbox: Outbox,
     reservation_ttl: Duration,
-    /// The outcomes of a batch's commits, made by its first statement, by message id, for
-    /// `handle` to reply with.
+    /// The outcomes of a batch's commits, made by its first statement (or, for a batch taken
+    /// alone, to be made by its one statement), by message id, for `handle` to reply with.
     prepared: Arc<Prepared<CommitOutcome>>,
+    /// The reservations this handler's reserves made, by order, until their commit.
+    reserved: Arc<Mutex<HashMap<Uuid, ReservationId>>>,
+    /// The commits of a batch taken alone, made by `flush`.
+    alone: Arc<Mutex<Option<AloneCommits>>>,
+}
+
+/// A batch of commits taken alone ([`Handler::takes_alone`]): its inbox rows, and each commit
+/// with its message's id, its order and the reservation the order holds.
+#[derive(Debug)]
+struct AloneCommits {
+    inbox: Vec<(Uuid, String, String)>,
+    commits: Vec<(Uuid, OrderId, ReservationId)>,
+}
+
+/// Reservations remembered at most, until their commit (those of orders that fail are never
+/// committed: forgotten when the map is full).
+const RESERVED_CAPACITY: usize = 10_000;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl CommandHandler {
@@ -61,7 +81,29 @@ impl CommandHandler {
             outbox,
             reservation_ttl,
             prepared: Arc::default(),
+            reserved: Arc::default(),
+            alone: Arc::default(),
         }
+    }
+
+    /// Once the transaction commits, remembers (`Some`) or forgets the reservation of
+    /// `order_id`.
+    fn remember_after_commit(&self, order_id: OrderId, reservation: Option<ReservationId>) {
+        let reserved = self.reserved.clone();
+        messaging::after_commit(move || {
+            let mut reserved = lock(&reserved);
+            match reservation {
+                Some(id) => {
+                    if reserved.len() >= RESERVED_CAPACITY {
+                        reserved.clear();
+                    }
+                    reserved.insert(order_id.0, id);
+                }
+                None => {
+                    reserved.remove(&order_id.0);
+                }
+            }
+        });
     }
 
     async fn dispatch(
@@ -103,6 +145,7 @@ impl CommandHandler {
                 expires_at,
             } => {
                 tracing::debug!(%order_id, %reservation_id, "reserved");
+                self.remember_after_commit(order_id, Some(reservation_id));
                 let reply = pb::InventoryReserved {
                     order_id: order_id.to_string(),
                     reservation_id: reservation_id.to_string(),
@@ -133,6 +176,7 @@ impl CommandHandler {
             Some(outcome) => outcome,
             None => reservations::commit(conn, order_id).await?,
         };
+        self.remember_after_commit(order_id, None);
         match outcome {
             CommitOutcome::Committed { reservation_id } => {
                 tracing::debug!(%order_id, %reservation_id, "committed");
@@ -161,6 +205,7 @@ impl CommandHandler {
     ) -> Result<(), HandlerError> {
         let order_id = order_id(&command.order_id)?;
         let outcome = reservations::release(conn, order_id, &command.reason).await?;
+        self.remember_after_commit(order_id, None);
         match outcome {
             ReleaseOutcome::Released => {
                 tracing::debug!(%order_id, reason = %command.reason, "released")
@@ -217,6 +262,7 @@ impl Handler for CommandHandler {
         inbox: &InboxRows<'_>,
     ) -> Result<Option<HashSet<Uuid>>, HandlerError> {
         self.prepared.clear();
+        *lock(&self.alone) = None;
         // A message that does not decode is refused by `handle`, with its error.
         let first = messaging::first_of_each(messages, |m| {
             let command = Command::decode(m).ok()?;
@@ -240,8 +286,68 @@ impl Handler for CommandHandler {
         Ok(Some(fresh))
     }
 
-    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+    /// Takes a batch alone when it is commits only, of different orders, each holding the
+    /// reservation this handler's reserve made: each is taken to succeed, so its reply is known
+    /// before the statement runs, and the commits, the inbox rows and the replies are one
+    /// statement. A reservation expired or released meanwhile makes that statement refuse the
+    /// batch, and the transaction replies as the reservation stands.
+    fn takes_alone(&self, messages: &[&Incoming]) -> bool {
+        let mut commits = Vec::with_capacity(messages.len());
+        let mut inbox = Vec::with_capacity(messages.len());
+        {
+            let reserved = lock(&self.reserved);
+            for message in messages {
+                let (Ok(id), Ok(Command::Commit(commit))) =
+                    (message.message_id(), Command::decode(message))
+                else {
+                    return false;
+                };
+                let Ok(order) = order_id(&commit.order_id) else {
+                    return false;
+                };
+                let Some(reservation) = reserved.get(&order.0) else {
+                    return false;
+                };
+                if commits.iter().any(|(_, o, _)| *o == order) {
+                    return false;
+                }
+                inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
+                commits.push((id, order, *reservation));
+            }
+        }
+        self.prepared
+            .set(commits.iter().map(|(message, _, reservation_id)| {
+                (
+                    *message,
+                    CommitOutcome::Committed {
+                        reservation_id: *reservation_id,
+                    },
+                )
+            }));
+        *lock(&self.alone) = Some(AloneCommits { inbox, commits });
+        true
+    }
+
+    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
         self.prepared.clear();
+        let Some(alone) = lock(&self.alone).take() else {
+            return Ok(());
+        };
+        let replies = messaging::outbox::take_held();
+        let inbox: Vec<(Uuid, &str, &str)> = alone
+            .inbox
+            .iter()
+            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
+            .collect();
+        let earlier = reservations::commit_all_alone(
+            conn,
+            &InboxRows::new(&inbox),
+            &alone.commits,
+            &OutboxRows::new(&replies)?,
+        )
+        .await?;
+        self.outbox.recorded(conn).await?;
+        messaging::outbox::held_recorded(replies, earlier);
         Ok(())
     }
 

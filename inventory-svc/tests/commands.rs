@@ -606,3 +606,106 @@ async fn a_commit_after_a_release_of_its_order_in_one_batch_is_refused() {
     let refused: pb::InventoryCommitFailed = last_reply(pool, app.config(), order).await;
     assert_eq!(refused.reason, "reservation was released: payment declined");
 }
+
+/// A batch of commits of reservations this handler made is one statement with no transaction
+/// around it: the stock sold, the reservations committed, the batch's inbox rows and the
+/// replies. Delivered again, that statement refuses it, and the consumer's transaction finds it
+/// handled: nothing sold or replied twice.
+#[tokio::test]
+async fn a_batch_of_commits_of_reservations_made_here_is_one_statement_without_a_transaction() {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    handle_received(
+        pool,
+        app.config(),
+        &handler,
+        &[
+            reserve(first, &[("SKU-MONITOR", 2)]),
+            reserve(second, &[("SKU-MONITOR", 1), ("SKU-HEADSET", 1)]),
+        ],
+    )
+    .await
+    .expect("reserved");
+    let batch = [commit(first), commit(second)];
+    let (handled, statements) =
+        test_support::statements_of(pool, handle_received(pool, app.config(), &handler, &batch))
+            .await;
+    handled.expect("committed");
+    assert!(
+        !statements.iter().any(|(q, _)| q == "BEGIN"),
+        "no transaction: {statements:#?}"
+    );
+    let own = test_support::own_statements(statements);
+    assert_eq!(own.len(), 1, "the batch's statements: {own:#?}");
+    assert!(own[0].0.contains("INSERT INTO outbox"), "{own:#?}");
+    assert_eq!(own[0].1, 1, "{own:#?}");
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (997, 0, 3));
+    assert_eq!(stock(pool, "SKU-HEADSET").await, (999, 0, 1));
+    for order in [first, second] {
+        let committed: pb::InventoryCommitted = last_reply(pool, app.config(), order).await;
+        let recorded: Uuid =
+            sqlx::query_scalar("SELECT reservation_id FROM reservations WHERE order_id = $1")
+                .bind(order)
+                .fetch_one(pool)
+                .await
+                .expect("reservation");
+        assert_eq!(committed.reservation_id, recorded.to_string());
+        assert_eq!(
+            reservation_status(pool, order).await,
+            Some(("COMMITTED".to_owned(), None))
+        );
+    }
+
+    let (handled, statements) =
+        test_support::statements_of(pool, handle_received(pool, app.config(), &handler, &batch))
+            .await;
+    handled.expect("delivered again");
+    assert!(
+        statements.iter().any(|(q, _)| q == "BEGIN"),
+        "refused alone, decided in a transaction: {statements:#?}"
+    );
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (997, 0, 3));
+    for order in [first, second] {
+        assert_eq!(
+            replies(pool, app.config(), order).await.len(),
+            2,
+            "reserved, committed"
+        );
+    }
+}
+
+/// A reservation that expired since its reserve makes the one statement of a batch of commits
+/// refuse the batch, which is then applied in a transaction: that commit fails with its
+/// reason and returns the stock, the other is sold.
+#[tokio::test]
+async fn a_commit_of_a_reservation_expired_since_fails_with_its_reason_when_its_batch_is_refused_alone(
+) {
+    let app = built_app(&[]).await;
+    let (pool, handler) = (app.pool(), app.handler());
+    let (expired, sold) = (Uuid::new_v4(), Uuid::new_v4());
+    handle_received(
+        pool,
+        app.config(),
+        &handler,
+        &[
+            reserve(expired, &[("SKU-MONITOR", 2)]),
+            reserve(sold, &[("SKU-MONITOR", 1)]),
+        ],
+    )
+    .await
+    .expect("reserved");
+    expire(pool, expired).await;
+    handle_received(
+        pool,
+        app.config(),
+        &handler,
+        &[commit(expired), commit(sold)],
+    )
+    .await
+    .expect("commits");
+    let late: pb::InventoryCommitFailed = last_reply(pool, app.config(), expired).await;
+    assert_eq!(late.reason, "reservation expired");
+    let _: pb::InventoryCommitted = last_reply(pool, app.config(), sold).await;
+    assert_eq!(stock(pool, "SKU-MONITOR").await, (999, 0, 1));
+}

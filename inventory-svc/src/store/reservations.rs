@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use messaging::InboxRows;
+use messaging::{InboxRows, OutboxRows};
 use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
 
@@ -298,30 +298,7 @@ pub async fn record_and_commit_all(
 ) -> Result<(HashSet<Uuid>, HashMap<Uuid, CommitOutcome>), sqlx::Error> {
     static COMMIT: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH fresh AS ({}), \
-                  c AS (SELECT c.order_id FROM unnest($1::uuid[], $2::uuid[]) AS c(order_id, message_id) \
-                        WHERE c.message_id IN (SELECT message_id FROM fresh)), \
-                  h AS (SELECT reservation_id, order_id, status, expires_at, release_reason, refusal, \
-                               COALESCE(expires_at <= now(), false) AS expired \
-                        FROM reservations WHERE order_id IN (SELECT order_id FROM c) \
-                        ORDER BY order_id FOR UPDATE), \
-                  settled AS (SELECT reservation_id, NOT expired AS sold FROM h \
-                              WHERE status = 'RESERVED'), \
-                  held AS (SELECT l.sku, \
-                                  COALESCE(sum(l.quantity) FILTER (WHERE settled.sold), 0)::bigint AS sold, \
-                                  COALESCE(sum(l.quantity) FILTER (WHERE NOT settled.sold), 0)::bigint AS returned \
-                           FROM settled JOIN reservation_lines l USING (reservation_id) GROUP BY l.sku), \
-                  k AS (SELECT sku FROM stock WHERE sku IN (SELECT sku FROM held) ORDER BY sku FOR UPDATE), \
-                  s AS (UPDATE stock s SET reserved = s.reserved - held.sold - held.returned, \
-                          available = s.available + held.returned, \
-                          committed = s.committed + held.sold, \
-                          updated_at = now() \
-                        FROM held WHERE s.sku = held.sku AND (SELECT count(*) FROM k) > 0), \
-                  r AS (UPDATE reservations r \
-                        SET status = CASE WHEN settled.sold THEN 'COMMITTED' ELSE 'RELEASED' END, \
-                            release_reason = CASE WHEN settled.sold THEN r.release_reason ELSE $6 END, \
-                            updated_at = now() \
-                        FROM settled WHERE r.reservation_id = settled.reservation_id) \
+            "WITH fresh AS ({}), {COMMIT_ALL} \
              SELECT ARRAY(SELECT message_id FROM fresh) AS fresh, h.order_id, h.reservation_id, \
                     h.status, h.expires_at, h.release_reason, h.refusal, h.expired \
              FROM (SELECT) AS one LEFT JOIN h ON true",
@@ -358,6 +335,73 @@ pub async fn record_and_commit_all(
         .collect();
     Ok((fresh, outcomes))
 }
+
+/// A consumer batch of commits taken alone ([`messaging::Handler::takes_alone`]), one per
+/// order, each with the id of its message and the reservation the order holds as its reserve
+/// left it: commits them, records the batch's inbox rows and the replies of the commits as
+/// succeeding (`replies`), in one statement with no transaction around it, all of it or
+/// nothing. When a reservation is not that one, or no longer held (expired, released), or a
+/// message was handled before, it fails (`consumer_batch_refused`, a serialization failure)
+/// having written nothing, and the consumer handles the batch in a transaction. Returns the
+/// rows of the replies' keys the statement found in the outbox ([`OutboxRows::earlier_sql`]).
+pub async fn commit_all_alone(
+    conn: &mut PgConnection,
+    inbox: &InboxRows<'_>,
+    commits: &[(Uuid, OrderId, ReservationId)],
+    replies: &OutboxRows<'_>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    static COMMIT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH fresh AS ({}), {COMMIT_ALL}, replies AS ({}), \
+                  counts AS (SELECT (SELECT count(*) FROM settled JOIN h USING (reservation_id) \
+                                     JOIN unnest($1::uuid[], $7::uuid[]) AS e(order_id, reservation_id) \
+                                       ON e.order_id = h.order_id AND e.reservation_id = h.reservation_id \
+                                     WHERE settled.sold) AS written, \
+                                    (SELECT count(*) FROM fresh) AS recorded) \
+             SELECT {}, \
+               CASE WHEN written <> cardinality($1::uuid[]) OR recorded <> cardinality($3::uuid[]) \
+                 THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality($3::uuid[])) END \
+             FROM counts",
+            InboxRows::insert_sql(3),
+            OutboxRows::insert_sql(8, None),
+            OutboxRows::earlier_sql(8),
+        )
+    });
+    let order_ids: Vec<Uuid> = commits.iter().map(|(_, order, _)| order.0).collect();
+    let message_ids: Vec<Uuid> = commits.iter().map(|(message, ..)| *message).collect();
+    let reservation_ids: Vec<Uuid> = commits.iter().map(|(.., id)| id.0).collect();
+    let query = sqlx::query(&COMMIT).bind(&order_ids).bind(&message_ids);
+    let query = inbox.bind(query).bind(EXPIRED).bind(&reservation_ids);
+    replies.bind(query).fetch_one(conn).await?.try_get(0)
+}
+
+/// The commits of a batch, after `fresh` (the batch's inbox rows recorded now): `$1` the
+/// orders and `$2` their messages (an order committed only when its message is in `fresh`),
+/// `$6` the release reason of an expired reservation. `h` is each order's reservation as it
+/// stood, `settled` the ones committed now (`sold`) or released for having expired.
+const COMMIT_ALL: &str =
+    "c AS (SELECT c.order_id FROM unnest($1::uuid[], $2::uuid[]) AS c(order_id, message_id) \
+       WHERE c.message_id IN (SELECT message_id FROM fresh)), \
+     h AS (SELECT reservation_id, order_id, status, expires_at, release_reason, refusal, \
+             COALESCE(expires_at <= now(), false) AS expired \
+           FROM reservations WHERE order_id IN (SELECT order_id FROM c) \
+           ORDER BY order_id FOR UPDATE), \
+     settled AS (SELECT reservation_id, NOT expired AS sold FROM h WHERE status = 'RESERVED'), \
+     held AS (SELECT l.sku, \
+                COALESCE(sum(l.quantity) FILTER (WHERE settled.sold), 0)::bigint AS sold, \
+                COALESCE(sum(l.quantity) FILTER (WHERE NOT settled.sold), 0)::bigint AS returned \
+              FROM settled JOIN reservation_lines l USING (reservation_id) GROUP BY l.sku), \
+     k AS (SELECT sku FROM stock WHERE sku IN (SELECT sku FROM held) ORDER BY sku FOR UPDATE), \
+     s AS (UPDATE stock s SET reserved = s.reserved - held.sold - held.returned, \
+             available = s.available + held.returned, \
+             committed = s.committed + held.sold, \
+             updated_at = now() \
+           FROM held WHERE s.sku = held.sku AND (SELECT count(*) FROM k) > 0), \
+     r AS (UPDATE reservations r \
+           SET status = CASE WHEN settled.sold THEN 'COMMITTED' ELSE 'RELEASED' END, \
+               release_reason = CASE WHEN settled.sold THEN r.release_reason ELSE $6 END, \
+               updated_at = now() \
+           FROM settled WHERE r.reservation_id = settled.reservation_id)";
 
 /// Why a commit fails on a released reservation.
 fn released_reason(release_reason: Option<&str>) -> String {

@@ -260,3 +260,22 @@ pub async fn last_reply<M: Message + Name + Default>(
     assert_eq!(message_type, &M::full_name(), "type of the last reply");
     M::decode(payload.as_slice()).expect("decodable reply")
 }
+
+/// Hands `messages` to a consumer as one batch it received: it applies them alone or in a
+/// transaction, as it decides ([`messaging::Handler::takes_alone`]).
+pub async fn handle_received(
+    pool: &PgPool,
+    config: &Config,
+    handler: &CommandHandler,
+    messages: &[Incoming],
+) -> Result<(), HandlerError> {
+    messaging::Consumer::new(
+        &config.kafka,
+        "inventory-svc-test",
+        &[proto::topics::INVENTORY_COMMANDS],
+        pool.clone(),
+        messaging::Outbox::new("inventory-svc", config.kafka.clone()),
+    )
+    .handle_received(handler, messages)
+    .await
+}
