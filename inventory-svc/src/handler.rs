@@ -334,20 +334,14 @@ impl Handler for CommandHandler {
             return Ok(());
         };
         let replies = messaging::outbox::take_held();
-        let inbox: Vec<(Uuid, &str, &str)> = alone
-            .inbox
-            .iter()
-            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
-            .collect();
         let earlier = reservations::commit_all_alone(
             conn,
-            &InboxRows::new(&inbox),
+            &InboxRows::from_owned(&alone.inbox),
             &alone.commits,
             &OutboxRows::new(&replies)?,
         )
         .await?;
-        self.outbox.recorded(conn).await?;
-        messaging::outbox::held_recorded(replies, earlier);
+        self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }
 

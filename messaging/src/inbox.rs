@@ -138,6 +138,16 @@ impl<'a> InboxRows<'a> {
         }
     }
 
+    /// Rows kept as (id, type, topic) owned, by a handler that took a batch alone
+    /// ([`crate::Handler::takes_alone`]) until its statement records them.
+    pub fn from_owned(messages: &'a [(Uuid, String, String)]) -> Self {
+        Self {
+            ids: messages.iter().map(|m| m.0).collect(),
+            types: messages.iter().map(|m| m.1.as_str()).collect(),
+            topics: messages.iter().map(|m| m.2.as_str()).collect(),
+        }
+    }
+
     /// The `INSERT` (a statement, or the body of a data-modifying `WITH` query) of the rows
     /// bound from parameter `$first` on, returning the ids recorded now (`message_id`): an id
     /// handled before, or twice in the batch, is recorded and returned once at most.

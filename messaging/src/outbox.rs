@@ -244,6 +244,22 @@ impl Outbox {
         Ok(earlier)
     }
 
+    /// After a handler's statement recorded the messages it took with [`take_held`], on the
+    /// same connection: [`recorded`](Self::recorded), then gives them back with what that
+    /// statement found in the outbox ([`held_recorded`]).
+    pub async fn recorded_held(
+        &self,
+        conn: &mut PgConnection,
+        messages: Vec<OutboxMessage>,
+        earlier: Vec<Uuid>,
+    ) -> Result<(), sqlx::Error> {
+        if !messages.is_empty() {
+            self.recorded(conn).await?;
+            held_recorded(messages, earlier);
+        }
+        Ok(())
+    }
+
     /// To call after a statement of the caller's own recorded messages ([`OutboxRows`]), on
     /// the same connection (in its transaction, or after it when it was one statement): tells
     /// the replica whose relay publishes, when that is not this one. ([`committed`] wakes this

@@ -190,10 +190,7 @@ impl Engine {
         let earlier = store::save_all(conn, writes, &OutboxRows::new(&commands)?, alone)
             .await
             .map_err(store_error)?;
-        if !commands.is_empty() {
-            self.outbox.recorded(conn).await?;
-            messaging::outbox::held_recorded(commands, earlier);
-        }
+        self.outbox.recorded_held(conn, commands, earlier).await?;
         Ok(())
     }
 

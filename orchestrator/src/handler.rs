@@ -122,12 +122,8 @@ impl SagaHandler {
                 inbox.len()
             )));
         }
-        let rows: Vec<(Uuid, &str, &str)> = inbox
-            .iter()
-            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
-            .collect();
         self.engine
-            .save_all_alone(conn, &unsaved, &InboxRows::new(&rows))
+            .save_all_alone(conn, &unsaved, &InboxRows::from_owned(inbox))
             .await?;
         self.batch()
             .saved

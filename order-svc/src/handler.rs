@@ -158,11 +158,6 @@ impl Handler for OrderCommands {
             return Ok(());
         };
         let replies = messaging::outbox::take_held();
-        let inbox: Vec<(Uuid, &str, &str)> = alone
-            .inbox
-            .iter()
-            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
-            .collect();
         let commands: Vec<(Uuid, OrderId, &OrderCommand)> = alone
             .commands
             .iter()
@@ -170,13 +165,12 @@ impl Handler for OrderCommands {
             .collect();
         let earlier = store::apply_all_alone(
             conn,
-            &InboxRows::new(&inbox),
+            &InboxRows::from_owned(&alone.inbox),
             &commands,
             &OutboxRows::new(&replies)?,
         )
         .await?;
-        self.outbox.recorded(conn).await?;
-        messaging::outbox::held_recorded(replies, earlier);
+        self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }
 

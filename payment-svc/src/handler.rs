@@ -426,11 +426,6 @@ impl Handler for PaymentCommands {
             return Ok(());
         };
         let replies = messaging::outbox::take_held();
-        let inbox: Vec<(Uuid, &str, &str)> = alone
-            .inbox
-            .iter()
-            .map(|(id, message_type, topic)| (*id, message_type.as_str(), topic.as_str()))
-            .collect();
         let charges: Vec<(Uuid, PaymentId, &NewPayment)> = alone
             .charges
             .iter()
@@ -438,13 +433,12 @@ impl Handler for PaymentCommands {
             .collect();
         let earlier = store::charge_all_alone(
             conn,
-            &InboxRows::new(&inbox),
+            &InboxRows::from_owned(&alone.inbox),
             &charges,
             &OutboxRows::new(&replies)?,
         )
         .await?;
-        self.outbox.recorded(conn).await?;
-        messaging::outbox::held_recorded(replies, earlier);
+        self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }
 

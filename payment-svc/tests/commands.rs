@@ -383,6 +383,11 @@ async fn charge_after_a_void_of_no_payment_is_refused_and_takes_nothing() {
     assert_eq!(voided_again, voided);
 }
 
+/// The types of messages `sent`, in order.
+fn replies(sent: Vec<common::Sent>) -> Vec<String> {
+    sent.into_iter().map(|s| s.message_type).collect()
+}
+
 /// A batch's charges are recorded by the statement that records its inbox rows; delivered
 /// again, the batch charges nothing and replies nothing.
 #[tokio::test]
@@ -404,9 +409,6 @@ async fn a_batch_of_charges_is_one_statement_and_delivered_again_changes_nothing
         .collect();
     assert_eq!(batch_statements.len(), 1, "{batch_statements:#?}");
     assert_eq!(batch_statements[0].1, 1, "{batch_statements:#?}");
-    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
-        sent.into_iter().map(|s| s.message_type).collect()
-    };
     assert_eq!(
         replies(app.sent(paying).await),
         ["payment.v1.PaymentInitiated"]
@@ -480,9 +482,6 @@ async fn a_batch_of_new_charges_is_one_statement_without_a_transaction_and_deliv
         "the replies in the same statement: {batch_statements:#?}"
     );
     assert_eq!(batch_statements[0].1, 1, "{batch_statements:#?}");
-    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
-        sent.into_iter().map(|s| s.message_type).collect()
-    };
     assert_eq!(
         replies(app.sent(paying).await),
         ["payment.v1.PaymentInitiated"]
@@ -534,9 +533,6 @@ async fn a_charge_of_an_order_voided_before_is_refused_and_the_rest_of_its_batch
     app.handle_received(&batch).await.expect("charges");
     assert_eq!(app.payment_count(voided).await, 0, "nothing taken");
     assert_eq!(app.payment_count(paying).await, 1);
-    let replies = |sent: Vec<common::Sent>| -> Vec<String> {
-        sent.into_iter().map(|s| s.message_type).collect()
-    };
     assert_eq!(
         replies(app.sent(voided).await),
         ["payment.v1.PaymentVoided", "payment.v1.PaymentFailed"]
