@@ -4,8 +4,8 @@
 //! - [`outbox`]: messages recorded in the same transaction as the state change.
 //! - [`relay`]: the one publisher of a service's outbox, at least once, in order per key.
 //! - [`inbox`]: deduplication of handled messages in the handler's transaction.
-//! - [`consumer`]: the Kafka consumer loop: batches in one transaction, offsets stored only
-//!   after the commit, transient errors retried with backoff, the rest dead-lettered; the
+//! - [`consumer`]: the Kafka consumer loop: batches in one transaction (or in one statement,
+//!   for a handler that takes a batch alone), offsets stored only after the commit, transient errors retried with backoff, the rest dead-lettered; the
 //!   member's side of the broker's consumer group (assignment, the commit on revocation, lag).
 //! - [`kafka`]: broker settings, clients and topic creation.
 //! - [`after_commit`]: work deferred until the consumer's transaction commits (metrics).

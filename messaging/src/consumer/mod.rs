@@ -1,15 +1,16 @@
 //! The Kafka consumer loop shared by every service.
 //!
-//! Messages are handled in batches, one database transaction per batch: the inbox row of each
-//! message and its effects commit together, and offsets are stored for commit only after that
-//! transaction has committed. A transient failure rolls the batch back and retries it with
+//! Messages are handled in batches, one database transaction per batch (or one statement with
+//! no transaction around it, for a handler that takes the batch alone: [`Handler::takes_alone`]):
+//! the inbox row of each message and its effects commit together, and offsets are stored for
+//! commit only after that transaction has committed. A transient failure rolls the batch back and retries it with
 //! backoff; a permanent one sends the batch through one message at a time, so that only the
 //! message at fault goes to `<topic>.dlq`, with the error in its headers.
 //!
 //! - this module: the loop that receives messages, gathers them into batches and stores
 //!   their offsets once handled;
 //! - `handler`: the contract with a service ([`Handler`], [`Incoming`], [`HandlerError`]);
-//! - `batch`: one batch in one transaction, retried or split;
+//! - `batch`: one batch in one statement or one transaction, retried or split;
 //! - `dead_letter`: what cannot be handled, sent to `<topic>.dlq`;
 //! - `group`: the member's side of the broker's consumer group (assignment, the commit on
 //!   revocation, lag).
