@@ -1,8 +1,8 @@
 //! One batch, one transaction: its inbox rows, its handlers' effects and the messages they
 //! send commit together (in one statement with no transaction around it, for a handler that
-//! takes the batch alone: [`Handler::takes_alone`]). A transient failure rolls the batch back and retries it with backoff;
-//! a permanent one sends it through one message at a time, so that only the message at fault
-//! is dead-lettered.
+//! takes the batch alone: [`Handler::takes_alone`]). A transient failure rolls the batch back
+//! and retries it with backoff; a permanent one sends it through one message at a time, so
+//! that only the message at fault is dead-lettered.
 
 use std::time::Duration;
 
