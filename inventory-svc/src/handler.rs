@@ -55,17 +55,13 @@ pub struct CommandHandler {
     prepared: Arc<Prepared<CommitOutcome>>,
     /// The reservations this handler's reserves made, by order, until their commit.
     reserved: Arc<Mutex<HashMap<Uuid, ReservationId>>>,
-    /// The commits of a batch taken alone, made by `flush`.
+    /// The commits of a batch taken alone ([`Handler::takes_alone`]), each with its message's
+    /// id, its order and the reservation the order holds, made by `flush_alone`.
     alone: Arc<Mutex<Option<AloneCommits>>>,
 }
 
-/// A batch of commits taken alone ([`Handler::takes_alone`]): its inbox rows, and each commit
-/// with its message's id, its order and the reservation the order holds.
-#[derive(Debug)]
-struct AloneCommits {
-    inbox: Vec<(Uuid, String, String)>,
-    commits: Vec<(Uuid, OrderId, ReservationId)>,
-}
+/// A batch's commits taken alone: (message id, order, the reservation it holds).
+type AloneCommits = Vec<(Uuid, OrderId, ReservationId)>;
 
 /// Reservations remembered at most, until their commit (those of orders that fail are never
 /// committed: forgotten when the map is full).
@@ -293,7 +289,6 @@ impl Handler for CommandHandler {
     /// batch, and the transaction replies as the reservation stands.
     fn takes_alone(&self, messages: &[&Incoming]) -> bool {
         let mut commits = Vec::with_capacity(messages.len());
-        let mut inbox = Vec::with_capacity(messages.len());
         {
             let reserved = lock(&self.reserved);
             for message in messages {
@@ -311,7 +306,6 @@ impl Handler for CommandHandler {
                 if commits.iter().any(|(_, o, _)| *o == order) {
                     return false;
                 }
-                inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
                 commits.push((id, order, *reservation));
             }
         }
@@ -324,23 +318,29 @@ impl Handler for CommandHandler {
                     },
                 )
             }));
-        *lock(&self.alone) = Some(AloneCommits { inbox, commits });
+        *lock(&self.alone) = Some(commits);
         true
     }
 
-    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
         self.prepared.clear();
-        let Some(alone) = lock(&self.alone).take() else {
-            return Ok(());
+        Ok(())
+    }
+
+    /// Makes the commits of the batch taken alone with its inbox rows and replies.
+    async fn flush_alone(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
+        self.prepared.clear();
+        let Some(commits) = lock(&self.alone).take() else {
+            return Err(HandlerError::Transient("no batch taken alone".to_owned()));
         };
         let replies = messaging::outbox::take_held();
-        let earlier = reservations::commit_all_alone(
-            conn,
-            &InboxRows::from_owned(&alone.inbox),
-            &alone.commits,
-            &OutboxRows::new(&replies)?,
-        )
-        .await?;
+        let earlier =
+            reservations::commit_all_alone(conn, inbox, &commits, &OutboxRows::new(&replies)?)
+                .await?;
         self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }

@@ -138,14 +138,25 @@ impl<'a> InboxRows<'a> {
         }
     }
 
-    /// Rows kept as (id, type, topic) owned, by a handler that took a batch alone
-    /// ([`crate::Handler::takes_alone`]) until its statement records them.
-    pub fn from_owned(messages: &'a [(Uuid, String, String)]) -> Self {
-        Self {
-            ids: messages.iter().map(|m| m.0).collect(),
-            types: messages.iter().map(|m| m.1.as_str()).collect(),
-            topics: messages.iter().map(|m| m.2.as_str()).collect(),
-        }
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// For the one statement of a batch taken alone ([`crate::Handler::flush_alone`]), which
+    /// selects from columns `written` (the rows it wrote) and `recorded` (the inbox rows of
+    /// [`insert_sql`](Self::insert_sql) it recorded): an expression that fails the statement,
+    /// having written nothing, unless it wrote `meant` rows and recorded every row bound from
+    /// `$first` (messaging migration 0006's `consumer_batch_refused`, a serialization failure).
+    pub fn refused_unless_whole_sql(first: usize, meant: &str) -> String {
+        format!(
+            "CASE WHEN written <> {meant} OR recorded <> cardinality(${first}::uuid[]) \
+             THEN consumer_batch_refused(written, {meant}, recorded, cardinality(${first}::uuid[])) END"
+        )
     }
 
     /// The `INSERT` (a statement, or the body of a data-modifying `WITH` query) of the rows

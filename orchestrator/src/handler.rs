@@ -29,9 +29,6 @@ pub struct SagaHandler {
 struct Batch {
     /// Whether a batch is open: outside one, each step is saved at once.
     open: bool,
-    /// The inbox rows of a batch taken alone ([`Handler::takes_alone`]): one message a saga,
-    /// each saga read from memory.
-    alone: Option<Vec<(Uuid, String, String)>>,
     /// The batch's sagas as they stand in it: read together by `prepare` (`None`: no saga
     /// yet), then as each step left them.
     sagas: HashMap<Uuid, Option<StoredSaga>>,
@@ -110,7 +107,7 @@ impl SagaHandler {
     async fn save_alone(
         &self,
         conn: &mut PgConnection,
-        inbox: &[(Uuid, String, String)],
+        inbox: &InboxRows<'_>,
     ) -> Result<(), HandlerError> {
         let unsaved = std::mem::take(&mut self.batch().unsaved);
         if unsaved.len() != inbox.len() {
@@ -122,12 +119,29 @@ impl SagaHandler {
                 inbox.len()
             )));
         }
-        self.engine
-            .save_all_alone(conn, &unsaved, &InboxRows::from_owned(inbox))
-            .await?;
+        self.engine.save_all_alone(conn, &unsaved, inbox).await?;
         self.batch()
             .saved
             .extend(unsaved.iter().map(|w| w.next.order_id));
+        Ok(())
+    }
+    /// Ends the batch after its save (`saved`): forgets its sagas if it failed (what memory said
+    /// may be out of date: they are read again), and else remembers them as they were saved,
+    /// once the batch has committed.
+    fn close(&self, saved: Result<(), HandlerError>) -> Result<(), HandlerError> {
+        let batch = std::mem::take(&mut *self.batch());
+        if let Err(error) = saved {
+            self.memory().forget(batch.sagas.into_keys());
+            return Err(error);
+        }
+        let mut sagas = batch.sagas;
+        let after: Vec<StoredSaga> = batch
+            .saved
+            .iter()
+            .filter_map(|id| sagas.remove(id).flatten())
+            .collect();
+        let memory = self.memory.clone();
+        messaging::after_commit(move || lock(&memory).remember(after));
         Ok(())
     }
 }
@@ -142,12 +156,10 @@ impl Handler for SagaHandler {
     /// handler last wrote it or started by the message.
     fn takes_alone(&self, messages: &[&Incoming]) -> bool {
         let mut sagas = HashMap::with_capacity(messages.len());
-        let mut inbox = Vec::with_capacity(messages.len());
         {
             let memory = self.memory();
             for message in messages {
-                let (Ok(id), Ok((order_id, input))) = (message.message_id(), decode(message))
-                else {
+                let Ok((order_id, input)) = decode(message) else {
                     return false;
                 };
                 let stored = match memory.sagas.get(&order_id) {
@@ -158,12 +170,10 @@ impl Handler for SagaHandler {
                 if sagas.insert(order_id, stored).is_some() {
                     return false;
                 }
-                inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
             }
         }
         *self.batch() = Batch {
             open: true,
-            alone: Some(inbox),
             sagas,
             ..Batch::default()
         };
@@ -249,27 +259,21 @@ impl Handler for SagaHandler {
     /// Saves the steps of the batch, in one statement; once it has committed, remembers the
     /// sagas as they left them.
     async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
-        let alone = self.batch().alone.take();
-        let saved = match alone {
-            None => self.save_unsaved(conn).await,
-            Some(inbox) => self.save_alone(conn, &inbox).await,
-        };
-        let batch = std::mem::take(&mut *self.batch());
-        if let Err(error) = saved {
-            // What memory said may be out of date: the batch's sagas are read again.
-            self.memory().forget(batch.sagas.into_keys());
-            return Err(error);
-        }
-        let mut sagas = batch.sagas;
-        let after: Vec<StoredSaga> = batch
-            .saved
-            .iter()
-            .filter_map(|id| sagas.remove(id).flatten())
-            .collect();
-        let memory = self.memory.clone();
-        messaging::after_commit(move || lock(&memory).remember(after));
-        Ok(())
+        let saved = self.save_unsaved(conn).await;
+        self.close(saved)
     }
+
+    /// Saves the steps of a batch taken alone, with its inbox rows, in one statement; then as
+    /// `flush`.
+    async fn flush_alone(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
+        let saved = self.save_alone(conn, inbox).await;
+        self.close(saved)
+    }
+
     /// A message of a saga that can never be handled leaves the saga waiting: flag it.
     async fn on_dead_letter(
         &self,

@@ -301,14 +301,12 @@ pub async fn save_all(
          outgoing AS ({}), \
          fresh AS ({}), \
          counts AS (SELECT (SELECT count(*) FROM s) AS written, (SELECT count(*) FROM fresh) AS recorded) \
-         SELECT written, {}, \
-           CASE WHEN ${alone} AND (written <> cardinality($1::uuid[]) OR recorded <> cardinality(${inbox}::uuid[])) \
-             THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality(${inbox}::uuid[])) END \
+         SELECT written, {}, CASE WHEN ${alone} THEN {} END \
          FROM counts",
         OutboxRows::insert_sql(22, None),
         InboxRows::insert_sql(INBOX),
         OutboxRows::earlier_sql(22),
-        inbox = INBOX,
+        InboxRows::refused_unless_whole_sql(INBOX, "cardinality($1::uuid[])"),
         alone = INBOX + InboxRows::PARAMETERS,
     )
     });

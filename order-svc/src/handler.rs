@@ -28,16 +28,9 @@ pub struct OrderCommands {
     /// The batch's commands applied by its first statement (or, for a batch taken alone, to
     /// be applied by its one statement): whether each moved its order.
     prepared: Prepared<bool>,
-    /// The commands of a batch taken alone, applied by `flush`.
-    alone: Mutex<Option<AloneCommands>>,
-}
-
-/// A batch of commands taken alone ([`Handler::takes_alone`]): its inbox rows, and each command
-/// with its message's id and its order.
-#[derive(Debug)]
-struct AloneCommands {
-    inbox: Vec<(Uuid, String, String)>,
-    commands: Vec<(Uuid, OrderId, OrderCommand)>,
+    /// The commands of a batch taken alone ([`Handler::takes_alone`]), each with its
+    /// message's id and its order, applied by `flush_alone`.
+    alone: Mutex<Option<Vec<(Uuid, OrderId, OrderCommand)>>>,
 }
 
 impl OrderCommands {
@@ -49,7 +42,7 @@ impl OrderCommands {
         }
     }
 
-    fn alone(&self) -> std::sync::MutexGuard<'_, Option<AloneCommands>> {
+    fn alone(&self) -> std::sync::MutexGuard<'_, Option<Vec<(Uuid, OrderId, OrderCommand)>>> {
         self.alone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -131,7 +124,6 @@ impl Handler for OrderCommands {
     /// stands.
     fn takes_alone(&self, messages: &[&Incoming]) -> bool {
         let mut orders = HashSet::with_capacity(messages.len());
-        let mut inbox = Vec::with_capacity(messages.len());
         let mut commands = Vec::with_capacity(messages.len());
         for message in messages {
             let (Ok(id), Ok((order_id, command))) = (message.message_id(), decode(message)) else {
@@ -143,33 +135,36 @@ impl Handler for OrderCommands {
             if !orders.insert(order_id) {
                 return false;
             }
-            inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
             commands.push((id, order_id, command));
         }
         self.prepared
             .set(commands.iter().map(|(message, ..)| (*message, true)));
-        *self.alone() = Some(AloneCommands { inbox, commands });
+        *self.alone() = Some(commands);
         true
     }
 
-    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.prepared.clear();
+        Ok(())
+    }
+
+    /// Applies the commands of the batch taken alone with its inbox rows and replies.
+    async fn flush_alone(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
         self.prepared.clear();
         let Some(alone) = self.alone().take() else {
-            return Ok(());
+            return Err(HandlerError::Transient("no batch taken alone".to_owned()));
         };
         let replies = messaging::outbox::take_held();
         let commands: Vec<(Uuid, OrderId, &OrderCommand)> = alone
-            .commands
             .iter()
             .map(|(message, order, command)| (*message, *order, command))
             .collect();
-        let earlier = store::apply_all_alone(
-            conn,
-            &InboxRows::from_owned(&alone.inbox),
-            &commands,
-            &OutboxRows::new(&replies)?,
-        )
-        .await?;
+        let earlier =
+            store::apply_all_alone(conn, inbox, &commands, &OutboxRows::new(&replies)?).await?;
         self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }

@@ -294,13 +294,11 @@ pub async fn apply_all_alone(
             "WITH fresh AS ({}), moved AS ({MOVE}), replies AS ({}), \
                   counts AS (SELECT (SELECT count(*) FROM moved) AS written, \
                                     (SELECT count(*) FROM fresh) AS recorded) \
-             SELECT {}, \
-               CASE WHEN written <> cardinality($1::uuid[]) OR recorded <> cardinality($7::uuid[]) \
-                 THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality($7::uuid[])) END \
-             FROM counts",
+             SELECT {}, {} FROM counts",
             InboxRows::insert_sql(7),
             OutboxRows::insert_sql(REPLIES, None),
             OutboxRows::earlier_sql(REPLIES),
+            InboxRows::refused_unless_whole_sql(7, "cardinality($1::uuid[])"),
         )
     });
     let c = CommandArrays::new(commands.iter().copied());

@@ -60,15 +60,9 @@ pub struct PaymentCommands {
     /// The payments a batch's charges recorded in its first statement (or, for a batch taken
     /// alone, will record in its one statement), by message id, for `handle` to reply with.
     prepared: Prepared<Payment>,
-    /// The charges of a batch taken alone, recorded by `flush`.
-    alone: Mutex<Option<AloneCharges>>,
-}
-
-/// A batch of charges taken alone ([`Handler::takes_alone`]): its inbox rows, and each charge
-/// with its message's id and the payment id it gets.
-struct AloneCharges {
-    inbox: Vec<(Uuid, String, String)>,
-    charges: Vec<(Uuid, PaymentId, NewPayment)>,
+    /// The charges of a batch taken alone ([`Handler::takes_alone`]), each with its message's
+    /// id and the payment id it gets, recorded by `flush_alone`.
+    alone: Mutex<Option<Vec<(Uuid, PaymentId, NewPayment)>>>,
 }
 
 impl PaymentCommands {
@@ -86,7 +80,7 @@ impl PaymentCommands {
         }
     }
 
-    fn alone(&self) -> std::sync::MutexGuard<'_, Option<AloneCharges>> {
+    fn alone(&self) -> std::sync::MutexGuard<'_, Option<Vec<(Uuid, PaymentId, NewPayment)>>> {
         self.alone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -394,7 +388,6 @@ impl Handler for PaymentCommands {
     /// transaction replies as that payment stands.
     fn takes_alone(&self, messages: &[&Incoming]) -> bool {
         let mut orders = HashSet::with_capacity(messages.len());
-        let mut inbox = Vec::with_capacity(messages.len());
         let mut charges = Vec::with_capacity(messages.len());
         for message in messages {
             let (Ok(id), Ok(Command::Charge(charge))) =
@@ -408,7 +401,6 @@ impl Handler for PaymentCommands {
             if !orders.insert(new.order_id) {
                 return false;
             }
-            inbox.push((id, message.message_type().to_owned(), message.topic.clone()));
             charges.push((id, PaymentId(Uuid::now_v7()), new));
         }
         self.prepared.set(
@@ -416,28 +408,32 @@ impl Handler for PaymentCommands {
                 .iter()
                 .map(|(message, payment_id, new)| (*message, new.recorded_as(*payment_id))),
         );
-        *self.alone() = Some(AloneCharges { inbox, charges });
+        *self.alone() = Some(charges);
         true
     }
 
-    async fn flush(&self, conn: &mut PgConnection) -> Result<(), HandlerError> {
+    async fn flush(&self, _conn: &mut PgConnection) -> Result<(), HandlerError> {
+        self.prepared.clear();
+        Ok(())
+    }
+
+    /// Records the charges of the batch taken alone with its inbox rows and replies.
+    async fn flush_alone(
+        &self,
+        conn: &mut PgConnection,
+        inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
         self.prepared.clear();
         let Some(alone) = self.alone().take() else {
-            return Ok(());
+            return Err(HandlerError::Transient("no batch taken alone".to_owned()));
         };
         let replies = messaging::outbox::take_held();
         let charges: Vec<(Uuid, PaymentId, &NewPayment)> = alone
-            .charges
             .iter()
             .map(|(message, payment_id, new)| (*message, *payment_id, new))
             .collect();
-        let earlier = store::charge_all_alone(
-            conn,
-            &InboxRows::from_owned(&alone.inbox),
-            &charges,
-            &OutboxRows::new(&replies)?,
-        )
-        .await?;
+        let earlier =
+            store::charge_all_alone(conn, inbox, &charges, &OutboxRows::new(&replies)?).await?;
         self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }

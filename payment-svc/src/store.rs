@@ -167,13 +167,11 @@ pub async fn charge_all_alone(
                   replies AS ({}), \
                   counts AS (SELECT (SELECT count(*) FROM inserted) AS written, \
                                     (SELECT count(*) FROM fresh) AS recorded) \
-             SELECT {}, \
-               CASE WHEN written <> cardinality($2::uuid[]) OR recorded <> cardinality(${INBOX}::uuid[]) \
-                 THEN consumer_batch_refused(written, cardinality($2::uuid[]), recorded, cardinality(${INBOX}::uuid[])) END \
-             FROM counts",
+             SELECT {}, {} FROM counts",
             InboxRows::insert_sql(INBOX),
             OutboxRows::insert_sql(REPLIES, None),
             OutboxRows::earlier_sql(REPLIES),
+            InboxRows::refused_unless_whole_sql(INBOX, "cardinality($2::uuid[])"),
         )
     });
     let arrays = ChargeArrays::new(charges);

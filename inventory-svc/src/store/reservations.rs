@@ -358,13 +358,11 @@ pub async fn commit_all_alone(
                                        ON e.order_id = h.order_id AND e.reservation_id = h.reservation_id \
                                      WHERE settled.sold) AS written, \
                                     (SELECT count(*) FROM fresh) AS recorded) \
-             SELECT {}, \
-               CASE WHEN written <> cardinality($1::uuid[]) OR recorded <> cardinality($3::uuid[]) \
-                 THEN consumer_batch_refused(written, cardinality($1::uuid[]), recorded, cardinality($3::uuid[])) END \
-             FROM counts",
+             SELECT {}, {} FROM counts",
             InboxRows::insert_sql(3),
             OutboxRows::insert_sql(8, None),
             OutboxRows::earlier_sql(8),
+            InboxRows::refused_unless_whole_sql(3, "cardinality($1::uuid[])"),
         )
     });
     let order_ids: Vec<Uuid> = commits.iter().map(|(_, order, _)| order.0).collect();

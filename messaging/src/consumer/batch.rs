@@ -193,7 +193,10 @@ impl Consumer {
                     .instrument(self.span(message))
                     .await?;
                 }
-                handler.flush(&mut conn).await
+                match mode {
+                    Mode::Alone => handler.flush_alone(&mut conn, &InboxRows::new(ids)).await,
+                    Mode::Transaction => handler.flush(&mut conn).await,
+                }
             })
             .await;
             handled?;

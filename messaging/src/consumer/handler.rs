@@ -208,16 +208,30 @@ pub trait Handler: Send + Sync + 'static {
 
     /// For a handler that can apply a batch from what it holds in memory, with nothing to read:
     /// whether it takes `messages` (a whole batch, none known to be handled before) so. Then
-    /// the consumer calls [`handle`](Self::handle) for each and [`flush`](Self::flush) on a
-    /// connection with no transaction around it (one round trip in place of `BEGIN`, a read, a
-    /// write and `COMMIT`), and `flush` must write every effect of the batch, its inbox rows and
-    /// the messages it sends ([`crate::outbox::take_held`]) included, in one statement that
-    /// writes all of it, or nothing and fails (a message handled before, a state another
-    /// writer changed since the handler last wrote it). On any failure the consumer handles
-    /// the batch again in a transaction ([`prepare_recording`](Self::prepare_recording) and the
-    /// rest), which decides from what is stored. `false` by default.
+    /// the consumer calls [`handle`](Self::handle) for each and
+    /// [`flush_alone`](Self::flush_alone) on a connection with no transaction around it (one
+    /// round trip in place of `BEGIN`, a read, a write and `COMMIT`). On any failure the
+    /// consumer handles the batch again in a transaction
+    /// ([`prepare_recording`](Self::prepare_recording) and the rest), which decides from what is
+    /// stored. `false` by default.
     fn takes_alone(&self, _messages: &[&Incoming]) -> bool {
         false
+    }
+
+    /// In place of [`flush`](Self::flush) for a batch taken alone: writes every effect of the
+    /// batch, its inbox rows (`inbox`: [`InboxRows::insert_sql`]) and the messages it sends
+    /// ([`crate::outbox::take_held`]) included, in one statement that writes all of it, or
+    /// nothing and fails (a message handled before, a state another writer changed since the
+    /// handler last wrote it: [`InboxRows::refused_unless_whole_sql`]). Refuses by default, for
+    /// a handler that takes no batch alone.
+    async fn flush_alone(
+        &self,
+        _conn: &mut PgConnection,
+        _inbox: &InboxRows<'_>,
+    ) -> Result<(), HandlerError> {
+        Err(HandlerError::Transient(
+            "this handler takes no batch alone".to_owned(),
+        ))
     }
 
     /// Called once per batch in its transaction, after [`handle`](Self::handle) has been
