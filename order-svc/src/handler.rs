@@ -159,12 +159,8 @@ impl Handler for OrderCommands {
             return Err(HandlerError::Transient("no batch taken alone".to_owned()));
         };
         let replies = messaging::outbox::take_held();
-        let commands: Vec<(Uuid, OrderId, &OrderCommand)> = alone
-            .iter()
-            .map(|(message, order, command)| (*message, *order, command))
-            .collect();
         let earlier =
-            store::apply_all_alone(conn, inbox, &commands, &OutboxRows::new(&replies)?).await?;
+            store::apply_all_alone(conn, inbox, &alone, &OutboxRows::new(&replies)?).await?;
         self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }

@@ -285,7 +285,7 @@ pub async fn record_and_apply_all(
 pub async fn apply_all_alone(
     conn: &mut PgConnection,
     inbox: &InboxRows<'_>,
-    commands: &[(Uuid, OrderId, &OrderCommand)],
+    commands: &[(Uuid, OrderId, OrderCommand)],
     replies: &OutboxRows<'_>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     const REPLIES: usize = 7 + InboxRows::PARAMETERS;
@@ -301,7 +301,7 @@ pub async fn apply_all_alone(
             InboxRows::refused_unless_whole_sql(7, "cardinality($1::uuid[])"),
         )
     });
-    let c = CommandArrays::new(commands.iter().copied());
+    let c = CommandArrays::new(commands.iter().map(|(m, o, c)| (*m, *o, c)));
     let query = inbox.bind(c.bind(sqlx::query(&APPLY)).bind(&c.message_ids));
     replies.bind(query).fetch_one(conn).await?.try_get(0)
 }

@@ -428,12 +428,8 @@ impl Handler for PaymentCommands {
             return Err(HandlerError::Transient("no batch taken alone".to_owned()));
         };
         let replies = messaging::outbox::take_held();
-        let charges: Vec<(Uuid, PaymentId, &NewPayment)> = alone
-            .iter()
-            .map(|(message, payment_id, new)| (*message, *payment_id, new))
-            .collect();
         let earlier =
-            store::charge_all_alone(conn, inbox, &charges, &OutboxRows::new(&replies)?).await?;
+            store::charge_all_alone(conn, inbox, &alone, &OutboxRows::new(&replies)?).await?;
         self.outbox.recorded_held(conn, replies, earlier).await?;
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The `payments` table.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
@@ -156,7 +157,7 @@ pub async fn record_and_insert_all(
 pub async fn charge_all_alone(
     conn: &mut PgConnection,
     inbox: &InboxRows<'_>,
-    charges: &[(Uuid, PaymentId, &NewPayment)],
+    charges: &[(Uuid, PaymentId, NewPayment)],
     replies: &OutboxRows<'_>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     const INBOX: usize = CHARGE_PARAMETERS + 1;
@@ -211,32 +212,44 @@ struct ChargeArrays<'a> {
 }
 
 impl<'a> ChargeArrays<'a> {
-    fn new(charges: &[(Uuid, PaymentId, &'a NewPayment)]) -> Self {
+    fn new<P: Borrow<NewPayment>>(charges: &'a [(Uuid, PaymentId, P)]) -> Self {
         Self {
             payment_ids: charges.iter().map(|(_, id, _)| id.0).collect(),
-            order_ids: charges.iter().map(|(.., c)| c.order_id.0).collect(),
-            amounts: charges.iter().map(|(.., c)| c.amount_cents).collect(),
-            currencies: charges.iter().map(|(.., c)| c.currency.as_str()).collect(),
+            order_ids: charges
+                .iter()
+                .map(|(.., c)| c.borrow().order_id.0)
+                .collect(),
+            amounts: charges
+                .iter()
+                .map(|(.., c)| c.borrow().amount_cents)
+                .collect(),
+            currencies: charges
+                .iter()
+                .map(|(.., c)| c.borrow().currency.as_str())
+                .collect(),
             methods: charges
                 .iter()
-                .map(|(.., c)| c.payment_method.as_str())
+                .map(|(.., c)| c.borrow().payment_method.as_str())
                 .collect(),
-            statuses: charges.iter().map(|(.., c)| c.status.as_str()).collect(),
+            statuses: charges
+                .iter()
+                .map(|(.., c)| c.borrow().status.as_str())
+                .collect(),
             reasons: charges
                 .iter()
-                .map(|(.., c)| c.decline_reason.as_deref())
+                .map(|(.., c)| c.borrow().decline_reason.as_deref())
                 .collect(),
             correlations: charges
                 .iter()
-                .map(|(.., c)| c.correlation_id.as_str())
+                .map(|(.., c)| c.borrow().correlation_id.as_str())
                 .collect(),
             traceparents: charges
                 .iter()
-                .map(|(.., c)| c.traceparent.as_str())
+                .map(|(.., c)| c.borrow().traceparent.as_str())
                 .collect(),
             customers: charges
                 .iter()
-                .map(|(.., c)| c.customer_id.as_ref().map(|id| id.0.as_str()))
+                .map(|(.., c)| c.borrow().customer_id.as_ref().map(|id| id.0.as_str()))
                 .collect(),
             message_ids: charges.iter().map(|(message, ..)| *message).collect(),
         }
