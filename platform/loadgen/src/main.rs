@@ -116,6 +116,7 @@ async fn main() -> ExitCode {
     };
     if let (Some(before), Some(after)) = (cpu_before, loadgen::cpu::Sample::take()) {
         report.cpu_ms_per_saga = Some(before.per_saga(&after, report.finished));
+        report.kafka_jit_ms_per_saga = before.kafka_jit_per_saga(&after, report.finished);
     }
     if let Some(before) = stages_before {
         match loadgen::stages::Sample::take(&http).await {

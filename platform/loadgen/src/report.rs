@@ -43,6 +43,10 @@ pub struct Report {
     /// measured (`loadgen --cpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_ms_per_saga: Option<BTreeMap<String, f64>>,
+    /// Of Kafka's CPU per saga, what its JVM's JIT compilers used: high while the broker is
+    /// still compiling its hot paths after a start (`loadgen --cpu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_jit_ms_per_saga: Option<f64>,
     /// The mean time of each stage of one Kafka crossing, from the services' metrics, when
     /// measured (`loadgen --stages`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +105,7 @@ impl Report {
             errors,
             retries,
             cpu_ms_per_saga: None,
+            kafka_jit_ms_per_saga: None,
             crossing: None,
             results,
         })
@@ -108,6 +113,22 @@ impl Report {
 
     pub fn ok(&self) -> bool {
         self.unexpected.is_empty() && self.errors.is_empty()
+    }
+
+    /// What the broker JVM's JIT compilers took of Kafka's CPU, with a word when they took
+    /// more than a tenth of it: figures taken while the broker still compiles are not its
+    /// steady state.
+    fn kafka_jit_line(&self) -> Option<String> {
+        let jit = self.kafka_jit_ms_per_saga?;
+        let kafka = self.cpu_ms_per_saga.as_ref()?.get("kafka").copied()?;
+        let mut line = format!("of Kafka's, its JVM's JIT compilers {jit:.2}");
+        if jit > kafka / 10.0 {
+            line.push_str(
+                ": the broker is still compiling its hot paths, so these figures are not its \
+                 steady state (warm it up longer: README, \"Figures\")",
+            );
+        }
+        Some(line)
     }
 
     pub fn print(&self) {
@@ -126,6 +147,9 @@ impl Report {
             let parts: Vec<String> = cpu.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
             let total: f64 = cpu.values().sum();
             println!("  CPU ms per saga: {} (total {total:.1})", parts.join(", "));
+            if let Some(line) = self.kafka_jit_line() {
+                println!("  {line}");
+            }
         }
         if let Some(crossing) = &self.crossing {
             println!("  {}", crossing.line());
