@@ -168,3 +168,26 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report_with_cpu(kafka: f64, jit: Option<f64>) -> Report {
+        let mut report = Report::new(1, Vec::new(), Vec::new(), Duration::from_secs(1), 0)
+            .expect("an empty report");
+        report.cpu_ms_per_saga = Some(BTreeMap::from([("kafka".to_owned(), kafka)]));
+        report.kafka_jit_ms_per_saga = jit;
+        report
+    }
+
+    #[test]
+    fn a_broker_still_compiling_is_called_out_and_a_settled_one_is_not() {
+        let compiling = report_with_cpu(15.0, Some(8.8)).kafka_jit_line().unwrap();
+        assert!(compiling.starts_with("of Kafka's, its JVM's JIT compilers 8.80: "));
+        assert!(compiling.contains("not its steady state"), "{compiling}");
+        let settled = report_with_cpu(2.7, Some(0.1)).kafka_jit_line().unwrap();
+        assert_eq!(settled, "of Kafka's, its JVM's JIT compilers 0.10");
+        assert_eq!(report_with_cpu(2.7, None).kafka_jit_line(), None);
+    }
+}
