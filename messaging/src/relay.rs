@@ -466,6 +466,16 @@ impl Relay {
         records: &[OutboxRecord<'r>],
         published: &mut Published,
     ) -> Sent<'r> {
+        let mut sent = Sent {
+            published: Vec::with_capacity(records.len()),
+            refused: Vec::new(),
+            retry: None,
+        };
+        // Nothing to send (messages handed over that a read published first, rows none of
+        // which decoded): no batch, so no span, sample or log line of one.
+        if records.is_empty() {
+            return sent;
+        }
         let read_at_ms = envelope::now_ms();
         let waited = metrics::histogram!(metric::OUTBOX_WAIT);
         for record in records {
@@ -478,11 +488,6 @@ impl Relay {
         let started = Instant::now();
         let outcomes = self.send(records).instrument(span.clone()).await;
         metrics::histogram!(metric::OUTBOX_PUBLISH).record(started.elapsed().as_secs_f64());
-        let mut sent = Sent {
-            published: Vec::with_capacity(records.len()),
-            refused: Vec::new(),
-            retry: None,
-        };
         // One update per topic of the batch (a batch holds a few topics), not per message.
         let mut per_topic: Vec<(&str, u64)> = Vec::new();
         for (record, outcome) in records.iter().zip(outcomes) {

@@ -757,6 +757,96 @@ async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer
     task.await.expect("relay");
 }
 
+/// A message handed over after a read of the outbox published it (the read came first: a
+/// notification, a poll) is not published again, and makes no empty batch either: no
+/// `outbox.publish` span, publish sample or log line for nothing.
+#[tokio::test]
+async fn a_message_handed_over_after_a_read_published_it_makes_no_empty_batch() {
+    // This test's runtime has one thread, which runs the relay's task: it sees its spans.
+    let spans = PublishSpans::default();
+    let _subscriber =
+        tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
+            tracing_subscriber::registry(),
+            spans.clone(),
+        ));
+    let setup = setup("relay_handed_read").await;
+    let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
+    let mut seen = Vec::new();
+    let (cancel, task) = relay_without_poll(&setup).await;
+    let setup = &setup;
+    let record = |n: u32| async move {
+        let message = numbered(setup, 13, n);
+        let mut tx = setup.pool.begin().await.expect("begin");
+        let earlier = setup
+            .outbox
+            .record(&mut tx, std::slice::from_ref(&message))
+            .await
+            .expect("record");
+        tx.commit().await.expect("commit");
+        (message, earlier)
+    };
+
+    let (first, earlier) = record(1).await;
+    setup.outbox.committed();
+    read_until(&reader, 1, &mut seen).await;
+    setup.outbox.committed_messages([first], earlier);
+    // The relay takes that hand-over alone, before the next one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (second, earlier) = record(2).await;
+    setup.outbox.committed_messages([second], earlier);
+    read_until(&reader, 2, &mut seen).await;
+
+    let numbers: Vec<u32> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(numbers, [1, 2], "published once each, in order");
+    assert_eq!(
+        spans.message_counts(),
+        [1, 1],
+        "the relay's publish spans, by the messages each sent"
+    );
+    cancel.cancel();
+    task.await.expect("relay");
+}
+
+/// The messages each `outbox.publish` span opened names (`messaging.batch.message_count`).
+#[derive(Clone, Default)]
+struct PublishSpans(Arc<std::sync::Mutex<Vec<u64>>>);
+
+impl PublishSpans {
+    fn message_counts(&self) -> Vec<u64> {
+        self.0.lock().expect("spans").clone()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PublishSpans {
+    fn on_new_span(
+        &self,
+        attributes: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Count(Option<u64>);
+        impl tracing::field::Visit for Count {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "messaging.batch.message_count" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                self.record_u64(field, value.try_into().unwrap_or(u64::MAX));
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        if attributes.metadata().name() == "outbox.publish" {
+            let mut count = Count(None);
+            attributes.record(&mut count);
+            self.0
+                .lock()
+                .expect("spans")
+                .push(count.0.unwrap_or(u64::MAX));
+        }
+    }
+}
+
 /// A message of `TOPIC` keyed by `key`, numbered `n` (`read_until` reads the number back).
 fn numbered(setup: &Setup, key: u128, n: u32) -> messaging::OutboxMessage {
     setup.outbox.message(
