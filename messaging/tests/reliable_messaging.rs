@@ -13,6 +13,7 @@ use proto::order::v1::CompleteOrder;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers as _, Message as _};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt as _;
 use uuid::Uuid;
 
 mod common;
@@ -632,13 +633,7 @@ async fn a_message_handed_to_the_relay_is_published_without_reading_the_outbox()
     let ((), statements) = test_support::statements_of(&setup.pool, async {
         for n in 1..=3u32 {
             let message = numbered(&setup, 7, n);
-            let mut tx = setup.pool.begin().await.expect("begin");
-            let earlier = setup
-                .outbox
-                .record(&mut tx, std::slice::from_ref(&message))
-                .await
-                .expect("record");
-            tx.commit().await.expect("commit");
+            let earlier = record_committed(&setup, &message).await;
             setup.outbox.committed_messages([message], earlier);
             read_until(&reader, n as usize, &mut seen).await;
         }
@@ -733,13 +728,7 @@ async fn a_message_handed_over_is_published_after_the_rows_of_its_key_its_writer
             .expect("another replica's row");
         // This process's writer, after it: its statement finds that row.
         let ours = message(11, second);
-        let mut tx = setup.pool.begin().await.expect("begin");
-        let earlier = setup
-            .outbox
-            .record(&mut tx, std::slice::from_ref(&ours))
-            .await
-            .expect("record");
-        tx.commit().await.expect("commit");
+        let earlier = record_committed(&setup, &ours).await;
         assert!(
             !earlier.is_empty(),
             "the writer's statement did not find the other replica's row"
@@ -765,34 +754,21 @@ async fn a_message_handed_over_after_a_read_published_it_makes_no_empty_batch() 
     // This test's runtime has one thread, which runs the relay's task: it sees its spans.
     let spans = PublishSpans::default();
     let _subscriber =
-        tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
-            tracing_subscriber::registry(),
-            spans.clone(),
-        ));
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
     let setup = setup("relay_handed_read").await;
     let reader = reader(&setup.kafka, &setup.kafka.topic(TOPIC));
     let mut seen = Vec::new();
     let (cancel, task) = relay_without_poll(&setup).await;
-    let setup = &setup;
-    let record = |n: u32| async move {
-        let message = numbered(setup, 13, n);
-        let mut tx = setup.pool.begin().await.expect("begin");
-        let earlier = setup
-            .outbox
-            .record(&mut tx, std::slice::from_ref(&message))
-            .await
-            .expect("record");
-        tx.commit().await.expect("commit");
-        (message, earlier)
-    };
 
-    let (first, earlier) = record(1).await;
+    let first = numbered(&setup, 13, 1);
+    let earlier = record_committed(&setup, &first).await;
     setup.outbox.committed();
     read_until(&reader, 1, &mut seen).await;
     setup.outbox.committed_messages([first], earlier);
     // The relay takes that hand-over alone, before the next one.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (second, earlier) = record(2).await;
+    let second = numbered(&setup, 13, 2);
+    let earlier = record_committed(&setup, &second).await;
     setup.outbox.committed_messages([second], earlier);
     read_until(&reader, 2, &mut seen).await;
 
@@ -845,6 +821,19 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PublishSpans {
                 .push(count.0.unwrap_or(u64::MAX));
         }
     }
+}
+
+/// Records `message` in the outbox in a transaction of its own, committed, as a writer does
+/// before it hands the message over; returns the rows of its key the statement found there.
+async fn record_committed(setup: &Setup, message: &messaging::OutboxMessage) -> Vec<Uuid> {
+    let mut tx = setup.pool.begin().await.expect("begin");
+    let earlier = setup
+        .outbox
+        .record(&mut tx, std::slice::from_ref(message))
+        .await
+        .expect("record");
+    tx.commit().await.expect("commit");
+    earlier
 }
 
 /// A message of `TOPIC` keyed by `key`, numbered `n` (`read_until` reads the number back).
