@@ -133,14 +133,22 @@ pub async fn statements_of<T>(
     (out, statements)
 }
 
+/// Whether `query` is upkeep a running service's consumer does on its own clock, not part of
+/// an operation: the purge of inbox rows past their retention, which runs when the consumer
+/// starts and then every few minutes, so it can land in any test's [`statements_of`].
+pub fn is_upkeep(query: &str) -> bool {
+    query.starts_with("DELETE FROM inbox ")
+}
+
 /// Of `statements` ([`statements_of`]), the operation's own: not its transaction's `BEGIN`
-/// and `COMMIT`, the outbox rows and the relay's wake-up every writer adds, nor the settings of
-/// a connection the pool opened meanwhile.
+/// and `COMMIT`, the outbox rows and the relay's wake-up every writer adds, the settings of
+/// a connection the pool opened meanwhile, nor a consumer's upkeep ([`is_upkeep`]).
 pub fn own_statements(statements: Vec<(String, i64)>) -> Vec<(String, i64)> {
     statements
         .into_iter()
         .filter(|(q, _)| {
             !(q == "BEGIN"
+                || is_upkeep(q)
                 || q == "COMMIT"
                 || q.starts_with("SET ")
                 || q.starts_with("WITH i AS (INSERT INTO outbox")
