@@ -1,6 +1,7 @@
-//! The local runner stops what it started whatever stops it: SIGTERM as Ctrl-C; after a
-//! SIGKILL, the next run takes over what the killed one left, and `platform down` stops it; a
-//! port held by a server that is not the platform's is named as such.
+//! The local runner stops what it started whatever stops it: SIGTERM as Ctrl-C, also when
+//! nobody reads its output any more; after a SIGKILL, the next run takes over what the killed
+//! one left, and `platform down` stops it; a port held by a server that is not the platform's
+//! is named as such.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -135,6 +136,51 @@ async fn sigterm_stops_postgres_and_the_broker_and_frees_their_ports() {
     let (mut runner, _lines, _) = setup.start_infra().await;
     let (postgres, broker) = setup.infra_pids();
 
+    process::signal(runner_pid(&runner), "TERM");
+    let status = wait_exit(&mut runner, Duration::from_secs(60)).await;
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "exit code of a run ended by SIGTERM"
+    );
+    setup.assert_all_stopped(&[postgres, broker]);
+}
+
+/// `platform test | head`, or a terminal closed under `platform up`: the lines the runner
+/// writes after its reader went away are lost, not a panic that leaves PostgreSQL and the
+/// broker running.
+#[tokio::test]
+async fn a_runner_whose_output_nobody_reads_any_more_still_stops_what_it_started() {
+    let setup = Setup::new();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut runner = setup
+        .command(&["infra"])
+        .stdout(writer.try_clone().expect("pipe"))
+        .stderr(writer)
+        .spawn()
+        .expect("spawn platform infra");
+    let read_until_ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(reader).lines() {
+            let line = line.expect("the runner's output");
+            eprintln!("runner | {line}");
+            let ready = line.contains("infrastructure ready");
+            seen.push(line);
+            if ready {
+                // The pipe's only read end is closed here.
+                return;
+            }
+        }
+        panic!("platform infra exited before it was ready: {seen:#?}");
+    });
+    tokio::time::timeout(Duration::from_secs(300), read_until_ready)
+        .await
+        .expect("platform infra ready within 300 s")
+        .expect("reading the runner's output");
+    let (postgres, broker) = setup.infra_pids();
+
+    // Stopping, the runner says so: to a pipe nobody reads.
     process::signal(runner_pid(&runner), "TERM");
     let status = wait_exit(&mut runner, Duration::from_secs(60)).await;
     assert_eq!(

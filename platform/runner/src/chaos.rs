@@ -54,14 +54,14 @@ impl ChaosReport {
 
     pub fn print(&self) {
         for action in &self.actions {
-            println!("  {action}");
+            out!("  {action}");
         }
         self.load.print();
         for v in &self.violations {
-            println!("  {v}");
+            out!("  {v}");
         }
-        println!("{}", self.audit_summary);
-        println!("logs: {}", self.log_dir.display());
+        out!("{}", self.audit_summary);
+        out!("logs: {}", self.log_dir.display());
     }
 }
 
@@ -192,16 +192,16 @@ async fn stop_leftovers(work_dir: &Path, pg_root: &Path) {
             };
             let service = process.trim_end_matches("-replica");
             if let Some(pid) = infra::PidFile::new(entry.path()).live(service) {
-                eprintln!("chaos: stopping the {process} an earlier run left running (pid {pid})");
+                say!("chaos: stopping the {process} an earlier run left running (pid {pid})");
                 infra::process::stop(pid, Duration::from_secs(5)).await;
             }
         }
     }
     if infra::kafka::stop_leftover(&work_dir.join("broker")).await {
-        eprintln!("chaos: stopped the Kafka broker an earlier run left running");
+        say!("chaos: stopped the Kafka broker an earlier run left running");
     }
     if let Some(pid) = infra::postgres::running_pid(pg_root) {
-        eprintln!("chaos: stopping the PostgreSQL an earlier run left running (pid {pid})");
+        say!("chaos: stopping the PostgreSQL an earlier run left running (pid {pid})");
         if infra::stop_postgres(pg_root, true).await.is_err() {
             infra::process::stop(pid, Duration::from_secs(5)).await;
         }
@@ -328,7 +328,7 @@ pub async fn run(
                 }
             }
             if let Some(action) = actions.last() {
-                eprintln!("chaos: {action}");
+                say!("chaos: {action}");
             }
         }
         if let Some(mut replica) = fleet.replica.take() {

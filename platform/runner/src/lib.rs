@@ -2,6 +2,26 @@
 //! `infra`, `down`), the whole test suite against them (`test`), and fault injection under
 //! load (`chaos`).
 
+/// `eprintln!` that never panics: a runner whose terminal or pipe went away (`platform test |
+/// head`, a closed SSH session) must still stop what it started, not die on its next line with
+/// PostgreSQL or the broker left running.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that never panics, for the same reason as [`say!`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod chaos;
 pub mod infra;
 pub mod services;

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use platform::infra::{self, Infra};
 use platform::services::{self, Addresses, PlatformConfig};
+use platform::{out, say};
 
 #[derive(Parser)]
 #[command(
@@ -148,7 +149,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("platform: error: {e:#}");
+            say!("platform: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -186,11 +187,11 @@ async fn infra_only(args: InfraArgs) -> anyhow::Result<ExitCode> {
         Ok(infra) => infra,
         Err(signal) => return Ok(signal.exit_code()),
     };
-    println!("TEST_DATABASE_URL={}", infra.database_url);
-    println!("TEST_KAFKA_BROKERS={}", infra.kafka_brokers);
-    eprintln!("platform: infrastructure ready; Ctrl-C (or SIGTERM) stops it");
+    out!("TEST_DATABASE_URL={}", infra.database_url);
+    out!("TEST_KAFKA_BROKERS={}", infra.kafka_brokers);
+    say!("platform: infrastructure ready; Ctrl-C (or SIGTERM) stops it");
     let signal = stop.next().await;
-    eprintln!("platform: {signal}: stopping");
+    say!("platform: {signal}: stopping");
     infra.stop().await;
     Ok(signal.exit_code())
 }
@@ -209,7 +210,7 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     };
     let result = run_tests(&infra, &args.cargo_test_args, scripts, &mut stop).await;
     infra.stop().await;
-    eprintln!("platform: test run took {:.0?}", started.elapsed());
+    say!("platform: test run took {:.0?}", started.elapsed());
     result
 }
 
@@ -224,7 +225,7 @@ async fn run_cargo(
     tokio::select! {
         status = child.wait() => Ok(Ok(status?.success())),
         signal = stop.next() => {
-            eprintln!("platform: {signal}: stopping the tests");
+            say!("platform: {signal}: stopping the tests");
             if let Some(pid) = child.id() {
                 infra::process::signal(-i64::from(pid), "TERM");
                 if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
@@ -337,7 +338,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
     let stopped = async move {
         let signal = stop.next().await;
-        eprintln!("platform: {signal}: stopping the fault injection");
+        say!("platform: {signal}: stopping the fault injection");
         let _ = signal_tx.send(signal);
     };
     let report = platform::chaos::run(&config, &services::binary_dir(), stopped).await;
@@ -368,7 +369,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             Err(signal) => return Ok(signal.exit_code()),
         }
     } else if let Err(stale) = services::check_fresh(&services::binary_dir()) {
-        eprintln!("platform: warning (--no-build): {stale:#}");
+        say!("platform: warning (--no-build): {stale:#}");
     }
     let run_dir = args.infra.state_dir.join("run");
     stop_services_left(&run_dir).await;
@@ -392,7 +393,7 @@ async fn stop_services_left(run_dir: &std::path::Path) -> usize {
     for service in services::SERVICES {
         let file = service_pid_file(run_dir, service);
         if let Some(pid) = file.live(service) {
-            eprintln!("platform: stopping the {service} an earlier run left running (pid {pid})");
+            say!("platform: stopping the {service} an earlier run left running (pid {pid})");
             infra::process::stop(pid, Duration::from_secs(10)).await;
             stopped += 1;
         }
@@ -433,7 +434,7 @@ async fn run_services(
                 service_pid_file(run_dir, service).write(pid)?;
             }
             infra::process::forward_lines(&mut child, move |line| {
-                println!("{service:>13} | {line}");
+                out!("{service:>13} | {line}");
             });
             children.push((service, child));
         }
@@ -443,19 +444,19 @@ async fn run_services(
     let code = tokio::select! {
         ready = started => match ready {
             Ok(()) => {
-                eprintln!(
+                say!(
                     "\nplatform: ready. Gateway on http://localhost:{}  (Ctrl-C stops everything)\n",
                     http_addr.port()
                 );
                 watch(&mut children, stop).await
             }
             Err(e) => {
-                eprintln!("platform: {e:#}; stopping the platform");
+                say!("platform: {e:#}; stopping the platform");
                 ExitCode::FAILURE
             }
         },
         signal = stop.next() => {
-            eprintln!("platform: {signal}: stopping");
+            say!("platform: {signal}: stopping");
             signal.exit_code()
         }
     };
@@ -474,11 +475,11 @@ async fn watch(
 ) -> ExitCode {
     tokio::select! {
         signal = stop.next() => {
-            eprintln!("platform: {signal}: stopping");
+            say!("platform: {signal}: stopping");
             signal.exit_code()
         }
         (service, status) = services::first_exit(children) => {
-            eprintln!("platform: {service} exited ({status}); stopping the platform");
+            say!("platform: {service} exited ({status}); stopping the platform");
             ExitCode::FAILURE
         }
     }
@@ -489,16 +490,16 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     let mut stopped = 0;
     // Runners first: each stops what it started, as on Ctrl-C.
     for pid in infra::runners(state_dir) {
-        eprintln!("platform: stopping the runner pid {pid}");
+        say!("platform: stopping the runner pid {pid}");
         if infra::process::stop(pid, Duration::from_secs(60)).await {
-            eprintln!("platform: the runner pid {pid} had to be killed");
+            say!("platform: the runner pid {pid} had to be killed");
         }
         stopped += 1;
     }
     stopped += stop_services_left(&state_dir.join("run")).await;
     for dir in ["kafka", "kafka-test"] {
         if infra::kafka::stop_leftover(&state_dir.join(dir)).await {
-            eprintln!(
+            say!(
                 "platform: stopped the Kafka broker of {}",
                 state_dir.join(dir).display()
             );
@@ -507,7 +508,7 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     }
     let root = infra::cluster_dir(state_dir, "postgres");
     if let Some(pid) = infra::postgres::running_pid(&root) {
-        eprintln!(
+        say!(
             "platform: stopping PostgreSQL (pid {pid}, {})",
             root.display()
         );
@@ -517,7 +518,7 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
         stopped += 1;
     }
     if stopped == 0 {
-        eprintln!("platform: nothing of {} is running", state_dir.display());
+        say!("platform: nothing of {} is running", state_dir.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -30,7 +30,7 @@ async fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     if !postgres::running_as_root() || !on_path("apt-get") {
         bail!("missing: {list}; install them (Debian: sudo apt-get install {list})");
     }
-    eprintln!("platform: installing {list} (apt-get, once)");
+    say!("platform: installing {list} (apt-get, once)");
     let update = Command::new("apt-get")
         .args(["update", "-q"])
         .status()

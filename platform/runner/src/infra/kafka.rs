@@ -99,7 +99,7 @@ pub async fn kafka_libs() -> anyhow::Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     let pom = home.join("pom.xml");
     fs::write(&pom, POM)?;
-    eprintln!(
+    say!(
         "platform: fetching Apache Kafka {KAFKA_VERSION} from Maven Central into {} (once)",
         libs.display()
     );
@@ -184,7 +184,7 @@ impl Broker {
         if let Some(pid) = pid_file.live(&properties.display().to_string()) {
             let brokers = format!("127.0.0.1:{port}");
             if answers(&brokers).is_ok() {
-                eprintln!(
+                say!(
                     "platform: taking over the Kafka broker an earlier run left running (pid {pid}, {})",
                     dir.display()
                 );
@@ -195,7 +195,7 @@ impl Broker {
                     pid,
                 });
             }
-            eprintln!(
+            say!(
                 "platform: stopping the Kafka broker an earlier run left running (pid {pid}), \
                  which does not answer on port {port}"
             );
@@ -217,7 +217,7 @@ impl Broker {
         if !data.join("meta.properties").exists() {
             format_storage(&libs, &dir, &properties).await?;
         }
-        eprintln!("platform: starting Apache Kafka {KAFKA_VERSION} on port {port}");
+        say!("platform: starting Apache Kafka {KAFKA_VERSION} on port {port}");
         let started = Instant::now();
         let out = fs::OpenOptions::new()
             .create(true)
@@ -250,7 +250,7 @@ impl Broker {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if answers(&brokers).is_ok() {
-                eprintln!(
+                say!(
                     "platform: Kafka ready on port {port} in {:.1} s",
                     started.elapsed().as_secs_f64()
                 );

@@ -78,7 +78,7 @@ impl Infra {
                 );
                 match options.shared_with {
                     Some(runner) if postgres::check(&url).await.is_ok() => {
-                        eprintln!(
+                        say!(
                             "platform: using the PostgreSQL of the runner still running (pid {runner}) on port {}",
                             options.postgres_port
                         );
@@ -110,7 +110,7 @@ impl Infra {
             None if options.shared_with.is_some()
                 && kafka::answers(&format!("127.0.0.1:{}", options.kafka_port)).is_ok() =>
             {
-                eprintln!(
+                say!(
                     "platform: using the Kafka broker of the runner still running (pid {}) on port {}",
                     options.shared_with.unwrap_or_default(),
                     options.kafka_port
@@ -143,13 +143,13 @@ impl Infra {
     pub async fn stop(mut self) {
         if let Some(broker) = self.broker.take() {
             broker.stop(Duration::from_secs(15)).await;
-            eprintln!("platform: Kafka stopped");
+            say!("platform: Kafka stopped");
         }
         if let Some(root) = self.postgres.take() {
             match stop_postgres(&root, false).await {
-                Ok(()) => eprintln!("platform: PostgreSQL stopped"),
+                Ok(()) => say!("platform: PostgreSQL stopped"),
                 Err(e) => {
-                    eprintln!("platform: stopping PostgreSQL: {e:#}; killing it");
+                    say!("platform: stopping PostgreSQL: {e:#}; killing it");
                     if let Some(pid) = postgres::running_pid(&root) {
                         process::stop(pid, Duration::from_secs(5)).await;
                     }

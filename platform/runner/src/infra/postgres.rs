@@ -49,13 +49,13 @@ pub async fn provision(root: &Path, port: u16, fast: bool) -> anyhow::Result<Str
     let url = local_url(root, port);
     if let Some(pid) = running_pid(root) {
         if check(&url).await.is_ok() {
-            eprintln!(
+            say!(
                 "platform: taking over the PostgreSQL an earlier run left running (pid {pid}, {})",
                 root.display()
             );
             return Ok(url);
         }
-        eprintln!(
+        say!(
             "platform: stopping the PostgreSQL an earlier run left running (pid {pid}), which \
              does not answer on port {port}"
         );
@@ -136,7 +136,7 @@ pub async fn start(root: &Path, port: u16, fast: bool) -> anyhow::Result<String>
         chown_to_postgres(root).await?;
     }
     if !data.join("PG_VERSION").exists() {
-        eprintln!(
+        say!(
             "platform: creating a PostgreSQL cluster in {}",
             data.display()
         );
@@ -168,7 +168,7 @@ pub async fn start(root: &Path, port: u16, fast: bool) -> anyhow::Result<String>
     if fast {
         settings.push_str(" -c fsync=off -c full_page_writes=off");
     }
-    eprintln!("platform: starting PostgreSQL on port {port}");
+    say!("platform: starting PostgreSQL on port {port}");
     let status = pg_command("pg_ctl")?
         .arg("-D")
         .arg(&data)
