@@ -1,14 +1,15 @@
 //! The local runner stops what it started whatever stops it: SIGTERM as Ctrl-C, also when
 //! nobody reads its output any more; after a SIGKILL, the next run takes over what the killed
 //! one left, and `platform down` stops it; a port held by a server that is not the platform's
-//! is named as such.
+//! is named as such; a service that exits at start ends a fault-injection run at once.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use platform::chaos::{self, ChaosConfig};
 use platform::infra::{self, kafka, process, PidFile};
-use platform::services::{binary_dir, check_fresh_binaries, free_port};
+use platform::services::{binary_dir, check_fresh_binaries, free_port, SERVICES};
 use test_support::unique_suffix;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -255,4 +256,45 @@ async fn a_port_held_by_another_server_is_named_with_how_to_use_it_or_move() {
     assert!(!PidFile::new(setup.state_dir.join("kafka-test/broker.pid"))
         .path()
         .exists());
+}
+
+/// `platform chaos` with a service that cannot start (here a payment-svc that exits at once, as
+/// one whose port is taken would): the run ends as soon as it exits, naming it and where its log
+/// is, not when the wait for the gateway's readiness times out a minute later.
+#[tokio::test]
+async fn a_fault_injection_run_whose_service_exits_at_start_ends_at_once_naming_it() {
+    let setup = Setup::new();
+    let bin_dir = setup.state_dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("bin dir");
+    for service in SERVICES {
+        let path = bin_dir.join(service);
+        if service == "payment-svc" {
+            std::fs::write(&path, "#!/bin/sh\necho 'cannot start' >&2\nexit 3\n").expect("script");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod");
+        } else {
+            std::os::unix::fs::symlink(binary_dir().join(service), &path).expect("symlink");
+        }
+    }
+    let config = ChaosConfig {
+        orders: 1,
+        concurrency: 1,
+        rate: None,
+        kills: 0,
+        restart_broker: false,
+        mix: "succeed=1".parse().expect("mix"),
+        payment_deadline_secs: 30,
+        pause: Duration::from_secs(1)..Duration::from_secs(2),
+        work_dir: setup.state_dir.join("chaos"),
+        progress: false,
+    };
+    let error = chaos::run(&config, &bin_dir, std::future::pending())
+        .await
+        .expect_err("no run without payment-svc");
+    let said = format!("{error:#}");
+    assert!(
+        said.contains("payment-svc exited while starting (exit status: 3)")
+            && said.contains("the services' logs are in"),
+        "{said}"
+    );
 }

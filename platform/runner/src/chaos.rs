@@ -266,7 +266,15 @@ pub async fn run(
         for service in services::SERVICES {
             fleet.start(service)?;
         }
-        services::wait_ready(&gateway, Duration::from_secs(60)).await?;
+        // A service that exits at start (a port taken, a bad setting) ends the wait at once,
+        // named, rather than after the whole timeout.
+        let mut starting: Vec<(&'static str, Child)> =
+            std::mem::take(&mut fleet.children).into_iter().collect();
+        let ready =
+            services::wait_ready_while_running(&gateway, Duration::from_secs(60), &mut starting)
+                .await;
+        fleet.children = starting.into_iter().collect();
+        ready.with_context(|| format!("the services' logs are in {}", log_dir.display()))?;
         loadgen::restock(&inventory_url).await?;
 
         let load_config = LoadConfig {
