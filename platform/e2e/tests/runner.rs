@@ -93,6 +93,18 @@ impl Setup {
         (postgres, broker)
     }
 
+    /// `runner` exits within a minute as a run stopped by SIGTERM does, having stopped `pids`
+    /// and freed the ports.
+    async fn assert_ended_by_sigterm(&self, runner: &mut Child, pids: &[u32]) {
+        let status = wait_exit(runner, Duration::from_secs(60)).await;
+        assert_eq!(
+            status.code(),
+            Some(128 + 15),
+            "exit code of a run ended by SIGTERM"
+        );
+        self.assert_all_stopped(pids);
+    }
+
     fn assert_all_stopped(&self, pids: &[u32]) {
         for pid in pids {
             assert!(!process::alive(*pid), "pid {pid} is still running");
@@ -138,13 +150,9 @@ async fn sigterm_stops_postgres_and_the_broker_and_frees_their_ports() {
     let (postgres, broker) = setup.infra_pids();
 
     process::signal(runner_pid(&runner), "TERM");
-    let status = wait_exit(&mut runner, Duration::from_secs(60)).await;
-    assert_eq!(
-        status.code(),
-        Some(128 + 15),
-        "exit code of a run ended by SIGTERM"
-    );
-    setup.assert_all_stopped(&[postgres, broker]);
+    setup
+        .assert_ended_by_sigterm(&mut runner, &[postgres, broker])
+        .await;
 }
 
 /// `platform test | head`, or a terminal closed under `platform up`: the lines the runner
@@ -183,13 +191,9 @@ async fn a_runner_whose_output_nobody_reads_any_more_still_stops_what_it_started
 
     // Stopping, the runner says so: to a pipe nobody reads.
     process::signal(runner_pid(&runner), "TERM");
-    let status = wait_exit(&mut runner, Duration::from_secs(60)).await;
-    assert_eq!(
-        status.code(),
-        Some(128 + 15),
-        "exit code of a run ended by SIGTERM"
-    );
-    setup.assert_all_stopped(&[postgres, broker]);
+    setup
+        .assert_ended_by_sigterm(&mut runner, &[postgres, broker])
+        .await;
 }
 
 #[tokio::test]
@@ -227,9 +231,9 @@ async fn after_a_sigkill_the_next_run_takes_over_what_was_left_and_down_stops_it
         .await
         .expect("platform down");
     assert!(down.success());
-    let status = wait_exit(&mut second, Duration::from_secs(60)).await;
-    assert_eq!(status.code(), Some(128 + 15));
-    setup.assert_all_stopped(&[postgres, broker]);
+    setup
+        .assert_ended_by_sigterm(&mut second, &[postgres, broker])
+        .await;
 }
 
 #[tokio::test]
