@@ -106,7 +106,8 @@ pub async fn fresh_database(label: &str) -> String {
 /// The statements `work` runs in the database of `pool`, each with how often, by
 /// PostgreSQL's `pg_stat_statements` (which the platform's PostgreSQL loads, the tests' one
 /// included), so that a test can say how many round trips an operation takes. Nothing else
-/// may run in that database meanwhile (a built, not running, service).
+/// may run in that database meanwhile (a built, not running, service), or the test keeps only
+/// the statements it asserts on (a running service's relay reads the outbox; [`is_upkeep`]).
 pub async fn statements_of<T>(
     pool: &sqlx::PgPool,
     work: impl Future<Output = T>,
@@ -135,7 +136,8 @@ pub async fn statements_of<T>(
 
 /// Whether `query` is upkeep a running service's consumer does on its own clock, not part of
 /// an operation: the purge of inbox rows past their retention, which runs when the consumer
-/// starts and then every few minutes, so it can land in any test's [`statements_of`].
+/// starts and then every quarter of the retention (at most ten minutes), so it can land in the
+/// [`statements_of`] of a test whose service runs.
 pub fn is_upkeep(query: &str) -> bool {
     query.starts_with("DELETE FROM inbox ")
 }
