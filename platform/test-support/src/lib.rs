@@ -105,9 +105,10 @@ pub async fn fresh_database(label: &str) -> String {
 
 /// The statements `work` runs in the database of `pool`, each with how often, by
 /// PostgreSQL's `pg_stat_statements` (which the platform's PostgreSQL loads, the tests' one
-/// included), so that a test can say how many round trips an operation takes. Nothing else
-/// may run in that database meanwhile (a built, not running, service), or the test keeps only
-/// the statements it asserts on (a running service's relay reads the outbox; [`is_upkeep`]).
+/// included), so that a test can say how many round trips an operation takes. A consumer's
+/// upkeep ([`is_upkeep`]) is left out; nothing else may run in that database meanwhile (a
+/// built, not running, service), or the test keeps only the statements it asserts on (a
+/// running service's relay reads the outbox).
 pub async fn statements_of<T>(
     pool: &sqlx::PgPool,
     work: impl Future<Output = T>,
@@ -124,33 +125,33 @@ pub async fn statements_of<T>(
     .await
     .expect("resetting pg_stat_statements");
     let out = work.await;
-    let statements = sqlx::query_as(&format!(
+    let mut statements: Vec<(String, i64)> = sqlx::query_as(&format!(
         "SELECT query, calls FROM pg_stat_statements WHERE dbid = {THIS_DATABASE} \
          AND query NOT LIKE '%pg_stat_statements%' ORDER BY query"
     ))
     .fetch_all(pool)
     .await
     .expect("reading pg_stat_statements");
+    statements.retain(|(q, _)| !is_upkeep(q));
     (out, statements)
 }
 
 /// Whether `query` is upkeep a running service's consumer does on its own clock, not part of
 /// an operation: the purge of inbox rows past their retention, which runs when the consumer
 /// starts and then every quarter of the retention (at most ten minutes), so it can land in the
-/// [`statements_of`] of a test whose service runs.
-pub fn is_upkeep(query: &str) -> bool {
+/// window of [`statements_of`] of a test whose service runs.
+fn is_upkeep(query: &str) -> bool {
     query.starts_with("DELETE FROM inbox ")
 }
 
 /// Of `statements` ([`statements_of`]), the operation's own: not its transaction's `BEGIN`
 /// and `COMMIT`, the outbox rows and the relay's wake-up every writer adds, the settings of
-/// a connection the pool opened meanwhile, nor a consumer's upkeep ([`is_upkeep`]).
+/// a connection the pool opened meanwhile.
 pub fn own_statements(statements: Vec<(String, i64)>) -> Vec<(String, i64)> {
     statements
         .into_iter()
         .filter(|(q, _)| {
             !(q == "BEGIN"
-                || is_upkeep(q)
                 || q == "COMMIT"
                 || q.starts_with("SET ")
                 || q.starts_with("WITH i AS (INSERT INTO outbox")
