@@ -66,16 +66,12 @@ impl Sample {
     /// Milliseconds of CPU per saga of each process name between `self` and `later`. A process
     /// that exited in between is not counted (PostgreSQL's short-lived backends, say).
     pub fn per_saga(&self, later: &Sample, sagas: u64) -> BTreeMap<String, f64> {
-        let sagas = sagas.max(1) as f64;
         later
             .processes
             .iter()
             .map(|(name, after)| {
                 let before = self.processes.get(name).copied().unwrap_or(0.0);
-                (
-                    (*name).to_owned(),
-                    (after - before).max(0.0) * 1000.0 / sagas,
-                )
+                ((*name).to_owned(), ms_per_saga(before, *after, sagas))
             })
             .collect()
     }
@@ -87,8 +83,13 @@ impl Sample {
         later
             .processes
             .contains_key("kafka")
-            .then(|| (later.kafka_jit - self.kafka_jit).max(0.0) * 1000.0 / sagas.max(1) as f64)
+            .then(|| ms_per_saga(self.kafka_jit, later.kafka_jit, sagas))
     }
+}
+
+/// Milliseconds per saga of the CPU seconds used from `before` to `after` (never negative).
+fn ms_per_saga(before: f64, after: f64, sagas: u64) -> f64 {
+    (after - before).max(0.0) * 1000.0 / sagas.max(1) as f64
 }
 
 /// CPU seconds of the JIT compiler threads of the process whose `/proc` directory is `process`.
